@@ -1,1 +1,15 @@
-"""ct_model"""
+"""ct_model: torch-only model code for CheaperTraining.
+
+Public API: ModelConfig, presets.get/names, build_model, count_parameters, hf.load_hf/save_hf,
+generate. Importing this package imports torch and safetensors only.
+"""
+
+from . import hf, presets
+from .config import ConfigError, ModelConfig
+from .generation import generate
+from .model import Decoder, build_model, count_parameters
+
+__all__ = [
+    "ConfigError", "Decoder", "ModelConfig", "build_model", "count_parameters", "generate", "hf",
+    "presets",
+]

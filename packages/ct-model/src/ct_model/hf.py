@@ -1,0 +1,252 @@
+"""HF-format import and export (config.json + safetensors), both Llama-4-text and Llama layouts.
+
+No dependency on ``transformers``: the files are written and read directly, and tests check that
+``transformers.AutoModelForCausalLM`` loads what we write with identical logits (and vice versa).
+
+- ``llama4`` (``Llama4ForCausalLM`` / ``llama4_text``): the released MobileLLM-R1 format; RoPE is
+  interleaved and QK-norm is parameter-free after RoPE, exactly as in this package.
+- ``llama`` (``LlamaForCausalLM``): rotate-half RoPE, no QK-norm.
+
+Exporting a model to the other RoPE layout permutes the rows of q_proj/k_proj inside each head,
+which is exact (a relabelling of the rotated pairs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ModelConfig
+from .model import Decoder, build_model
+
+ARCHS = {
+    "llama4": ("Llama4ForCausalLM", "llama4_text", "feed_forward"),
+    "llama": ("LlamaForCausalLM", "llama", "mlp"),
+}
+_MODEL_TYPES = {"llama4_text": "llama4", "llama": "llama"}
+
+
+class HFFormatError(ValueError):
+    """An HF checkpoint directory is missing something or describes an unsupported model."""
+
+
+def _interleaved_to_rotate_half(head_dim: int) -> torch.Tensor:
+    return torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
+
+
+def _permute_heads(weight: torch.Tensor, head_dim: int, order: torch.Tensor) -> torch.Tensor:
+    rows, cols = weight.shape
+    return weight.view(rows // head_dim, head_dim, cols)[:, order].reshape(rows, cols)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def hf_config(config: ModelConfig, arch: str, dtype: torch.dtype = torch.float32) -> dict:
+    """The config.json contents describing ``config`` in the ``arch`` layout."""
+    hf_arch, model_type, _ = ARCHS[arch]
+    depth = config.effective_depth
+    common = {
+        "architectures": [hf_arch],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": depth,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_query_groups,
+        "head_dim": config.kv_channels,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.layernorm_epsilon,
+        "rope_theta": config.rotary_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rotary_base},
+        "tie_word_embeddings": config.share_embeddings_and_output_weights,
+        "initializer_range": config.init_method_std,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if arch == "llama":
+        if config.qk_layernorm:
+            raise ConfigError(
+                "qk_layernorm=True cannot be exported as arch='llama' (LlamaForCausalLM has no "
+                "QK-norm); export with arch='llama4'"
+            )
+        return {**common, "intermediate_size": config.ffn_hidden_size, "mlp_bias": False}
+    return {
+        **common,
+        "intermediate_size": config.ffn_hidden_size,
+        "intermediate_size_mlp": config.ffn_hidden_size,
+        "use_qk_norm": config.qk_layernorm,
+        "no_rope_layers": [1] * depth,
+        "moe_layers": [],
+        "num_local_experts": 1,
+        "num_experts_per_tok": 1,
+        # Full causal attention on every layer (no chunked-local attention, no temperature tuning).
+        "attention_chunk_size": None,
+        "attn_temperature_tuning": False,
+    }
+
+
+def save_hf(model: Decoder, path: str | os.PathLike, arch: str = "llama4") -> Path:
+    """Write ``model`` as an HF checkpoint directory that ``transformers`` loads."""
+    if arch not in ARCHS:
+        raise ConfigError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    config = model.config
+    target_style = "interleaved" if arch == "llama4" else "rotate_half"
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    dtype = state["embed_tokens.weight"].dtype
+    meta = hf_config(config, arch, dtype)
+    tensors = _to_hf_names(state, config, arch, config.rope_style != target_style)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    # Write under temporary names and rename, so an interrupted export never looks complete.
+    weights_tmp = out / "model.safetensors.tmp"
+    save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+    os.replace(weights_tmp, out / "model.safetensors")
+    config_tmp = out / "config.json.tmp"
+    config_tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(config_tmp, out / "config.json")
+    return out
+
+
+def _to_hf_names(state: dict, config: ModelConfig, arch: str, permute: bool) -> dict:
+    mlp_name = ARCHS[arch][2]
+    order = _interleaved_to_rotate_half(config.kv_channels)
+    if config.rope_style == "rotate_half":
+        order = torch.argsort(order)  # inverse: rotate-half rows back to interleaved
+    repeats = 2 if config.layer_sharing else 1
+    out = {"model.embed_tokens.weight": state["embed_tokens.weight"],
+           "model.norm.weight": state["norm.weight"]}
+    if not config.share_embeddings_and_output_weights:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(config.num_layers):
+        for r in range(repeats):  # layer sharing exports each shared block twice (exact)
+            dst = f"model.layers.{i * repeats + r}."
+            for key, value in state.items():
+                prefix = f"layers.{i}."
+                if not key.startswith(prefix):
+                    continue
+                name = key[len(prefix):]
+                if permute and name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+                    value = _permute_heads(value, config.kv_channels, order)
+                out[dst + name.replace("mlp.", f"{mlp_name}.")] = value.contiguous().clone()
+    return out
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def config_from_hf(meta: dict, source: str = "config.json") -> tuple[ModelConfig, str]:
+    """ModelConfig and arch ('llama4' | 'llama') for an HF config dict."""
+    if meta.get("model_type") == "llama4" and "text_config" in meta:
+        meta = meta["text_config"]
+    model_type = meta.get("model_type")
+    if model_type not in _MODEL_TYPES:
+        raise HFFormatError(
+            f"{source}: model_type {model_type!r} is not supported; expected one of {sorted(_MODEL_TYPES)}"
+        )
+    arch = _MODEL_TYPES[model_type]
+
+    def need(key):
+        if key not in meta:
+            raise HFFormatError(f"{source}: required field {key!r} is missing")
+        return meta[key]
+
+    rope = meta.get("rope_parameters") or meta.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise HFFormatError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
+    theta = rope.get("rope_theta", meta.get("rope_theta", 10_000.0))
+    if arch == "llama4":
+        _check_llama4_dense(meta, source)
+        ffn = meta.get("intermediate_size_mlp", meta.get("intermediate_size"))
+        qk_norm = bool(meta.get("use_qk_norm", True))
+    else:
+        ffn = need("intermediate_size")
+        qk_norm = False
+        if meta.get("attention_bias") or meta.get("mlp_bias"):
+            raise HFFormatError(f"{source}: biases in attention/MLP are not supported")
+    heads = need("num_attention_heads")
+    config = ModelConfig(
+        num_layers=need("num_hidden_layers"),
+        hidden_size=need("hidden_size"),
+        num_attention_heads=heads,
+        num_query_groups=meta.get("num_key_value_heads") or heads,
+        kv_channels=meta.get("head_dim") or need("hidden_size") // heads,
+        ffn_hidden_size=ffn,
+        vocab_size=need("vocab_size"),
+        max_position_embeddings=meta.get("max_position_embeddings", 2048),
+        rotary_base=float(theta),
+        rope_style="interleaved" if arch == "llama4" else "rotate_half",
+        layernorm_epsilon=meta.get("rms_norm_eps", 1e-5),
+        qk_layernorm=qk_norm,
+        share_embeddings_and_output_weights=bool(meta.get("tie_word_embeddings", False)),
+        init_method_std=meta.get("initializer_range", 0.02),
+        name=meta.get("_name_or_path", "hf"),
+    )
+    return config, arch
+
+
+def _check_llama4_dense(meta: dict, source: str) -> None:
+    layers = meta.get("num_hidden_layers", 0)
+    if meta.get("moe_layers"):
+        raise HFFormatError(f"{source}: MoE layers {meta['moe_layers']} are not supported (dense only)")
+    no_rope = meta.get("no_rope_layers") or [1] * layers
+    if not all(no_rope[:layers]):
+        raise HFFormatError(f"{source}: no_rope_layers has NoPE layers; every layer must use RoPE")
+
+
+def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu",
+            dtype: torch.dtype | None = None) -> tuple[Decoder, ModelConfig]:
+    """Load an HF ``Llama4ForCausalLM`` or ``LlamaForCausalLM`` directory into a Decoder."""
+    root = Path(path)
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise HFFormatError(f"{config_path}: not found (is {root} an HF model directory?)")
+    config, arch = config_from_hf(json.loads(config_path.read_text()), str(config_path))
+    tensors = _read_safetensors(root)
+    state = _from_hf_names(tensors, config, arch, root)
+    model = build_model(config, device="meta")
+    model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise HFFormatError(f"{root}: weights missing {missing[:5]} / unexpected {unexpected[:5]}")
+    if dtype is not None:
+        model.to(dtype)
+    return model, config
+
+
+def _read_safetensors(root: Path) -> dict[str, torch.Tensor]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in root.glob("*.safetensors"))
+    if not files:
+        raise HFFormatError(f"{root}: no *.safetensors weights found")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        tensors.update(load_file(str(root / name)))
+    return tensors
+
+
+def _from_hf_names(tensors: dict, config: ModelConfig, arch: str, root: Path) -> dict:
+    mlp_name = ARCHS[arch][2]
+    state = {}
+    for key, value in tensors.items():
+        # Multimodal Llama-4 checkpoints nest the text model under language_model.
+        key = key.removeprefix("language_model.")
+        if key == "lm_head.weight":
+            if not config.share_embeddings_and_output_weights:
+                state[key] = value
+            continue
+        if not key.startswith("model."):
+            raise HFFormatError(f"{root}: unexpected tensor {key!r}")
+        state[key.removeprefix("model.").replace(f".{mlp_name}.", ".mlp.")] = value
+    if not config.share_embeddings_and_output_weights and "lm_head.weight" not in state:
+        raise HFFormatError(f"{root}: lm_head.weight missing and tie_word_embeddings is false")
+    return state
