@@ -1,0 +1,59 @@
+"""The engine interface: how the trainer runs microbatches without knowing the parallel layout.
+
+The trainer hands an engine a list of microbatches (this rank's share of one global batch) and a
+per-microbatch loss function; the engine runs forward and backward however its layout requires
+(single process, DDP, FSDP2, megatron TP/PP) and returns global metrics.
+
+Loss convention (Megatron's per-token loss): ``loss_fn(microbatch, logits)`` returns the SUM of
+the per-token loss over the microbatch's scored tokens. The engine divides by the number of
+scored tokens (``labels != -100``) of the whole global batch, over all microbatches and all
+data-parallel ranks, so the loss and the gradients do not depend on how the global batch is split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+IGNORE_INDEX = -100
+Microbatch = dict[str, torch.Tensor]
+LossFn = Callable[[Microbatch, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean per-token loss over the global batch
+    tokens: int  # scored tokens in the global batch (labels != -100)
+    input_tokens: int  # all input positions in the global batch (for throughput)
+
+
+def scored_tokens(microbatch: Microbatch) -> torch.Tensor:
+    return (microbatch["labels"] != IGNORE_INDEX).sum()
+
+
+class Engine(Protocol):
+    """What the trainer needs from an engine. See NativeEngine for the reference implementation."""
+
+    dp_rank: int
+    dp_size: int
+    optimizer: torch.optim.Optimizer | None
+
+    def setup_optimizer(self, build: Callable[[list[tuple[str, torch.nn.Parameter]]], torch.optim.Optimizer]) -> torch.optim.Optimizer: ...
+
+    def forward_backward(self, microbatches: list[Microbatch], loss_fn: LossFn) -> StepResult: ...
+
+    def forward_only(self, microbatches: list[Microbatch], loss_fn: LossFn) -> StepResult: ...
+
+    def clip_grad_norm(self, max_norm: float | None) -> float: ...
+
+    def optimizer_step(self) -> None: ...
+
+    def zero_grad(self) -> None: ...
+
+    def checkpoint_state(self) -> dict[str, Any]: ...
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None: ...
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor] | None: ...

@@ -1,0 +1,143 @@
+"""The native engine: ct-model run in one process, under DDP, or (see fsdp.py) FSDP2."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from .engine import LossFn, Microbatch, StepResult, scored_tokens
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class NativeEngine:
+    """Runs a ct-model Decoder; ``wrapped`` is the module actually called (the model, DDP or FSDP).
+
+    ``model`` is the unwrapped Decoder (same parameters). ``autocast_dtype`` turns on autocast for
+    forward passes (bf16 on GPU and CPU); parameters and gradients stay in their own dtype.
+    """
+
+    def __init__(self, model: nn.Module, wrapped: nn.Module | None = None, *,
+                 dp_group: dist.ProcessGroup | None = None, autocast_dtype: torch.dtype | None = None):
+        self.model = model
+        self.wrapped = wrapped if wrapped is not None else model
+        self.dp_group = dp_group
+        self.dp_size = dist.get_world_size(dp_group) if _dist_ready() else 1
+        self.dp_rank = dist.get_rank(dp_group) if _dist_ready() else 0
+        self.autocast_dtype = autocast_dtype
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.device = next(model.parameters()).device
+
+    # -- optimizer -------------------------------------------------------------------------------
+    def setup_optimizer(self, build: Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]):
+        self.optimizer = build(list(self.model.named_parameters()))
+        return self.optimizer
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.dp_size > 1:
+            value = value.clone()
+            dist.all_reduce(value, group=self.dp_group)
+        return value
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _logits(self, mb: Microbatch) -> torch.Tensor:
+        with self._autocast():
+            return self.wrapped(mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
+
+    def _totals(self, microbatches: list[Microbatch]) -> tuple[torch.Tensor, torch.Tensor]:
+        scored = sum(scored_tokens(mb) for mb in microbatches).to(torch.float64)
+        inputs = torch.tensor(float(sum(mb["input_ids"].numel() for mb in microbatches)), dtype=torch.float64)
+        both = self._global_sum(torch.stack((scored, inputs)).to(self.device))
+        return both[0], both[1]
+
+    def _no_sync(self, last: bool):
+        if not last and hasattr(self.wrapped, "no_sync"):
+            return self.wrapped.no_sync()  # DDP: all-reduce gradients once, on the last microbatch
+        return contextlib.nullcontext()
+
+    def forward_backward(self, microbatches: list[Microbatch], loss_fn: LossFn) -> StepResult:
+        self.wrapped.train()
+        global_tokens, input_tokens = self._totals(microbatches)
+        # Gradient reductions average over dp ranks; scaling by dp_size turns that into a sum, so
+        # the result is the gradient of (sum of token losses) / (global scored tokens).
+        scale = self.dp_size / global_tokens.clamp(min=1).item()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, mb in enumerate(microbatches):
+            with self._no_sync(i == len(microbatches) - 1):
+                loss_sum = loss_fn(mb, self._logits(mb))
+                (loss_sum * scale).backward()
+            total += loss_sum.detach().to(torch.float64)
+        loss = self._global_sum(total) / global_tokens.clamp(min=1)
+        return StepResult(loss.item(), int(global_tokens.item()), int(input_tokens.item()))
+
+    @torch.no_grad()
+    def forward_only(self, microbatches: list[Microbatch], loss_fn: LossFn) -> StepResult:
+        self.wrapped.eval()
+        global_tokens, input_tokens = self._totals(microbatches)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for mb in microbatches:
+            total += loss_fn(mb, self._logits(mb)).to(torch.float64)
+        loss = self._global_sum(total) / global_tokens.clamp(min=1)
+        self.wrapped.train()
+        return StepResult(loss.item(), int(global_tokens.item()), int(input_tokens.item()))
+
+    def clip_grad_norm(self, max_norm: float | None) -> float:
+        """Global gradient norm before clipping (clips when max_norm is set)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        limit = float("inf") if not max_norm else max_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Unsharded ct-model state dict on CPU, on data-parallel rank 0 (None elsewhere)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        return state if self.dp_rank == 0 else None
+
+
+def build_native_engine(model: nn.Module, *, strategy: str = "single",
+                        autocast_dtype: torch.dtype | None = None) -> NativeEngine:
+    """strategy: 'single' or 'ddp' (FSDP2 lives in fsdp.py)."""
+    if strategy == "single":
+        return NativeEngine(model, autocast_dtype=autocast_dtype)
+    if strategy == "ddp":
+        if not _dist_ready():
+            raise RuntimeError("strategy 'ddp' needs torch.distributed initialised (launch with torchrun)")
+        device_ids = [model_device.index] if (model_device := next(model.parameters()).device).type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return NativeEngine(model, wrapped, autocast_dtype=autocast_dtype)
+    raise ValueError(f"unknown native strategy {strategy!r}; expected 'single' or 'ddp'")
