@@ -1,1 +1,29 @@
-"""ct_distill"""
+"""ct_distill: knowledge-distillation losses, online and cached teachers, teacher-logit cache.
+
+Public API:
+- losses: ``kd_loss``, ``kd_loss_sum`` (forward_kl / reverse_kl / jsd, temperature, top-k,
+  CE mix, ignore_index), ``chunked_kd_loss``, ``chunked_kd_loss_sum`` (from hidden states, in
+  chunks of positions), ``TopK``, ``StudentHidden``, ``TeacherHidden``;
+- teachers: ``OnlineTeacher`` (frozen ct-model / HF model), ``TeacherCacheWriter``,
+  ``write_teacher_cache``, ``TeacherCacheReader``;
+- trainer glue: ``make_kd_loss_fn``.
+
+Depends on ct-model, torch and safetensors only.
+"""
+
+from .cache import (CacheError, CacheMismatchError, IncompleteCacheError, TeacherCacheReader,
+                    TeacherCacheWriter, sequence_hash, write_teacher_cache)
+from .chunked import StudentHidden, TeacherHidden, chunked_kd_loss, chunked_kd_loss_sum
+from .losses import KINDS, TopK, VocabMismatchError, kd_loss, kd_loss_sum, token_divergence
+from .midtrain import make_kd_loss_fn, teacher_from_batch
+from .teacher import (TEACHER_LOGITS, TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS, OnlineTeacher,
+                      topk_logprobs)
+
+__all__ = [
+    "CacheError", "CacheMismatchError", "IncompleteCacheError", "KINDS", "OnlineTeacher",
+    "StudentHidden", "TEACHER_LOGITS", "TEACHER_TOPK_IDS", "TEACHER_TOPK_LOGPROBS",
+    "TeacherCacheReader", "TeacherCacheWriter", "TeacherHidden", "TopK", "VocabMismatchError",
+    "chunked_kd_loss", "chunked_kd_loss_sum", "kd_loss", "kd_loss_sum", "make_kd_loss_fn",
+    "sequence_hash", "teacher_from_batch", "token_divergence", "topk_logprobs",
+    "write_teacher_cache",
+]

@@ -1,0 +1,191 @@
+"""KD loss computed in chunks of positions straight from final hidden states.
+
+With a 128k vocabulary the logits of a 4k-token sequence are 2 GB in fp32; the loss needs the
+student's logits, its softmax, the teacher's and the gradient, several copies at once. Here the
+student logits only ever exist for ``chunk_size`` positions at a time:
+
+- forward: for each chunk, logits = hidden_chunk @ W.T, the per-token loss (the same code as
+  ``kd_loss_sum``), and, when a gradient is needed, d loss / d logits right away, which is turned
+  into d hidden_chunk (= g @ W) and accumulated into d W (+= g.T @ hidden_chunk); the chunk's
+  logits are then dropped;
+- backward: the stored gradients are scaled by the incoming gradient.
+
+So peak memory grows with the chunk, not with the sequence, and the backward does not recompute
+anything (three matmuls per chunk, as an unchunked forward + backward). First-order gradients only
+(no double backward). Positions whose label is ``ignore_index`` are skipped entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .losses import (IGNORE_INDEX, Teacher, TopK, VocabMismatchError, as_topk, check_options,
+                     check_shapes, token_divergence)
+
+
+class StudentHidden(NamedTuple):
+    """Student output in hidden form: final-normed hidden states [..., H] and output weight [V, H]."""
+
+    hidden: torch.Tensor
+    output_weight: torch.Tensor
+
+
+class TeacherHidden(NamedTuple):
+    """A teacher given as final hidden states [..., H_t] and its output weight [V, H_t].
+
+    Its logits are computed chunk by chunk too, so neither model's full logits are ever held.
+    """
+
+    hidden: torch.Tensor
+    output_weight: torch.Tensor
+
+
+@dataclass
+class _Plan:
+    teacher: object  # Tensor [N, V] | TopK [N, k] | TeacherHidden [N, H_t]
+    rows: torch.Tensor | None  # scored row indices into the flattened positions (None: all)
+    labels: torch.Tensor | None  # labels of the scored rows
+    kind: str
+    temperature: float
+    top_k: int | None
+    beta: float
+    ce_weight: float
+    chunk_size: int
+
+    def teacher_chunk(self, start: int, end: int):
+        rows = slice(start, end) if self.rows is None else self.rows[start:end]
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            return x[rows] if isinstance(rows, slice) else x.index_select(0, rows.to(x.device))
+
+        if isinstance(self.teacher, TeacherHidden):
+            with torch.no_grad():
+                return F.linear(take(self.teacher.hidden), self.teacher.output_weight)
+        if isinstance(self.teacher, TopK):
+            return TopK(take(self.teacher.ids), take(self.teacher.logprobs))
+        return take(self.teacher)
+
+    def chunk_loss(self, logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        teacher = self.teacher_chunk(start, end)
+        if isinstance(teacher, torch.Tensor):
+            teacher = teacher.to(logits.device)
+        else:
+            teacher = TopK(teacher.ids.to(logits.device), teacher.logprobs.to(logits.device))
+        per_token = token_divergence(logits, teacher, self.kind, self.temperature, self.top_k,
+                                     self.beta)
+        loss = per_token.sum() * self.temperature**2
+        if self.ce_weight > 0:
+            ce = F.cross_entropy(logits.to(per_token.dtype), self.labels[start:end], reduction="sum")
+            loss = loss + self.ce_weight * ce
+        return loss
+
+
+class _ChunkedKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        # accumulate the weight gradient in at least fp32 (bf16 sums over many chunks lose bits)
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32),
+                            device=hidden.device)
+        n = hidden.shape[0]
+        for start in range(0, n, plan.chunk_size):
+            end = min(start + plan.chunk_size, n)
+            h = hidden[start:end]
+            logits = F.linear(h, weight)
+            if need_h or need_w:
+                with torch.enable_grad():
+                    logits.requires_grad_(True)
+                    loss = plan.chunk_loss(logits, start, end)
+                    (g,) = torch.autograd.grad(loss, logits)
+                if need_h:
+                    grad_h[start:end] = g @ weight
+                if need_w:
+                    grad_w.addmm_(g.t().to(acc_dtype), h.to(acc_dtype))
+            else:
+                loss = plan.chunk_loss(logits, start, end)
+            total += loss.detach().to(total.dtype)
+            del logits, loss
+        ctx.save_for_backward(grad_h, grad_w if grad_w is None else grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype),
+                None)
+
+
+def chunked_kd_loss_sum(hidden: torch.Tensor, output_weight: torch.Tensor, teacher: Teacher | TeacherHidden,
+                        labels: torch.Tensor | None = None, kind: str = "forward_kl",
+                        temperature: float = 1.0, top_k: int | None = None, beta: float = 0.5,
+                        ce_weight: float = 0.0, ignore_index: int = IGNORE_INDEX,
+                        chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kd_loss_sum`` on logits = hidden @ output_weight.T, without materialising all logits.
+
+    hidden: [..., H] student final hidden states; output_weight: [V, H]. teacher: full logits
+    [..., V], ``TopK`` [..., k] or ``TeacherHidden``. Same semantics and result as
+    ``kd_loss_sum(F.linear(hidden, output_weight), teacher, labels, ...)``, gradients included.
+    """
+    check_options(kind, temperature, beta, ce_weight, top_k)
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if ce_weight > 0 and labels is None:
+        raise ValueError("ce_weight > 0 needs labels")
+    vocab, width = output_weight.shape
+    if hidden.shape[-1] != width:
+        raise ValueError(f"hidden size {hidden.shape[-1]} != output_weight's {width}")
+    lead = tuple(hidden.shape[:-1])
+    h = hidden.reshape(-1, width)
+    flat_teacher = _flatten_teacher(teacher, lead, vocab, top_k)
+    rows, flat_labels = None, None
+    count = torch.tensor(h.shape[0], device=hidden.device)
+    if labels is not None:
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != hidden positions {lead}")
+        flat_labels = labels.reshape(-1)
+        valid = flat_labels != ignore_index
+        rows = valid.nonzero().squeeze(1)
+        count = valid.sum()
+        h = h.index_select(0, rows)
+        flat_labels = flat_labels.index_select(0, rows)
+    plan = _Plan(flat_teacher, rows, flat_labels, kind, float(temperature), top_k, beta,
+                 float(ce_weight), chunk_size)
+    return _ChunkedKD.apply(h, output_weight, plan), count
+
+
+def chunked_kd_loss(hidden: torch.Tensor, output_weight: torch.Tensor, teacher: Teacher | TeacherHidden,
+                    labels: torch.Tensor | None = None, kind: str = "forward_kl",
+                    temperature: float = 1.0, top_k: int | None = None, beta: float = 0.5,
+                    ce_weight: float = 0.0, ignore_index: int = IGNORE_INDEX,
+                    chunk_size: int = 1024) -> torch.Tensor:
+    """Mean form of ``chunked_kd_loss_sum`` (equals ``kd_loss`` on the full logits)."""
+    total, count = chunked_kd_loss_sum(hidden, output_weight, teacher, labels, kind, temperature,
+                                       top_k, beta, ce_weight, ignore_index, chunk_size)
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def _flatten_teacher(teacher, lead: tuple, vocab: int, top_k: int | None):
+    if isinstance(teacher, TeacherHidden):
+        if teacher.output_weight.shape[0] != vocab:
+            raise VocabMismatchError(f"teacher vocabulary size {teacher.output_weight.shape[0]} != "
+                                     f"student vocabulary size {vocab}")
+        if tuple(teacher.hidden.shape[:-1]) != lead:
+            raise ValueError(f"teacher hidden positions {tuple(teacher.hidden.shape[:-1])} != student {lead}")
+        if top_k is not None and top_k > vocab:
+            raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab}")
+        return TeacherHidden(teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]),
+                             teacher.output_weight.detach())
+    check_shapes(torch.Size(lead + (vocab,)), teacher, None, top_k)
+    cached = as_topk(teacher)
+    if cached is None:
+        return teacher.detach().reshape(-1, vocab)
+    k = cached.ids.shape[-1]
+    return TopK(cached.ids.reshape(-1, k), cached.logprobs.detach().reshape(-1, k))
