@@ -1,4 +1,8 @@
-"""DistributedConfig: the parallel layout of a run (mirrors configs/distributed/*.yaml)."""
+"""DistributedConfig: the parallel layout of a run (mirrors configs/distributed/*.yaml).
+
+The data-parallel size is not a field: it is what is left of the world after tensor and pipeline
+parallelism (world_size / (tensor * pipeline)), computed at launch by ``init_distributed``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,9 @@ from typing import Any
 
 ENGINES = ("native", "megatron")
 NATIVE_STRATEGIES = ("single", "ddp", "fsdp2")
+PIPELINE_SCHEDULES = ("1f1b", "interleaved")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -16,9 +23,26 @@ class DistributedConfig:
     strategy: str = "single"
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B.
     virtual_pipeline_model_parallel_size: int | None = None
+    # "1f1b" or "interleaved" (the latter needs virtual_pipeline_model_parallel_size >= 2).
+    pipeline_schedule: str = "1f1b"
     sequence_parallel: bool = False
+    # Reserved for MoE models (a later issue); must stay 1 for dense models.
+    expert_model_parallel_size: int = 1
+    # megatron engine: shard optimizer state over data-parallel ranks (ZeRO-1).
     use_distributed_optimizer: bool = False
+    # megatron engine: overlap the data-parallel gradient reduction with the backward pass.
+    overlap_grad_reduce: bool = False
+    # megatron engine: "local" (megatron-core modules, CPU and GPU), "transformer_engine" (GPU),
+    # or "auto" (Transformer Engine when it is installed and CUDA is available, else local).
+    transformer_impl: str = "auto"
+    # FSDP2 MixedPrecisionPolicy: None keeps parameters in their own dtype (fp32 on CPU);
+    # "bfloat16" computes in bf16 with gradients reduced in fsdp_reduce_dtype.
+    fsdp_param_dtype: str | None = None
+    fsdp_reduce_dtype: str = "float32"
+    # FSDP2: free the gathered parameters after forward (ZeRO-3) or keep them to backward (ZeRO-2).
+    fsdp_reshard_after_forward: bool = True
     # "auto": nccl when CUDA is available, else gloo.
     backend: str = "auto"
 
@@ -27,16 +51,53 @@ class DistributedConfig:
             raise ValueError(f"distributed.engine must be one of {ENGINES}, got {self.engine!r}")
         if self.engine == "native" and self.strategy not in NATIVE_STRATEGIES:
             raise ValueError(f"distributed.strategy must be one of {NATIVE_STRATEGIES}, got {self.strategy!r}")
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"distributed.{name} must be an integer >= 1, got {value!r}")
+        if self.expert_model_parallel_size != 1:
+            raise ValueError("distributed.expert_model_parallel_size > 1 is not supported yet (dense models only)")
         if self.engine == "native" and (self.tensor_model_parallel_size > 1 or self.pipeline_model_parallel_size > 1):
             raise ValueError("distributed.tensor/pipeline_model_parallel_size > 1 needs distributed.engine=megatron")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("distributed.sequence_parallel needs tensor_model_parallel_size > 1")
+        if self.pipeline_schedule not in PIPELINE_SCHEDULES:
+            raise ValueError(f"distributed.pipeline_schedule must be one of {PIPELINE_SCHEDULES}, "
+                             f"got {self.pipeline_schedule!r}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and (not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1):
+            raise ValueError(f"distributed.virtual_pipeline_model_parallel_size must be null or an integer >= 1, got {vpp!r}")
+        if self.pipeline_schedule == "interleaved":
+            if self.pipeline_model_parallel_size < 2 or vpp is None or vpp < 2:
+                raise ValueError("distributed.pipeline_schedule=interleaved needs pipeline_model_parallel_size >= 2 "
+                                 "and virtual_pipeline_model_parallel_size >= 2")
+        elif vpp not in (None, 1):
+            raise ValueError("distributed.virtual_pipeline_model_parallel_size > 1 needs pipeline_schedule=interleaved")
+        if self.engine == "native" and (self.use_distributed_optimizer or self.overlap_grad_reduce):
+            raise ValueError("distributed.use_distributed_optimizer/overlap_grad_reduce are megatron engine options "
+                             "(FSDP2 already shards optimizer state)")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(f"distributed.transformer_impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
+        if self.fsdp_param_dtype is not None and self.fsdp_param_dtype not in DTYPES:
+            raise ValueError(f"distributed.fsdp_param_dtype must be null or one of {DTYPES}, got {self.fsdp_param_dtype!r}")
+        if self.fsdp_reduce_dtype not in DTYPES:
+            raise ValueError(f"distributed.fsdp_reduce_dtype must be one of {DTYPES}, got {self.fsdp_reduce_dtype!r}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"distributed.backend must be auto, gloo or nccl, got {self.backend!r}")
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one copy of the model (tensor x pipeline)."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        if world_size % self.model_parallel_size:
+            raise ValueError(f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+                             f"pipeline_model_parallel_size = {self.model_parallel_size}")
+        return world_size // self.model_parallel_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DistributedConfig":

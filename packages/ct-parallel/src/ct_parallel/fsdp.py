@@ -1,0 +1,45 @@
+"""FSDP2: per-block ``fully_shard`` of a ct-model Decoder, then the root (embeddings, final norm).
+
+Tied embeddings stay tied: ``embed_tokens.weight`` is the only output matrix (the Decoder has no
+``lm_head`` when tied) and it is sharded once, by the root. Mixed precision is optional: with
+``param_dtype=None`` parameters compute in their own dtype (fp32 on CPU, where bf16 is ~4x slower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from .native import NativeEngine
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class FSDP2Engine(NativeEngine):
+    """NativeEngine whose model is FSDP2-sharded; gradients sync only on the last microbatch."""
+
+    def _no_sync(self, last: bool):
+        self.wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+
+def build_fsdp2_engine(model: nn.Module, *, param_dtype: str | None = None, reduce_dtype: str = "float32",
+                       reshard_after_forward: bool = True) -> FSDP2Engine:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("strategy 'fsdp2' needs torch.distributed initialised (call init_distributed)")
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    policy = MixedPrecisionPolicy(
+        param_dtype=_DTYPES[param_dtype] if param_dtype else None,
+        reduce_dtype=_DTYPES[reduce_dtype] if param_dtype else None,
+    )
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root keeps embeddings + final norm; no point resharding what backward needs first.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    return FSDP2Engine(model, model, dp_group=mesh.get_group())

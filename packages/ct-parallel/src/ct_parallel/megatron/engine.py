@@ -1,0 +1,268 @@
+"""MegatronEngine: ct-model trained as a megatron-core GPTModel (TP, SP, PP 1F1B / interleaved,
+megatron DDP and distributed optimizer), behind the same Engine interface as NativeEngine.
+
+The ct-model Decoder the trainer built is the source of the weights (copied in through the
+bridge, so every layout starts from the same numbers); afterwards megatron's chunks are the model.
+Loss convention as in engine.py: loss_fn returns the SUM of token losses of a microbatch; the
+engine scales by 1/(scored tokens of the global batch) so megatron sums (not averages) over
+microbatches and data-parallel ranks (``calculate_per_token_loss`` + ``average_in_collective=False``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import FP32Optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.process_groups_config import ProcessGroupCollection
+from torch import nn
+from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+from ct_model import ModelConfig
+from ct_model.masking import document_causal_mask
+
+from ..config import DistributedConfig
+from ..engine import LossFn, Microbatch, StepResult, scored_tokens
+from . import bridge
+from .model import build_gpt_chunks, transformer_config, use_transformer_engine
+
+
+def _init_state(optimizer: torch.optim.Optimizer, config=None) -> None:
+    """Materialise optimizer state (zero-grad step at lr 0) so checkpoints can be loaded into it."""
+    _init_optim_state(optimizer)
+
+
+def _attention_mask(mb: Microbatch) -> torch.Tensor:
+    """Megatron's convention: True = masked out. Block-diagonal causal over documents."""
+    ids = mb["input_ids"]
+    doc = mb.get("document_ids")
+    if doc is None:
+        doc = torch.zeros_like(ids)
+    return ~document_causal_mask(doc)
+
+
+def _position_ids(mb: Microbatch) -> torch.Tensor:
+    pos = mb.get("position_ids")
+    if pos is None:
+        ids = mb["input_ids"]
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    return pos
+
+
+class MegatronEngine:
+    def __init__(self, model: nn.Module, dist_config: DistributedConfig, *, autocast_dtype: torch.dtype | None = None):
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError("megatron parallel state is not initialised; call ct_parallel.init_distributed first")
+        if autocast_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"megatron engine supports fp32 or bf16, got autocast_dtype={autocast_dtype}")
+        self.model_config: ModelConfig = model.config
+        self.dist_config = dist_config
+        self.bf16 = autocast_dtype == torch.bfloat16
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.config = transformer_config(self.model_config, dist_config, bf16=False)
+        self.te = use_transformer_engine(dist_config)
+        chunks = build_gpt_chunks(self.model_config, self.config, self.te)
+        ct_state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+        bridge.load_ct_state_dict(chunks, ct_state, self.model_config)
+        chunks = [c.to(self.device) for c in chunks]
+        if self.bf16:
+            from megatron.core.transformer.module import Float16Module
+            self.config.bf16 = True
+            chunks = [Float16Module(self.config, c) for c in chunks]
+        self.ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=dist_config.overlap_grad_reduce,
+            use_distributed_optimizer=dist_config.use_distributed_optimizer,
+            average_in_collective=False,
+        )
+        self.chunks = [
+            DistributedDataParallel(self.config, self.ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        for chunk in self.chunks:
+            chunk.broadcast_params()
+        self.config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        if dist_config.overlap_grad_reduce:
+            self.config.grad_sync_func = ([c.start_grad_sync for c in self.chunks] if len(self.chunks) > 1
+                                          else self.chunks[0].start_grad_sync)
+        # Our loss already carries 1/(global tokens): finalize without megatron's token scaling.
+        self.config.finalize_model_grads_func = lambda model, num_tokens, **kw: finalize_model_grads(model, None, **kw)
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.optimizer: torch.optim.Optimizer | None = None  # the trainer's torch optimizer
+        self.megatron_optimizer = None
+        self._grads_ready = False
+        self.model = model  # the ct-model the weights came from (not trained by this engine)
+
+    # -- optimizer -------------------------------------------------------------------------------
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This rank's trainable parameters with ct-model-style names (fused ones: qkv_proj,
+        gate_up_proj; a tied output copy on the last stage: lm_head.weight)."""
+        out = []
+        for chunk in self.chunks:
+            inner = bridge.unwrap(chunk)
+            for name, p in inner.named_parameters():
+                if p.requires_grad:
+                    out.append((bridge.optimizer_name(name, inner, self.model_config), p))
+        return out
+
+    def setup_optimizer(self, build: Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]):
+        self.optimizer = build(self.named_parameters())
+        config = OptimizerConfig(optimizer="adam", lr=self.optimizer.defaults.get("lr", 0.0), clip_grad=0.0,
+                                 bf16=self.bf16, use_distributed_optimizer=self.dist_config.use_distributed_optimizer,
+                                 params_dtype=torch.float32)
+        groups = ProcessGroupCollection.setup_process_groups_for_optimizer(None, self.chunks, True)
+        if self.dist_config.use_distributed_optimizer or self.bf16:
+            if not self.dist_config.use_distributed_optimizer:
+                raise NotImplementedError("bf16 with the megatron engine needs use_distributed_optimizer=true")
+            mopt = DistributedOptimizer(
+                self.optimizer, config, None, _init_state,
+                model_chunks=self.chunks,
+                per_model_buffers={i: c.buffers for i, c in enumerate(self.chunks)},
+                data_parallel_group=groups["dp_cp_group"],
+                data_parallel_group_gloo=groups["intra_dp_cp_group_gloo"],
+                data_parallel_group_idx=dist.get_rank(groups["mp_group"]),
+                distributed_optimizer_instance_id=0,
+            )
+            mopt.grad_stats_parallel_group = groups["intra_dist_opt_group"]
+        else:
+            mopt = FP32Optimizer(self.optimizer, config, _init_state)
+            mopt.grad_stats_parallel_group = groups["mp_group"]
+        mopt.tp_group = ps.get_tensor_model_parallel_group()
+        mopt.expert_tp_group = mopt.tp_group
+        self.megatron_optimizer = mopt
+        return self.optimizer
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _totals(self, microbatches: list[Microbatch]) -> tuple[float, float]:
+        scored = float(sum(int(scored_tokens(mb)) for mb in microbatches))
+        inputs = float(sum(mb["input_ids"].numel() for mb in microbatches))
+        both = torch.tensor([scored, inputs], dtype=torch.float64, device=self.device)
+        if self.dp_size > 1:
+            dist.all_reduce(both, group=ps.get_data_parallel_group())
+        return both[0].item(), both[1].item()
+
+    def _run(self, microbatches: list[Microbatch], loss_fn: LossFn, forward_only: bool) -> StepResult:
+        global_tokens, input_tokens = self._totals(microbatches)
+        scale = 1.0 / max(global_tokens, 1.0)
+        mbs = [{k: v.to(self.device) for k, v in mb.items()} for mb in microbatches]
+        b, t = mbs[0]["input_ids"].shape
+
+        def loss_func(mb, logits):
+            loss_sum = loss_fn(mb, logits.float() if self.bf16 else logits)
+            return loss_sum * scale, scored_tokens(mb).to(torch.int), {"loss_sum": loss_sum.detach().to(torch.float64)}
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            logits = model(mb["input_ids"], _position_ids(mb), _attention_mask(mb))
+            return logits, partial(loss_func, mb)
+
+        for chunk in self.chunks:
+            chunk.train(not forward_only)
+        iters = [iter(mbs) for _ in self.chunks]
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(mbs),
+            seq_length=t,
+            micro_batch_size=b,
+            forward_only=forward_only,
+        )
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for item in out:
+                total += item["loss_sum"]
+        # Last stage holds the loss: sum over PP (others add 0) and over DP.
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        if self.dp_size > 1:
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        if not forward_only:
+            self._grads_ready = False
+        return StepResult(total.item() / max(global_tokens, 1.0), int(global_tokens), int(input_tokens))
+
+    def forward_backward(self, microbatches: list[Microbatch], loss_fn: LossFn) -> StepResult:
+        return self._run(microbatches, loss_fn, forward_only=False)
+
+    @torch.no_grad()
+    def forward_only(self, microbatches: list[Microbatch], loss_fn: LossFn) -> StepResult:
+        result = self._run(microbatches, loss_fn, forward_only=True)
+        for chunk in self.chunks:
+            chunk.train()
+        return result
+
+    def _prepare(self) -> None:
+        if not self._grads_ready:
+            self.megatron_optimizer.prepare_grads()
+            self._grads_ready = True
+
+    def clip_grad_norm(self, max_norm: float | None) -> float:
+        """Global gradient norm before clipping (over TP/PP/DP, shared weights counted once)."""
+        self._prepare()
+        if max_norm:
+            return float(self.megatron_optimizer.clip_grad_norm(max_norm))
+        return float(self.megatron_optimizer.get_grad_norm())
+
+    def optimizer_step(self) -> None:
+        self._prepare()
+        self.megatron_optimizer.step_with_ready_grads()
+        self._grads_ready = False
+
+    def zero_grad(self) -> None:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.megatron_optimizer.zero_grad(set_to_none=True)
+        self._grads_ready = False
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _sharded_state(self, with_optimizer: bool, is_loading: bool) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for i, chunk in enumerate(self.chunks):
+            state[f"model{i}" if len(self.chunks) > 1 else "model"] = bridge.unwrap(chunk).sharded_state_dict()
+        if with_optimizer and self.megatron_optimizer is not None:
+            state["optimizer"] = self.megatron_optimizer.sharded_state_dict(state, is_loading=is_loading)
+        return state
+
+    def save_checkpoint(self, path: str) -> None:
+        """megatron dist_checkpointing directory: loads at another TP/PP/DP layout (model; the
+        plain optimizer too; the distributed optimizer's state is GPU-verified only)."""
+        os.makedirs(path, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state(True, False), str(path))
+
+    def load_checkpoint(self, path: str, *, load_optimizer: bool = True) -> None:
+        state = dist_checkpointing.load(self._sharded_state(load_optimizer, True), str(path))
+        for i, chunk in enumerate(self.chunks):
+            bridge.unwrap(chunk).load_state_dict(state[f"model{i}" if len(self.chunks) > 1 else "model"])
+        if load_optimizer and "optimizer" in state:
+            self.megatron_optimizer.load_state_dict(state["optimizer"])
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        raise NotImplementedError("the megatron engine checkpoints through save_checkpoint/load_checkpoint")
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError("the megatron engine checkpoints through save_checkpoint/load_checkpoint")
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full ct-model state dict (TP gathered, PP stages joined) on global rank 0, else None."""
+        return bridge.export_ct_state_dict(self.chunks, self.model_config)
+
+    def full_grad_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Gradients in ct-model names on rank 0 (after forward_backward; not with the
+        distributed optimizer, whose buffers hold only this rank's reduced shard)."""
+        return bridge.export_ct_state_dict(self.chunks, self.model_config, get=lambda p: getattr(p, "main_grad", p.grad))
+
+
+def build_megatron_engine(model: nn.Module, dist_config: DistributedConfig, *,
+                          autocast_dtype: torch.dtype | None = None) -> MegatronEngine:
+    return MegatronEngine(model, dist_config, autocast_dtype=autocast_dtype)

@@ -1,0 +1,112 @@
+"""Shared pieces of the distributed equivalence checks: a tiny model, a global batch with packed
+documents and ignored labels, the single-process ct-model reference, and comparisons."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ct_model import build_model, presets
+
+STEPS = 3
+LR = 1e-3
+TOL = 1e-5  # relative (per tensor: ||a - b|| / ||b||), as the issue asks
+
+
+def tiny_config(**overrides):
+    # mobilellm_tiny's architecture (GQA, QK-norm, interleaved RoPE, tied) at CPU-test size.
+    values = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                  ffn_hidden_size=128, vocab_size=256, max_position_embeddings=64)
+    values.update(overrides)
+    return presets.get("mobilellm_tiny", **values)
+
+
+def global_batch(config, n_micro: int = 4, b: int = 2, t: int = 16, seed: int = 0) -> list[dict]:
+    """n_micro microbatches [b, t]: two documents per row (positions restart), a few -100 labels."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_micro):
+        ids = torch.randint(0, config.vocab_size, (b, t + 1), generator=g)
+        cut = 5 + i % 3
+        doc = torch.zeros(b, t, dtype=torch.long)
+        doc[:, cut:] = 1
+        pos = torch.arange(t).expand(b, t).clone()
+        pos[:, cut:] -= cut
+        labels = ids[:, 1:].clone()
+        labels[:, cut - 1] = -100  # no target across a document boundary
+        labels[0, : i + 1] = -100  # unequal scored tokens per microbatch
+        out.append({"input_ids": ids[:, :-1].contiguous(), "labels": labels, "position_ids": pos, "document_ids": doc})
+    return out
+
+
+def loss_fn(mb, logits):
+    return F.cross_entropy(logits.flatten(0, 1).float(), mb["labels"].flatten(), ignore_index=-100, reduction="sum")
+
+
+def build_optimizer(named):
+    return torch.optim.AdamW([p for _, p in named], lr=LR, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+
+
+def reference(config, batch, steps: int = STEPS, seed: int = 0):
+    """Single-process ct-model: losses per step, grads of step 0, params after ``steps`` steps."""
+    model = build_model(config, seed=seed)
+    opt = build_optimizer(list(model.named_parameters()))
+    tokens = sum(int((mb["labels"] != -100).sum()) for mb in batch)
+    losses, grads = [], None
+    for step in range(steps):
+        total = 0.0
+        for mb in batch:
+            loss = loss_fn(mb, model(mb["input_ids"], mb["position_ids"], mb["document_ids"]))
+            (loss / tokens).backward()
+            total += loss.item()
+        losses.append(total / tokens)
+        if step == 0:
+            grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, grads, params
+
+
+def shard_for_dp(batch, dp_rank: int, dp_size: int):
+    per = len(batch) // dp_size
+    return batch[dp_rank * per:(dp_rank + 1) * per]
+
+
+def run_engine(engine, batch, steps: int = STEPS, grads_fn=None):
+    engine.setup_optimizer(build_optimizer)
+    losses, grads = [], None
+    for step in range(steps):
+        result = engine.forward_backward(batch, loss_fn)
+        losses.append(result.loss)
+        if step == 0 and grads_fn is not None:
+            grads = grads_fn()
+        engine.clip_grad_norm(None)
+        engine.optimizer_step()
+        engine.zero_grad()
+    return losses, grads, engine.full_model_state_dict()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def compare(label: str, got: dict | None, want: dict, tol: float = TOL) -> float:
+    """Max per-tensor relative difference; raises when above ``tol`` or keys differ."""
+    if got is None:
+        return 0.0
+    if set(got) != set(want):
+        raise AssertionError(f"{label}: keys differ: {sorted(set(got) ^ set(want))}")
+    worst = max(rel(got[k], want[k]) for k in want)
+    if worst > tol:
+        bad = {k: rel(got[k], want[k]) for k in want if rel(got[k], want[k]) > tol}
+        raise AssertionError(f"{label}: relative difference {worst:.2e} > {tol:.0e} in {bad}")
+    return worst
+
+
+def compare_losses(label: str, got: list[float], want: list[float], tol: float = TOL) -> float:
+    worst = max(abs(g - w) / abs(w) for g, w in zip(got, want))
+    if worst > tol:
+        raise AssertionError(f"{label}: losses {got} vs reference {want} (rel {worst:.2e})")
+    return worst
