@@ -1,0 +1,124 @@
+"""One source, read for the rows this rank owns.
+
+The source's records, cycled epoch after epoch, form an endless sequence indexed by *position*
+(``epoch * num_docs + index``). Position ``p`` belongs to global row ``p % num_rows``: row j draws
+positions j, j + B, j + 2B, ... in order, so rows never share a document, none is skipped, and
+what a row sees does not depend on how rows are spread over ranks. Every rank reads all records
+(reading is cheap) but only processes and tokenises those of its own rows.
+
+A row's cursor is the number of positions it has drawn; cursors are the reader's whole state. On
+resume the reader re-opens the source at the smallest position still needed (``datasets``'
+``skip`` re-reads the records before it: cheap for local files, a re-download for hub streams).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ct_data.config import SourceConfig
+from ct_data.processing import Doc, Skip
+from ct_data.sources import DataSourceError, iter_record_batches
+
+logger = logging.getLogger("ct_data")
+
+EXHAUSTED = object()  # no more documents for this row (the "stop" policy)
+
+
+class SourceReader:
+    def __init__(
+        self,
+        src: SourceConfig,
+        dataset: Any,
+        processor: Callable[[SourceConfig, list[dict]], list[Doc | Skip]],
+        *,
+        num_rows: int,
+        rows: range,
+        cursors: dict[int, int],
+        num_docs: int | None,
+        max_epochs: int | None,
+        read_batch: int = 256,
+    ):
+        self.src, self.ds, self.process = src, dataset, processor
+        self.B, self.rows = num_rows, rows
+        self.cursor = {j: int(cursors.get(j, 0)) for j in rows}  # positions drawn per row
+        self.num_docs = num_docs
+        self.max_epochs = max_epochs
+        self.read_batch = read_batch
+        self.buffers: dict[int, deque] = {j: deque() for j in rows}
+        # Next position to buffer per row: starts at its cursor (earlier positions were consumed).
+        self._want = {j: j + self.B * self.cursor[j] for j in rows}
+        self.pos = min(self._want.values()) if rows else 0  # next position to read
+        self._it = None
+        self._finished = False  # reached the end of the last allowed epoch
+
+    # ---------------------------------------------------------------- public
+    @property
+    def epoch(self) -> int:
+        """Epochs completed by the reading position (how often the source has wrapped)."""
+        return self.pos // self.num_docs if self.num_docs else 0
+
+    def limit(self) -> int | None:
+        """First position past the data under the stop policy (None: endless)."""
+        if self.max_epochs is None or self.num_docs is None:
+            return None
+        return self.max_epochs * self.num_docs
+
+    def next_item(self, row: int) -> Doc | Skip | object:
+        buf = self.buffers[row]
+        while not buf:
+            lim = self.limit()
+            if lim is not None and row + self.B * self.cursor[row] >= lim:
+                return EXHAUSTED
+            self._read_more()
+        self.cursor[row] += 1
+        return buf.popleft()
+
+    # ---------------------------------------------------------------- reading
+    def _open(self) -> None:
+        start = self.pos % self.num_docs if self.num_docs else self.pos
+        self._it = iter(iter_record_batches(self.src, self.ds, start, self.read_batch))
+
+    def _read_more(self) -> None:
+        if self._finished:
+            raise RuntimeError(f"source {self.src.name!r}: read past the end")  # guarded by limit()
+        if self._it is None:
+            self._open()
+        batch = next(self._it, None)
+        if not batch:
+            self._end_of_pass()
+            return
+        wanted: list[tuple[int, dict]] = []
+        B, lo, hi = self.B, self.rows.start, self.rows.stop
+        for i, rec in enumerate(batch):
+            p = self.pos + i
+            j = p % B
+            if lo <= j < hi and p >= self._want[j]:
+                wanted.append((j, rec))
+                self._want[j] = p + B
+        self.pos += len(batch)
+        if wanted:
+            items = self.process(self.src, [r for _, r in wanted])
+            for (j, _), item in zip(wanted, items):
+                self.buffers[j].append(item)
+
+    def _end_of_pass(self) -> None:
+        self._it = None
+        if self.num_docs is None:
+            if self.pos == 0:
+                raise DataSourceError(f"source {self.src.name!r}: {self.src.path!r} holds no records")
+            self.num_docs = self.pos
+        elif self.pos % self.num_docs != 0:
+            raise DataSourceError(f"source {self.src.name!r}: the data changed while training "
+                                  f"(a pass ended after {self.pos % self.num_docs} records, "
+                                  f"expected {self.num_docs})")
+        done = self.pos // self.num_docs
+        if self.max_epochs is not None and done >= self.max_epochs:
+            self._finished = True
+            logger.info("source %r exhausted after %d epoch(s) of %d documents; it leaves the mix",
+                        self.src.name, done, self.num_docs)
+        else:
+            logger.info("source %r wrapped around after %d documents; starting epoch %d",
+                        self.src.name, self.num_docs, done)
