@@ -44,6 +44,8 @@ def check_layout(name, config, batch, ref, results):
     if grads_fn is not None:
         out["grad"] = lib.compare(f"{name} grads", grads, grads_ref)
     out["param"] = lib.compare(f"{name} params", params, params_ref)
+    if params is not None:
+        out["param_worst"] = sorted(((lib.rel(params[k], params_ref[k]), k) for k in params_ref), reverse=True)[:3]
     out["seconds"] = time.perf_counter() - t0
     results[name] = out
     return engine, model

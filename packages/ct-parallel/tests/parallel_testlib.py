@@ -44,7 +44,7 @@ def loss_fn(mb, logits):
 
 
 def build_optimizer(named):
-    return torch.optim.AdamW([p for _, p in named], lr=LR, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+    return torch.optim.AdamW([p for _, p in named], lr=LR, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-6)
 
 
 def reference(config, batch, steps: int = STEPS, seed: int = 0):

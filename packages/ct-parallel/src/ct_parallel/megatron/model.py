@@ -122,6 +122,9 @@ def transformer_config(model_config: ModelConfig, dist_config: DistributedConfig
         # by the number of microbatches or average over data-parallel ranks.
         calculate_per_token_loss=True,
         batch_p2p_sync=on_gpu,
+        # gloo (CPU) matches point-to-point messages between two ranks by order; batched p2p
+        # with PP=2 interleaved (next and previous stage are the same rank) mismatches them.
+        batch_p2p_comm=on_gpu,
         use_cpu_initialization=not on_gpu,
         # Weights come from the ct-model through the bridge; megatron's init would be overwritten.
         perform_initialization=False,
