@@ -1,1 +1,15 @@
-"""ct_stages"""
+"""ct_stages: the trainer loop, optimizers, schedules, checkpoints, metrics, the three stages.
+
+``run_phase(cfg)`` runs one phase from a resolved config (what ``ct-train`` composes).
+"""
+
+from .checkpoint import CheckpointManager
+from .optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler, lr_factor
+from .stages import DistillConfig, Stage, StageConfig, cross_entropy_sum
+from .trainer import Trainer, TrainerConfig, TrainingStopped
+
+__all__ = [
+    "CheckpointManager", "DistillConfig", "OptimizerConfig", "ScheduleConfig", "Stage", "StageConfig",
+    "Trainer", "TrainerConfig", "TrainingStopped", "build_optimizer", "build_scheduler",
+    "cross_entropy_sum", "lr_factor",
+]

@@ -1,0 +1,75 @@
+"""What every entry point shares: finding configs/, composing them, and reporting user errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+EXIT_USER_ERROR = 2
+
+
+def config_dir(explicit: str | None = None) -> Path:
+    """configs/ of this checkout (editable install), else ./configs, else $CT_CONFIG_DIR."""
+    candidates = [explicit, os.environ.get("CT_CONFIG_DIR"),
+                  Path(__file__).resolve().parents[4] / "configs", Path.cwd() / "configs"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "config.yaml").is_file():
+            return Path(candidate).resolve()
+    raise UserFacingError("cannot find the configs/ directory (config.yaml); pass --config-dir or set CT_CONFIG_DIR")
+
+
+class UserFacingError(Exception):
+    pass
+
+
+def phases(directory: Path) -> list[str]:
+    return sorted(p.stem for p in (directory / "phase").glob("*.yaml"))
+
+
+def compose(phase: str, overrides: list[str], directory: Path) -> dict[str, Any]:
+    """The resolved config of ``phase`` with Hydra ``overrides``, as plain containers."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    known = phases(directory)
+    if phase not in known:
+        raise UserFacingError(f"unknown phase {phase!r}; known phases: {', '.join(known)}")
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=[f"phase={phase}", *overrides])
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserFacingError(f"bad config or override: {str(err).splitlines()[0]}") from err
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, reported in one line with exit status 2."""
+    from ct_data import DataConfigError, DataSourceError
+    from ct_model import ConfigError
+    from ct_model.hf import HFFormatError
+    from ct_stages.run import UserError
+
+    return (UserFacingError, UserError, ConfigError, HFFormatError, DataConfigError, DataSourceError,
+            FileNotFoundError)
+
+
+def run_guarded(fn: Callable[[], int | None]) -> int:
+    try:
+        return fn() or 0
+    except Exception as err:  # noqa: BLE001 - classify, then re-raise what is not a user error
+        if isinstance(err, user_errors()):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise

@@ -1,0 +1,86 @@
+"""Evaluation: held-out perplexity and reasoning accuracy by greedy generation.
+
+Reasoning accuracy: each problem is asked in the LLaMA-3 chat format with the recipe's math system
+prompt; the model answers greedily; the last ``\\boxed{...}`` of the answer must equal the reference
+answer exactly (after light normalisation: spaces, thousands separators, trailing ".0").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+import ct_model
+
+from .stages import cross_entropy_sum
+
+MATH_SYSTEM_PROMPT = "Please reason step-by-step and put your final answer within \\boxed{}."
+
+
+@torch.no_grad()
+def perplexity(model, batches: Iterable[dict[str, torch.Tensor]], max_batches: int) -> dict[str, float]:
+    model.eval()
+    total, tokens = 0.0, 0
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        logits = model(batch["input_ids"], batch.get("position_ids"), batch.get("document_ids"))
+        total += float(cross_entropy_sum(batch, logits))
+        tokens += int((batch["labels"] != -100).sum())
+    loss = total / max(tokens, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+def load_problems(path: str | Path, question_field: str = "question", answer_field: str = "answer",
+                  limit: int | None = None) -> list[dict[str, str]]:
+    """Question/answer pairs from a jsonl file; GSM8K-style answers ('... #### 42') are reduced
+    to their final answer."""
+    from ct_data import extract_gsm8k_answer
+
+    problems = []
+    path = Path(path)
+    with path.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            for field in (question_field, answer_field):
+                if field not in row:
+                    raise KeyError(f"{path}:{line_no}: field {field!r} is missing (fields: {sorted(row)})")
+            answer = str(row[answer_field])
+            if "####" in answer:
+                answer = extract_gsm8k_answer(answer) or answer
+            problems.append({"question": str(row[question_field]), "answer": answer})
+            if limit is not None and len(problems) >= limit:
+                break
+    return problems
+
+
+@torch.no_grad()
+def reasoning_accuracy(model, tokenizer, problems: list[dict[str, Any]], *, max_new_tokens: int = 96,
+                       batch_size: int = 32, system_prompt: str = MATH_SYSTEM_PROMPT) -> dict[str, Any]:
+    from ct_data import answers_match, extract_boxed_answer
+
+    model.eval()
+    eos = {tokenizer.eos_id, tokenizer.token_to_id("<|eot_id|>")} - {None}
+    correct, samples = 0, []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        prompts = [tokenizer.encode_chat([{"role": "system", "content": system_prompt},
+                                          {"role": "user", "content": p["question"]}],
+                                         add_generation_prompt=True) for p in chunk]
+        outputs = ct_model.generate(model, prompts, max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_id or 0)
+        for problem, out in zip(chunk, outputs):
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            predicted = extract_boxed_answer(text)
+            ok = answers_match(predicted, str(problem["answer"]))
+            correct += ok
+            if len(samples) < 3:
+                samples.append({"question": problem["question"], "output": text, "answer": problem["answer"],
+                                "correct": bool(ok)})
+    n = len(problems)
+    return {"accuracy": correct / max(n, 1), "correct": correct, "problems": n, "samples": samples}

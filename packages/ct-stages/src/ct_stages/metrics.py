@@ -1,0 +1,136 @@
+"""What the user sees: FLOPs and MFU, memory, a JSONL log, optional wandb, a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from ct_model import ModelConfig
+
+log = logging.getLogger("ct_stages")
+
+# Dense peak TFLOP/s (bf16 tensor cores unless noted), per GPU, from vendor data sheets.
+GPU_PEAK_TFLOPS = {
+    "H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0,
+    "A100": 312.0, "A800": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0,
+    "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0,
+}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul weights per pass + attention scores (PaLM, app. B).
+
+    Matmul weights: every block run (shared blocks count twice) and the output layer; the input
+    embedding is a lookup. The attention term 12 * depth * heads * head_dim * seq_len counts the
+    full T x T score and value products (the usual convention; causal and document masks skip
+    part of that work, so MFU is slightly flattering, as everywhere).
+    """
+    c = config
+    h, d = c.hidden_size, c.kv_channels
+    block = h * d * (2 * c.num_attention_heads + 2 * c.num_query_groups) + 3 * h * c.ffn_hidden_size
+    matmul = c.effective_depth * block + c.vocab_size * h
+    attention = 12 * c.effective_depth * c.num_attention_heads * d * seq_len
+    return 6.0 * matmul + attention
+
+
+def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """fp32 matmul FLOP/s this process achieves with its threads (the CPU 'peak' for MFU)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """Peak FLOP/s per device and where the number came from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{name} data sheet (bf16 dense)"
+        return float("nan"), f"{name}: unknown peak (add it to GPU_PEAK_TFLOPS)"
+    return measure_cpu_peak_flops(), f"measured fp32 matmul, {torch.get_num_threads()} threads"
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLog:
+    """Appends one JSON object per event to ``metrics.jsonl``; mirrors to wandb when enabled."""
+
+    def __init__(self, path: Path, enabled: bool, wandb_config: dict | None = None,
+                 run_config: dict | None = None):
+        self.path = path
+        self.enabled = enabled
+        self.wandb = None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if wandb_config and wandb_config.get("enabled"):
+                self.wandb = _start_wandb(path.parent, wandb_config, run_config)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                           step=record.get("step"))
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(run_dir: Path, config: dict, run_config: dict | None):
+    import wandb  # lazily: it is slow to import and optional
+
+    os.environ.setdefault("WANDB_MODE", config.get("mode", "offline"))
+    return wandb.init(project=config.get("project", "cheapertraining"), name=config.get("name"),
+                      dir=str(run_dir), config=run_config, resume="allow")
+
+
+def read_losses(path: Path) -> dict[int, float]:
+    """The last logged training loss of every step (a resumed run logs replayed steps again)."""
+    losses: dict[int, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("event") == "train":
+                losses[record["step"]] = record["loss"]
+    return losses
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path, title: str) -> Path | None:
+    losses = read_losses(metrics_path)
+    if not losses:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(losses)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [losses[s] for s in steps], linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,116 @@
+"""Optimizers with parameter groups, and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("linear", "cosine", "wsd", "constant")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 4e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.9  # sgd only
+    # Norm weights never decay; embeddings decay unless this is False.
+    decay_embeddings: bool = True
+    clip_grad: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if not self.lr > 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas!r}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"optimizer.clip_grad must be > 0 or null, got {self.clip_grad!r}")
+
+
+def parameter_groups(named_params, config: OptimizerConfig) -> list[dict]:
+    """Two groups: decayed matrices, and undecayed norms (and embeddings when configured)."""
+    decay, no_decay = [], []
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        is_norm = param.ndim < 2 or "norm" in name
+        is_embedding = "embed" in name
+        if is_norm or (is_embedding and not config.decay_embeddings):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(named_params, config: OptimizerConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(named_params, config)
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    if config.name == "adam":
+        # Adam's weight decay is L2 on the gradient; groups still exempt norms.
+        return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "linear"
+    # Either a step count or a fraction of max_steps (the SFT recipe states warmup as a ratio).
+    warmup_steps: int = 0
+    warmup_ratio: float | None = None
+    # Decay ends at min_lr_ratio * peak (the paper's pretraining: 0.1; SFT: 0).
+    min_lr_ratio: float = 0.1
+    # Warmup-stable-decay: fraction of max_steps spent in the final decay.
+    decay_ratio: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule.name must be one of {SCHEDULES}, got {self.name!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"schedule.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_ratio <= 1:
+            raise ValueError(f"schedule.decay_ratio must be in (0, 1], got {self.decay_ratio}")
+
+
+def lr_factor(step: int, max_steps: int, config: ScheduleConfig) -> float:
+    """Multiplier of the peak LR used for optimizer step ``step`` (0-based)."""
+    warmup = config.warmup_steps
+    if config.warmup_ratio is not None:
+        warmup = int(round(config.warmup_ratio * max_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.name == "constant":
+        return 1.0
+    floor = config.min_lr_ratio
+    span = max(max_steps - warmup, 1)
+    progress = min((step - warmup) / span, 1.0)
+    if config.name == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    if config.name == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay_start = max_steps - int(round(config.decay_ratio * max_steps))
+    if step < decay_start:
+        return 1.0
+    decay_progress = min((step - decay_start) / max(max_steps - decay_start, 1), 1.0)
+    return 1.0 - (1.0 - floor) * decay_progress
+
+
+def build_scheduler(optimizer, max_steps: int, config: ScheduleConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, max_steps, config))

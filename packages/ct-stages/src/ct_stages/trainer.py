@@ -1,0 +1,201 @@
+"""The training loop, top to bottom in one place.
+
+engine.forward_backward(microbatches) -> clip -> optimizer step -> scheduler -> metrics ->
+checkpoint -> eval. The engine hides the parallel layout; the stage supplies microbatches and the
+loss; the loader yields this rank's share of each global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointManager
+from .metrics import MetricsLog, memory_gib
+from .progress import Progress
+from .stages import Stage
+
+log = logging.getLogger("ct_stages")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    max_steps: int = 200
+    global_batch_size: int = 16  # sequences per optimizer step, all ranks together
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    seed: int = 1234
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_last_checkpoints: int = 2
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 8
+    max_nonfinite_steps: int = 5  # skipped steps tolerated before stopping with a checkpoint
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"trainer.{name} must be an integer >= 1, got {value!r}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"trainer.global_batch_size={self.global_batch_size} must be a multiple of "
+                             f"trainer.micro_batch_size={self.micro_batch_size}")
+
+    def check_layout(self, dp_size: int) -> None:
+        if self.global_batch_size % (self.micro_batch_size * dp_size):
+            raise ValueError(
+                f"trainer.global_batch_size={self.global_batch_size} must be divisible by "
+                f"trainer.micro_batch_size x data-parallel size = {self.micro_batch_size} x {dp_size}")
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (too many non-finite steps); a checkpoint was written."""
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    consumed_tokens: int = 0
+    skipped_steps: int = 0
+    last_loss: float = float("nan")
+    history: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig, engine, stage: Stage, loader, scheduler,
+                 checkpoints: CheckpointManager, metrics: MetricsLog, *, clip_grad: float | None,
+                 flops_per_token: float, peak_flops: float, device: torch.device,
+                 evaluate: Callable[[], dict[str, float]] | None = None, is_main: bool = True,
+                 show_progress: bool = True, phase: str = "train"):
+        self.config = config
+        self.engine = engine
+        self.stage = stage
+        self.loader = loader
+        self.scheduler = scheduler
+        self.checkpoints = checkpoints
+        self.metrics = metrics
+        self.clip_grad = clip_grad
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.device = device
+        self.evaluate = evaluate
+        self.is_main = is_main
+        self.show_progress = show_progress and is_main
+        self.phase = phase
+        self.state = LoopState()
+
+    # -- checkpoint state ------------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.state.step, "consumed_tokens": self.state.consumed_tokens,
+                "skipped_steps": self.state.skipped_steps, "scheduler": self.scheduler.state_dict(),
+                "loader": self.loader.state_dict(), "rng": rng_state()}
+
+    def save(self) -> None:
+        path = self.checkpoints.save(self.state.step, self.engine, self._trainer_state())
+        self.metrics.write({"event": "checkpoint", "step": self.state.step, "path": str(path)})
+
+    def resume_if_possible(self) -> bool:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return False
+        saved = self.checkpoints.load(latest, self.engine)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.loader.load_state_dict(saved["loader"])
+        set_rng_state(saved["rng"])
+        self.state.step = saved["step"]
+        self.state.consumed_tokens = saved["consumed_tokens"]
+        self.state.skipped_steps = saved["skipped_steps"]
+        log.info("resumed from %s (step %d)", latest, self.state.step)
+        self.metrics.write({"event": "resume", "step": self.state.step, "path": str(latest)})
+        return True
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> LoopState:
+        cfg = self.config
+        batches: Iterator = iter(self.loader)
+        progress = Progress(cfg.max_steps, self.state.step, enabled=self.show_progress, title=self.phase)
+        with progress:
+            while self.state.step < cfg.max_steps:
+                record = self._train_step(next(batches))
+                progress.update(self.state.step, record)
+                if self.state.step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
+                    if self.is_main and not progress.interactive:
+                        log.info(_format(record))
+                if self.state.step % cfg.checkpoint_every == 0 and self.state.step < cfg.max_steps:
+                    self.save()
+                if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.evaluate:
+                    self.metrics.write({"event": "eval", "step": self.state.step, **self.evaluate()})
+        self.save()
+        return self.state
+
+    def _train_step(self, batch) -> dict[str, Any]:
+        cfg = self.config
+        start = time.perf_counter()
+        share = cfg.global_batch_size // self.engine.dp_size
+        first = self.state.step * cfg.global_batch_size + self.engine.dp_rank * share
+        microbatches = self.stage.microbatches(batch, cfg.micro_batch_size, first)
+        self.engine.zero_grad()
+        result = self.engine.forward_backward(microbatches, self.stage.loss_fn)
+        grad_norm = self.engine.clip_grad_norm(self.clip_grad)
+        finite = math.isfinite(result.loss) and math.isfinite(grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if finite:
+            self.engine.optimizer_step()
+        else:
+            self._skip(result.loss, grad_norm)
+        # The schedule is a function of the step count, skipped steps included.
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.consumed_tokens += result.input_tokens
+        self.state.last_loss = result.loss
+        seconds = time.perf_counter() - start
+        tokens_per_s = result.input_tokens / seconds
+        record = {
+            "event": "train", "step": self.state.step, "loss": result.loss, "lr": lr,
+            "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            "step_time_s": seconds, "consumed_tokens": self.state.consumed_tokens,
+            "memory_gib": memory_gib(self.device), "skipped_steps": self.state.skipped_steps,
+        }
+        self.metrics.write(record)
+        return record
+
+    def _skip(self, loss: float, grad_norm: float) -> None:
+        self.engine.zero_grad()
+        self.state.skipped_steps += 1
+        log.warning("step %d: non-finite loss %s / grad norm %s: step skipped (%d so far)",
+                    self.state.step + 1, loss, grad_norm, self.state.skipped_steps)
+        if self.state.skipped_steps > self.config.max_nonfinite_steps:
+            self.state.step += 1
+            self.save()
+            raise TrainingStopped(
+                f"{self.state.skipped_steps} non-finite steps (limit trainer.max_nonfinite_steps="
+                f"{self.config.max_nonfinite_steps}); stopped at step {self.state.step} with a checkpoint. "
+                "Lower optimizer.lr, enable optimizer.clip_grad, or check the data.")
+
+
+def _format(record: dict[str, Any]) -> str:
+    return (f"step {record['step']:>6}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"gnorm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
+            f"mfu {record['mfu']:.1%}  mem {record['memory_gib']:.2f} GiB")
