@@ -428,7 +428,7 @@ def build_sft_loader(
     ``loss_on``: "assistant" (labels only where the next token belongs to an assistant turn) or
     "all". ``truncation`` for examples longer than ``max_example_tokens`` (default ``seq_len``):
     "drop" (counted) or "truncate" (keep the start, i.e. the prompt; dropped if no assistant token
-    is left). ``packing``: "packed" (first-fit over ``lookahead`` examples, never splitting one) or
+    is left). ``packing``: "packed" (best fit over ``lookahead`` examples, never splitting one) or
     "none" (one example per row).
     """
     if packing not in SFT_PACKING:

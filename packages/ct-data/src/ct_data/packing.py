@@ -10,8 +10,8 @@ Modes:
 - ``mixed``      (pretraining) documents of all sources share sequences; long ones cross rows.
 - ``per_source`` (pretraining; the public MobileLLM-R1 recipe) each sequence is drawn from one
   source, and every source keeps its own carry-over.
-- ``sft``        examples are never split: first-fit over a small look-ahead buffer, the rest of
-  the row padded. ``sft_lookahead=1`` packs in order; ``packing="none"`` puts one example per row.
+- ``packed``     (SFT) examples are never split: each row starts with the oldest example of a small
+  look-ahead buffer and is topped up best-fit from it; the rest of the row is padded. ``sft_lookahead=1`` packs in order; ``packing="none"`` puts one example per row.
 
 Padding tokens: ``pad_id``, label -100, document id -1, position ids 0, 1, 2 ...
 """
@@ -147,9 +147,18 @@ class RowStream:
         while True:
             while len(self.buffer) < self.lookahead and self.mixer.any_active():
                 self._load_sft()
+            if self.mode == "none" and seq.ids:
+                return
+            # A row starts with the oldest buffered example (so none waits more than `lookahead`
+            # rows), then takes the longest example that fits the room left (earliest on ties).
             room = self.T - len(seq.ids)
-            i = next((k for k, (_, p) in enumerate(self.buffer) if len(p.ids) <= room), -1)
-            if i < 0 or (self.mode == "none" and seq.ids):
+            i, best = -1, 0
+            for k, (_, p) in enumerate(self.buffer):
+                if best < len(p.ids) <= room:
+                    i, best = k, len(p.ids)
+                if not seq.ids and i == 0:
+                    break
+            if i < 0:
                 return
             _, piece = self.buffer.pop(i)
             seq.add(piece, 0, len(piece.ids))
