@@ -23,7 +23,7 @@ def main():
     config = lib.tiny_config()
     batch = lib.global_batch(config)
     losses_ref, grads_ref, params_ref = lib.reference(config, batch)
-    results = {}
+    results, saved = {}, None
     for strategy in ("ddp", "fsdp2"):
         t0 = time.perf_counter()
         dcfg = DistributedConfig(engine="native", strategy=strategy)
@@ -45,6 +45,7 @@ def main():
         if strategy == "fsdp2":
             assert model.lm_head is None and model.output_weight is model.embed_tokens.weight, "tied embeddings untied"
             engine.save_checkpoint(ckpt_dir)
+            saved = params  # what the checkpoint holds (full state dict on rank 0)
             # Same-layout resume: a fresh FSDP2 engine loads model + optimizer, and the next step
             # equals the step the saved engine takes.
             fresh_model = build_model(config, seed=1)
@@ -60,7 +61,7 @@ def main():
         r["seconds"] = time.perf_counter() - t0
         results[strategy] = r
     if dist.get_rank() == 0:
-        torch.save(params_ref, f"{out_path}.params.pt")
+        torch.save(saved, f"{out_path}.params.pt")
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
     dist.barrier()

@@ -139,8 +139,10 @@ def test_megatron_layouts_match_single_process(tmp_path):
     out = tmp_path / "megatron.json"
     _torchrun("dist_megatron_checks.py", str(out), str(tmp_path / "tp2_ckpt"), shim=True)
     results = json.loads(out.read_text())
-    expected = {"tp2", "tp2_sp", "pp2", "pp2_interleaved", "dp2", "dp2_distopt", "reload_tp2_pp2", "reload_tp2_dp2"}
+    expected = {"tp2", "tp2_sp", "pp2", "pp2_interleaved", "dp2", "dp2_distopt", "reload_tp2_pp2", "reload_tp2_dp2",
+                "pp2_llama", "layer_sharing_error"}
     assert expected <= set(results), sorted(results)
+    assert "layer_sharing" in results["layer_sharing_error"]["message"]
     for name, r in results.items():
         for key in ("loss", "grad", "param"):
             if key in r:
