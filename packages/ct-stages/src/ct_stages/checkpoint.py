@@ -9,11 +9,13 @@ rank because loader and RNG state are per rank) and ``meta.json``. Everything is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,14 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when torch.distributed is not initialised: expected."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class CheckpointManager:
@@ -59,7 +69,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
             tmp.mkdir()
         _barrier()
-        engine.save_checkpoint(str(tmp / "engine"))
+        with _quiet_single_process():
+            engine.save_checkpoint(str(tmp / "engine"))
         torch.save(trainer_state, tmp / f"trainer_rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
@@ -88,5 +99,6 @@ class CheckpointManager:
                 f"{path}: written by {meta['world_size']} processes, resuming with {world}; exact resume "
                 "needs the same layout (load the weights into a new run with init_from instead)"
             )
-        engine.load_checkpoint(str(path / "engine"))
+        with _quiet_single_process():
+            engine.load_checkpoint(str(path / "engine"))
         return torch.load(rank_file, weights_only=False)

@@ -84,3 +84,38 @@ def reasoning_accuracy(model, tokenizer, problems: list[dict[str, Any]], *, max_
                                 "correct": bool(ok)})
     n = len(problems)
     return {"accuracy": correct / max(n, 1), "correct": correct, "problems": n, "samples": samples}
+
+
+def load_model_and_tokenizer(hf_dir: str | Path):
+    import ct_data
+
+    model, _ = ct_model.hf.load_hf(hf_dir)
+    return model.eval(), ct_data.load_tokenizer(str(hf_dir))
+
+
+def sample_eval_problems(sample_dir: str | Path, seed: int, limit: int | None) -> list[dict[str, Any]]:
+    from ct_data import sample
+
+    sample.build(sample_dir, seed=seed)
+    problems = sample.load_math_eval(sample_dir)
+    return problems[:limit] if limit else problems
+
+
+@torch.no_grad()
+def text_perplexity(model, tokenizer, texts: list[str], seq_len: int = 512, batch_size: int = 16) -> dict[str, float]:
+    """Perplexity of ``texts`` (each its own sequence, BOS first, cut at ``seq_len``)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        encoded = [([tokenizer.bos_id] + tokenizer.encode(t))[:seq_len] for t in texts[start:start + batch_size]]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_id or 0)
+        labels = torch.full((len(encoded), width), -100)
+        for row, seq in enumerate(encoded):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            labels[row, :len(seq) - 1] = torch.tensor(seq[1:])
+        logits = model(ids)  # causal: right padding never influences real positions
+        total += float(cross_entropy_sum({"labels": labels}, logits))
+        tokens += int((labels != -100).sum())
+    loss = total / max(tokens, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}

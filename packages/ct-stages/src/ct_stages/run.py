@@ -96,11 +96,12 @@ def prepare_sample_data(cfg: dict, is_main: bool) -> Path | None:
     from ct_data import sample as sample_mod
 
     out = Path(sample["dir"])
-    _main_first(is_main, lambda: sample_mod.build(out, seed=int(sample.get("seed", 0))))
+    _main_first(is_main, lambda: sample_mod.build(out, seed=int(sample.get("seed", 0)),
+                                                  scale=float(sample.get("scale", 1.0))))
     return out
 
 
-def prepare_tokenizer(cfg: dict, run_dir: Path, init_from: Path | None, sample_dir: Path | None,
+def prepare_tokenizer(cfg: dict, init_from: Path | None, sample_dir: Path | None,
                       is_main: bool):
     import ct_data
 
@@ -180,12 +181,14 @@ def run_phase(cfg: dict) -> PhaseResult:
     torch.manual_seed(trainer_cfg.seed)
 
     sample_dir = prepare_sample_data(cfg, info.is_main)
-    tokenizer = prepare_tokenizer(cfg, run_dir, init_from, sample_dir, info.is_main)
+    tokenizer = prepare_tokenizer(cfg, init_from, sample_dir, info.is_main)
     model, model_config = build_phase_model(cfg, init_from, seq_len, trainer_cfg.seed)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                         f"{model_config.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
     model.to(info.device)
+    if info.is_main:
+        (run_dir / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
 
     import ct_data
 

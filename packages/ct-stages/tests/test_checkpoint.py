@@ -1,0 +1,43 @@
+import json
+
+import torch
+
+import ct_model
+from ct_parallel import build_native_engine
+from ct_stages import CheckpointManager
+
+
+def engine(seed):
+    model = ct_model.build_model(ct_model.presets.get("mobilellm_tiny", num_layers=1, vocab_size=32), seed=seed)
+    e = build_native_engine(model)
+    e.setup_optimizer(lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-3))
+    return e, model
+
+
+def test_save_load_roundtrip_and_keep_last(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    source, model = engine(0)
+    for step in (1, 2, 3):
+        manager.save(step, source, {"step": step, "loader": {"pos": step}})
+    assert [p.name for p in manager.complete()] == ["step_00000002", "step_00000003"]
+    target, other = engine(1)
+    state = manager.load(manager.latest(), target)
+    assert state["step"] == 3 and state["loader"] == {"pos": 3}
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_interrupted_save_is_never_taken_for_a_checkpoint(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    source, _ = engine(0)
+    manager.save(1, source, {"step": 1})
+    # What a SIGKILL in the middle of writing step 2 leaves behind:
+    partial = tmp_path / ".tmp-step_00000002"
+    (partial / "engine").mkdir(parents=True)
+    (partial / "trainer_rank0.pt").write_bytes(b"truncated")
+    # ...and a renamed directory without meta.json (e.g. copied by hand) does not count either.
+    (tmp_path / "step_00000005").mkdir()
+    assert manager.latest().name == "step_00000001"
+    manager.save(3, source, {"step": 3})
+    assert not partial.exists()  # cleaned by the next successful save
+    assert json.loads((manager.latest() / "meta.json").read_text())["step"] == 3
