@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 import ct_model
 from ct_parallel import DistributedConfig, build_engine, init_distributed
+from ct_precision import PrecisionConfig
 
 from .checkpoint import CheckpointManager
 from .metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
@@ -165,6 +166,8 @@ def run_phase(cfg: dict) -> PhaseResult:
     trainer_cfg = _dataclass_from(TrainerConfig, cfg.get("trainer"), "trainer")
     optim_cfg = _dataclass_from(OptimizerConfig, cfg.get("optimizer"), "optimizer")
     sched_cfg = _dataclass_from(ScheduleConfig, cfg.get("schedule"), "schedule")
+    precision = _dataclass_from(PrecisionConfig, cfg.get("precision"), "precision")
+    _dataclass_from(StageConfig, cfg.get("stage"), "stage")  # validate before any heavy work
     seq_len = int(cfg["seq_len"])
     if seq_len < 2:
         raise UserError(f"seq_len must be >= 2, got {seq_len}")
@@ -202,8 +205,7 @@ def run_phase(cfg: dict) -> PhaseResult:
     # The teacher cache is written in the global order: a 1-process loader yields it.
     stage = build_stage(cfg, model_config, run_dir, info.device, total_sequences,
                         lambda: loader_factory(0, 1))
-    autocast = {"bf16": torch.bfloat16, "fp32": None}[(cfg.get("precision") or {}).get("dtype", "fp32")]
-    engine = build_engine(model, dist_cfg, autocast_dtype=autocast)
+    engine = build_engine(model, dist_cfg, autocast_dtype=precision.autocast_dtype)
     engine.setup_optimizer(lambda named: build_optimizer(named, optim_cfg))
     scheduler = build_scheduler(engine.optimizer, trainer_cfg.max_steps, sched_cfg)
     loader = loader_factory()
