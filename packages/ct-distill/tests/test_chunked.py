@@ -68,8 +68,22 @@ def test_chunked_gradcheck(kind):
     weight.requires_grad_()
     assert torch.autograd.gradcheck(
         lambda h, w: chunked_kd_loss(h, w, teacher_hidden, labels, kind=kind, temperature=1.5,
-                                     top_k=4, ce_weight=0.5, chunk_size=2),
+                                     top_k=4, ce_weight=0.5, chunk_size=2, retain_grads=True),
         (hidden, weight))
+
+
+def test_second_backward_needs_retain_grads():
+    hidden, weight, teacher_hidden, labels = _setup()
+    h = hidden.clone().requires_grad_()
+    loss = chunked_kd_loss(h, weight, teacher_hidden, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_grads=True"):
+        loss.backward()
+    h2 = hidden.clone().requires_grad_()
+    again = chunked_kd_loss(h2, weight, teacher_hidden, labels, retain_grads=True)
+    again.backward(retain_graph=True)
+    again.backward()
+    torch.testing.assert_close(h2.grad, 2 * h.grad)
 
 
 def test_chunked_frozen_weight_and_no_grad():
@@ -128,3 +142,23 @@ def test_make_kd_loss_fn_logits_and_hidden(form):
         fn({"labels": labels}, F.linear(hidden, weight))
     with pytest.raises(ValueError, match="beta"):
         make_kd_loss_fn(kind="jsd", beta=0.0)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_chunked_masked_teacher_and_large_logits_float32(kind, top_k):
+    hidden, weight, teacher_hidden, labels = _setup(dtype=torch.float32, V=40)
+    weight = weight * 30  # logits in the hundreds
+    teacher = F.linear(teacher_hidden.hidden, teacher_hidden.output_weight) * 30
+    teacher[..., :7] = float("-inf")  # tokens the teacher never emits
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = kd_loss(F.linear(h1, w1), teacher, labels, kind=kind, top_k=top_k, temperature=2.0, ce_weight=0.2)
+    want.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    got = chunked_kd_loss(h2, w2, teacher, labels, kind=kind, top_k=top_k, temperature=2.0, ce_weight=0.2,
+                          chunk_size=4)
+    got.backward()
+    assert torch.isfinite(got) and torch.isfinite(w2.grad).all()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-4)

@@ -396,6 +396,9 @@ class TeacherCacheReader:
     def get(self, seq_indices: Sequence[int] | torch.Tensor) -> TopK:
         """TopK(ids int64 [n, seq_len, k], logprobs float32 [n, seq_len, k]) for the sequences."""
         ids, logprobs = self._read(seq_indices, ("topk_ids", "topk_logprobs"))
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise CacheMismatchError("vocab_size", f"{self.root}: cached token ids outside "
+                                     f"[0, {self.vocab_size}) (corrupt shard?)")
         return TopK(ids.long(), logprobs.float())
 
     def get_range(self, start: int, count: int) -> TopK:

@@ -4,11 +4,11 @@ With a 128k vocabulary the logits of a 4k-token sequence are 2 GB in fp32; the l
 student's logits, its softmax, the teacher's and the gradient, several copies at once. Here the
 student logits only ever exist for ``chunk_size`` positions at a time:
 
-- forward: for each chunk, logits = hidden_chunk @ W.T, the per-token loss (the same code as
-  ``kd_loss_sum``), and, when a gradient is needed, d loss / d logits right away, which is turned
-  into d hidden_chunk (= g @ W) and accumulated into d W (+= g.T @ hidden_chunk); the chunk's
-  logits are then dropped;
-- backward: the stored gradients are scaled by the incoming gradient.
+- forward: for each chunk, logits = hidden_chunk @ W.T, the per-token loss and, when a gradient is
+  needed, d loss / d logits right away in closed form (``fused.loss_and_grad``, in place, about two
+  logits-sized buffers per chunk), which is turned into d hidden_chunk (= g @ W) and accumulated
+  into d W (+= g.T @ hidden_chunk); the chunk's logits are then dropped;
+- backward: the stored gradients are scaled (in place) by the incoming gradient.
 
 So peak memory grows with the chunk, not with the sequence, and the backward does not recompute
 anything (three matmuls per chunk, as an unchunked forward + backward). First-order gradients only
@@ -23,8 +23,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .fused import loss_and_grad
 from .losses import (IGNORE_INDEX, Teacher, TopK, VocabMismatchError, as_topk, check_options,
-                     check_shapes, token_divergence)
+                     check_shapes)
 
 
 class StudentHidden(NamedTuple):
@@ -55,6 +56,7 @@ class _Plan:
     beta: float
     ce_weight: float
     chunk_size: int
+    retain_grads: bool = False
 
     def teacher_chunk(self, start: int, end: int):
         rows = slice(start, end) if self.rows is None else self.rows[start:end]
@@ -69,19 +71,15 @@ class _Plan:
             return TopK(take(self.teacher.ids), take(self.teacher.logprobs))
         return take(self.teacher)
 
-    def chunk_loss(self, logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def chunk_loss_and_grad(self, logits: torch.Tensor, start: int, end: int, need_grad: bool):
         teacher = self.teacher_chunk(start, end)
         if isinstance(teacher, torch.Tensor):
             teacher = teacher.to(logits.device)
         else:
             teacher = TopK(teacher.ids.to(logits.device), teacher.logprobs.to(logits.device))
-        per_token = token_divergence(logits, teacher, self.kind, self.temperature, self.top_k,
-                                     self.beta)
-        loss = per_token.sum() * self.temperature**2
-        if self.ce_weight > 0:
-            ce = F.cross_entropy(logits.to(per_token.dtype), self.labels[start:end], reduction="sum")
-            loss = loss + self.ce_weight * ce
-        return loss
+        labels = None if self.labels is None else self.labels[start:end]
+        return loss_and_grad(logits, teacher, labels, self.kind, self.temperature, self.top_k,
+                             self.beta, self.ce_weight, need_grad)
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -98,41 +96,54 @@ class _ChunkedKD(torch.autograd.Function):
         for start in range(0, n, plan.chunk_size):
             end = min(start + plan.chunk_size, n)
             h = hidden[start:end]
-            logits = F.linear(h, weight)
-            if need_h or need_w:
-                with torch.enable_grad():
-                    logits.requires_grad_(True)
-                    loss = plan.chunk_loss(logits, start, end)
-                    (g,) = torch.autograd.grad(loss, logits)
+            # the chunk's logits are consumed (overwritten in place) by loss_and_grad
+            loss, g = plan.chunk_loss_and_grad(F.linear(h, weight), start, end, need_h or need_w)
+            if g is not None:
+                g = g.to(weight.dtype)
                 if need_h:
                     grad_h[start:end] = g @ weight
                 if need_w:
                     grad_w.addmm_(g.t().to(acc_dtype), h.to(acc_dtype))
-            else:
-                loss = plan.chunk_loss(logits, start, end)
-            total += loss.detach().to(total.dtype)
-            del logits, loss
-        ctx.save_for_backward(grad_h, grad_w if grad_w is None else grad_w.to(weight.dtype))
+            total += loss.to(total.dtype)
+            del g
+        # Kept on ctx (not save_for_backward): backward scales them in place and hands them over,
+        # so autograd adopts them as .grad without another weight-sized copy.
+        ctx.grads = [grad_h, None if grad_w is None else grad_w.to(weight.dtype)]
+        ctx.retain = plan.retain_grads
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype),
-                None)
+        if ctx.grads is None:
+            raise RuntimeError("chunked_kd_loss: backward ran twice; pass retain_grads=True to allow "
+                               "it (retain_graph=True, gradcheck)")
+        grads = ctx.grads
+        if ctx.retain:  # keep ours, hand out scaled copies
+            return tuple(None if g is None else g * grad_out.to(g.dtype) for g in grads) + (None,)
+        ctx.grads = None
+        if not (grad_out.numel() == 1 and bool(grad_out == 1)):
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_out.to(g.dtype))
+        return grads[0], grads[1], None
 
 
 def chunked_kd_loss_sum(hidden: torch.Tensor, output_weight: torch.Tensor, teacher: Teacher | TeacherHidden,
                         labels: torch.Tensor | None = None, kind: str = "forward_kl",
                         temperature: float = 1.0, top_k: int | None = None, beta: float = 0.5,
                         ce_weight: float = 0.0, ignore_index: int = IGNORE_INDEX,
-                        chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk_size: int = 1024, *,
+                        retain_grads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``kd_loss_sum`` on logits = hidden @ output_weight.T, without materialising all logits.
 
     hidden: [..., H] student final hidden states; output_weight: [V, H]. teacher: full logits
     [..., V], ``TopK`` [..., k] or ``TeacherHidden``. Same semantics and result as
     ``kd_loss_sum(F.linear(hidden, output_weight), teacher, labels, ...)``, gradients included.
+
+    The gradients are computed during the forward (when hidden or output_weight require grad) and
+    handed to autograd by the backward, which may then run once; ``retain_grads=True`` allows
+    repeated backward passes (``retain_graph=True``, gradcheck) at the cost of one more
+    weight-sized copy.
     """
     check_options(kind, temperature, beta, ce_weight, top_k)
     if not (isinstance(chunk_size, int) and chunk_size > 0):
@@ -157,7 +168,7 @@ def chunked_kd_loss_sum(hidden: torch.Tensor, output_weight: torch.Tensor, teach
         h = h.index_select(0, rows)
         flat_labels = flat_labels.index_select(0, rows)
     plan = _Plan(flat_teacher, rows, flat_labels, kind, float(temperature), top_k, beta,
-                 float(ce_weight), chunk_size)
+                 float(ce_weight), chunk_size, retain_grads)
     return _ChunkedKD.apply(h, output_weight, plan), count
 
 
@@ -165,10 +176,11 @@ def chunked_kd_loss(hidden: torch.Tensor, output_weight: torch.Tensor, teacher: 
                     labels: torch.Tensor | None = None, kind: str = "forward_kl",
                     temperature: float = 1.0, top_k: int | None = None, beta: float = 0.5,
                     ce_weight: float = 0.0, ignore_index: int = IGNORE_INDEX,
-                    chunk_size: int = 1024) -> torch.Tensor:
+                    chunk_size: int = 1024, *, retain_grads: bool = False) -> torch.Tensor:
     """Mean form of ``chunked_kd_loss_sum`` (equals ``kd_loss`` on the full logits)."""
     total, count = chunked_kd_loss_sum(hidden, output_weight, teacher, labels, kind, temperature,
-                                       top_k, beta, ce_weight, ignore_index, chunk_size)
+                                       top_k, beta, ce_weight, ignore_index, chunk_size,
+                                       retain_grads=retain_grads)
     return total / count.clamp(min=1).to(total.dtype)
 
 
