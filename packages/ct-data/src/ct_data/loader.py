@@ -258,15 +258,18 @@ class PackedLoader:
         self._queue = queue.Queue(maxsize=self.prefetch)
         q, stop = self._queue, self._stop
 
+        ref = weakref.ref(self)
+
         def work() -> None:
+            # Blocks on a full queue (no polling); close() or garbage collection of the loader
+            # (the thread holds only a weak reference while it waits) drains the queue to wake it.
             while not stop.is_set():
-                item = self._produce()
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                loader = ref()
+                if loader is None:
+                    return
+                item = loader._produce()
+                del loader
+                q.put(item)
                 if isinstance(item, (_End, _Failure)):
                     return
 
@@ -278,7 +281,13 @@ class PackedLoader:
         """Stop the prefetch thread; a later next() resumes after the last batch handed out."""
         if self._thread is not None:
             self._stop.set()
-            self._thread.join()
+            while self._thread.is_alive():
+                try:
+                    while True:
+                        self._queue.get_nowait()
+                except queue.Empty:
+                    pass
+                self._thread.join(timeout=0.05)
             self._thread = None
             self._queue = None
         self._streams = None  # rebuilt from the state of the last batch handed out
@@ -286,7 +295,10 @@ class PackedLoader:
     def __del__(self):
         try:
             self._stop.set()
-        except Exception:  # noqa: BLE001
+            if self._queue is not None:
+                while True:
+                    self._queue.get_nowait()
+        except Exception:  # noqa: BLE001 - queue.Empty, or a half-built loader
             pass
 
     # ---------------------------------------------------------------- state
