@@ -16,6 +16,7 @@ Semantics (see docs/ct-data.md):
 from __future__ import annotations
 
 import atexit
+from array import array
 import copy
 import logging
 import queue
@@ -59,6 +60,14 @@ class _End:
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
+
+
+def _stack(rows: list[list[int]]) -> torch.Tensor:
+    """[rows, T] int64 tensor from equal-length lists (via array: several times faster than torch.tensor)."""
+    flat = array("q")
+    for r in rows:
+        flat.extend(r)
+    return torch.frombuffer(flat, dtype=torch.int64).view(len(rows), -1).clone()
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -223,6 +232,7 @@ class PackedLoader:
             if j in rows_state:
                 stream.load(rows_state[j])
             self._streams[j] = stream
+        self._consumed_state = self._snapshot()  # what state_dict() returns until a batch is taken
 
     def _produce(self) -> tuple[Batch, dict] | _End | _Failure:
         try:
@@ -234,10 +244,10 @@ class PackedLoader:
             if not any(reals) and all(s.done for s in self._streams.values()):
                 return _End()
             batch = {
-                "input_ids": torch.tensor([s.ids for s in seqs], dtype=torch.long),
-                "labels": torch.tensor([s.labels for s in seqs], dtype=torch.long),
-                "position_ids": torch.tensor([s.pos for s in seqs], dtype=torch.long),
-                "document_ids": torch.tensor([s.doc for s in seqs], dtype=torch.long),
+                "input_ids": _stack([s.ids for s in seqs]),
+                "labels": _stack([s.labels for s in seqs]),
+                "position_ids": _stack([s.pos for s in seqs]),
+                "document_ids": _stack([s.doc for s in seqs]),
             }
             self._step += 1
             return batch, self._snapshot()
@@ -305,9 +315,7 @@ class PackedLoader:
     def state_dict(self) -> dict:
         """Where the loader stands after the last batch it handed out (a plain, JSON-able dict)."""
         if self._consumed_state is None:
-            if self._streams is None:
-                self._start(None)
-            return copy.deepcopy(self._snapshot())
+            self._start(None)
         return copy.deepcopy(self._consumed_state)
 
     def load_state_dict(self, state: dict) -> None:
@@ -335,7 +343,9 @@ class PackedLoader:
     def stats(self) -> dict:
         """Counts over this rank's rows up to the last batch handed out: documents, tokens,
         skipped documents by reason, truncations, epochs, packing efficiency."""
-        st = self.state_dict() if self._consumed_state is None else self._consumed_state
+        if self._consumed_state is None:
+            self._start(None)
+        st = self._consumed_state
         rows = st["rows"]
         per_source: dict[str, dict] = {}
         for s in self.sources:

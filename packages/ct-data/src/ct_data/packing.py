@@ -34,7 +34,7 @@ SFT_PACKING = ("packed", "none")
 STAT_KEYS = ("docs", "tokens", "lost_tokens", "truncated", "split")
 
 
-class Sequence_:
+class _Row:
     """Column lists of one row under construction."""
 
     __slots__ = ("ids", "labels", "pos", "doc", "ndocs")
@@ -88,9 +88,9 @@ class RowStream:
         self._consecutive_skips = [0] * len(names)
 
     # ---------------------------------------------------------------- one sequence
-    def next_sequence(self) -> tuple[Sequence_, int]:
+    def next_sequence(self) -> tuple[_Row, int]:
         """The next row; returns (columns, number of non-padding tokens). All padding when done."""
-        seq = Sequence_()
+        seq = _Row()
         if not self.done:
             if self.mode == "mixed":
                 self._fill_mixed(seq)
@@ -109,14 +109,14 @@ class RowStream:
     def _drained(self) -> bool:
         return not self.mixer.any_active() and not self.buffer and not any(self.carry.values())
 
-    def _fill_mixed(self, seq: Sequence_) -> None:
+    def _fill_mixed(self, seq: _Row) -> None:
         queue = self.carry[0]  # mixed mode keeps a single carry queue (source noted per entry)
         while len(seq.ids) < self.T:
             if not queue and not self._load(None, queue):
                 return
             self._emit_from(queue, seq)
 
-    def _fill_per_source(self, seq: Sequence_) -> None:
+    def _fill_per_source(self, seq: _Row) -> None:
         while True:
             if not self.mixer.any_active() and not any(self.carry.values()):
                 return
@@ -133,7 +133,7 @@ class RowStream:
             self._emit_from(queue, seq)
         self.mixer.add(s, len(seq.ids))
 
-    def _emit_from(self, queue: deque, seq: Sequence_) -> None:
+    def _emit_from(self, queue: deque, seq: _Row) -> None:
         entry = queue[0]
         _, piece, off = entry
         n = min(self.T - len(seq.ids), len(piece.ids) - off)
@@ -143,7 +143,7 @@ class RowStream:
         else:
             entry[2] = off + n
 
-    def _fill_sft(self, seq: Sequence_) -> None:
+    def _fill_sft(self, seq: _Row) -> None:
         while True:
             while len(self.buffer) < self.lookahead and self.mixer.any_active():
                 self._load_sft()
