@@ -96,7 +96,9 @@ class Tokenizer:
         self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False
     ) -> list[list[int]]:
         """Encode many texts at once (parallel in Rust)."""
-        encs = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        # encode_batch_fast skips computing character offsets (tokenizers >= 0.21).
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        encs = encode(list(texts), add_special_tokens=False)
         pre = [self.bos_id] if add_bos else []
         post = [self.eos_id] if add_eos else []
         return [pre + e.ids + post for e in encs]
