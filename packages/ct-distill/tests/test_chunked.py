@@ -162,3 +162,22 @@ def test_chunked_masked_teacher_and_large_logits_float32(kind, top_k):
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", [1.0, 1.5])
+def test_chunked_many_rows_per_chunk(kind, T):
+    """Chunks larger than the 64-row blocks used inside the fused kernel."""
+    hidden, weight, teacher_hidden, labels = _setup(B=3, T=50, V=31)
+    logits_t = F.linear(teacher_hidden.hidden, teacher_hidden.output_weight)
+    for teacher, top_k in ((logits_t, None), (logits_t, 6)):
+        h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        want = kd_loss(F.linear(h1, w1), teacher, labels, kind=kind, temperature=T, top_k=top_k, ce_weight=0.3)
+        want.backward()
+        h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        got = chunked_kd_loss(h2, w2, teacher, labels, kind=kind, temperature=T, top_k=top_k,
+                              ce_weight=0.3, chunk_size=150)
+        got.backward()
+        assert got.item() == pytest.approx(want.item(), rel=1e-12)
+        torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-10, atol=1e-12)
