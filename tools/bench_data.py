@@ -41,7 +41,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sample-dir", default=os.path.join(tempfile.gettempdir(), "ct_data_bench_sample"))
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: BPE trained on the sample)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory or hub name (default: a BPE trained on the sample)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8, help="global batch (rows per step)")
     p.add_argument("--tokens", type=int, default=1_000_000, help="tokens to produce per measurement")

@@ -118,17 +118,23 @@ def test_load_state_dict_mid_iteration_and_mismatch(srcs, tokenizer):
         other.load_state_dict(state)
 
 
-def test_stop_policy_ends_the_data(tmp_path, tokenizer):
-    docs = make_docs("a", 9, 0)
-    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs])
-    want = sum(len(tokenizer.encode(t)) + 2 for t in docs)
+@pytest.mark.parametrize("packing", ["mixed", "per_source"])
+def test_stop_policy_ends_the_data(tmp_path, tokenizer, packing):
+    want = 0
+    srcs = []
+    for s, n in (("a", 9), ("b", 4)):
+        docs = make_docs(s, n, 0)
+        write_jsonl(tmp_path / f"{s}.jsonl", [{"text": t} for t in docs])
+        srcs.append(SourceConfig(s, str(tmp_path / f"{s}.jsonl")))
+        want += sum(len(tokenizer.encode(t)) + 2 for t in docs)
     for epochs in (1, 2):
-        loader = build_pretrain_loader([SourceConfig("a", str(tmp_path / "a.jsonl"))], tokenizer, 16, 2, seed=0,
-                                       on_exhausted="stop", max_epochs=epochs)
+        loader = build_pretrain_loader(srcs, tokenizer, 16, 2, seed=0, packing=packing, on_exhausted="stop",
+                                       max_epochs=epochs)
         batches = list(loader)
         real = sum(int((b["document_ids"] != -1).sum()) for b in batches)
         assert real == epochs * want  # every token of every epoch, then the loader stops
-        assert loader.stats()["sources"]["a"]["docs"] == 9 * epochs
+        st = loader.stats()["sources"]
+        assert st["a"]["docs"] == 9 * epochs and st["b"]["docs"] == 4 * epochs
         with pytest.raises(StopIteration):
             next(loader)
 

@@ -5,7 +5,6 @@ import random
 from collections import Counter
 
 import pytest
-import torch
 
 from ct_data import SourceConfig, build_sft_loader, extract_gsm8k_answer
 from ct_data.sample import REASONING_SYSTEM_PROMPT
@@ -124,7 +123,7 @@ def test_truncation_policies(tmp_path, tokenizer, policy):
         assert st["skipped"] == {"too_long": n_long} and len(docs) == 30 - n_long
     else:
         assert st["truncated"] == n_long and st["skipped"] == {} and len(docs) == 30
-        for (ids, labels), m, n in zip(docs, convs, lengths):
+        for (ids, labels), m in zip(docs, convs):
             full = tokenizer.encode(tokenizer.render_chat(m))
             assert ids == full[:T]  # the prompt and the start of the answer are kept
             targets = tokenizer.decode([lab for lab in labels if lab != -100])

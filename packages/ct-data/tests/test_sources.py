@@ -121,7 +121,7 @@ def test_bad_weights(tmp_path, tokenizer):
     with pytest.raises(DataConfigError, match=r"source 'x'.*'weight'"):
         SourceConfig("x", "a.jsonl", weight=float("nan"))
     write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
-    srcs = [SourceConfig("x", str(tmp_path / "d.jsonl"), weight=0), SourceConfig("y", str(tmp_path / "d.jsonl"), weight=0)]
+    srcs = [SourceConfig(n, str(tmp_path / "d.jsonl"), weight=0) for n in ("x", "y")]
     with pytest.raises(DataConfigError, match=r"all zero.*'weight'"):
         build_pretrain_loader(srcs, tokenizer, 16, 1, 0)
 

@@ -27,6 +27,13 @@ def test_train_and_reload(tmp_path, tokenizer):
     assert cfg["bos_token"] == "<|begin_of_text|>" and "chat_template" in cfg
 
 
+def test_training_is_deterministic(tmp_path):
+    texts = [f"the number {i} and the word w{i % 37} " * 3 for i in range(500)]
+    train_tokenizer(texts, 600, tmp_path / "x")
+    train_tokenizer(texts, 600, tmp_path / "y")
+    assert (tmp_path / "x" / "tokenizer.json").read_bytes() == (tmp_path / "y" / "tokenizer.json").read_bytes()
+
+
 def test_vocab_size_fits_default_model(tmp_path):
     texts = [f"word{i} " * 3 + f"other{i * 7}" for i in range(3000)]
     tok = train_tokenizer(texts, 8192, tmp_path / "t")

@@ -11,7 +11,8 @@ Modes:
 - ``per_source`` (pretraining; the public MobileLLM-R1 recipe) each sequence is drawn from one
   source, and every source keeps its own carry-over.
 - ``packed``     (SFT) examples are never split: each row starts with the oldest example of a small
-  look-ahead buffer and is topped up best-fit from it; the rest of the row is padded. ``sft_lookahead=1`` packs in order; ``packing="none"`` puts one example per row.
+  look-ahead buffer and is topped up best-fit from it; the rest of the row is padded.
+  ``sft_lookahead=1`` packs in order; ``packing="none"`` puts one example per row.
 
 Padding tokens: ``pad_id``, label -100, document id -1, position ids 0, 1, 2 ...
 """

@@ -29,7 +29,6 @@ from typing import Any
 
 from ct_data.config import SourceConfig
 from ct_data.sample import docs as _docs
-from ct_data.sample import math as _math
 from ct_data.sample.math import REASONING_SYSTEM_PROMPT, Problem, is_eval_key, problems
 
 SAMPLE_VERSION = 1
