@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer-field", default="answer")
     p.add_argument("--sample-dir", type=Path, help="where the sample data lives or is built (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0, help="sample data seed (default: %(default)s)")
+    p.add_argument("--sample-scale", type=float, default=1.0, help="sample data scale (default: %(default)s)")
     p.add_argument("--max-problems", type=int, default=200)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=32)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 source = str(args.problems)
             else:
                 sample_dir = args.sample_dir or Path(tmp) / "sample"
-                problems = ev.sample_eval_problems(sample_dir, args.seed, args.max_problems)
+                problems = ev.sample_eval_problems(sample_dir, args.seed, args.max_problems, args.sample_scale)
                 texts = [f"{q['question']}\n{q['solution']}" for q in problems]
                 source = f"sample eval split (seed {args.seed})"
         result = {"model": str(args.model), "problems_source": source,

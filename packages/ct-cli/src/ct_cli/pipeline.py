@@ -89,9 +89,11 @@ def compare_accuracy(root: Path, cfg: dict) -> dict:
     candidates = {"pretrained": root / "pretrain_phase2" / "hf", "final": root / "posttrain_reasoning" / "hf"}
     existing = {k: v for k, v in candidates.items() if (v / "config.json").is_file()}
     reasoning = cfg["eval"]["reasoning"]
-    return evaluate_reasoning_dirs(existing, cfg["sample_data"]["dir"], int(cfg["sample_data"]["seed"]),
+    sample = cfg["sample_data"]
+    return evaluate_reasoning_dirs(existing, sample["dir"], int(sample["seed"]),
                                    max_problems=int(reasoning["max_problems"]),
-                                   max_new_tokens=int(reasoning["max_new_tokens"]))
+                                   max_new_tokens=int(reasoning["max_new_tokens"]),
+                                   scale=float(sample.get("scale", 1.0)))
 
 
 if __name__ == "__main__":

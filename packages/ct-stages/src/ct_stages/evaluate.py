@@ -93,10 +93,11 @@ def load_model_and_tokenizer(hf_dir: str | Path):
     return model.eval(), ct_data.load_tokenizer(str(hf_dir))
 
 
-def sample_eval_problems(sample_dir: str | Path, seed: int, limit: int | None) -> list[dict[str, Any]]:
+def sample_eval_problems(sample_dir: str | Path, seed: int, limit: int | None,
+                         scale: float = 1.0) -> list[dict[str, Any]]:
     from ct_data import sample
 
-    sample.build(sample_dir, seed=seed)
+    sample.build(sample_dir, seed=seed, scale=scale)
     problems = sample.load_math_eval(sample_dir)
     return problems[:limit] if limit else problems
 

@@ -9,8 +9,8 @@ from .evaluate import load_model_and_tokenizer, reasoning_accuracy, sample_eval_
 
 
 def evaluate_reasoning_dirs(models: dict[str, Path], sample_dir: str | Path, seed: int, *,
-                            max_problems: int, max_new_tokens: int) -> dict[str, Any]:
-    problems = sample_eval_problems(sample_dir, seed, max_problems)
+                            max_problems: int, max_new_tokens: int, scale: float = 1.0) -> dict[str, Any]:
+    problems = sample_eval_problems(sample_dir, seed, max_problems, scale)
     out = {}
     for name, hf_dir in models.items():
         model, tokenizer = load_model_and_tokenizer(hf_dir)

@@ -84,10 +84,11 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = {**record, "time": round(time.time(), 3)}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "time"},
                            step=record.get("step"))
 
     def close(self) -> None:

@@ -111,16 +111,13 @@ def prepare_tokenizer(cfg: dict, init_from: Path | None, sample_dir: Path | None
         return ct_data.load_tokenizer(tok_cfg["path"])
     if init_from is not None and (init_from / "tokenizer.json").is_file():
         return ct_data.load_tokenizer(str(init_from))
-    cached = run_dir / "tokenizer"
-    if (cached / "tokenizer.json").is_file():
-        return ct_data.load_tokenizer(str(cached))
     if sample_dir is None:
         raise UserError("tokenizer.path is not set and there is no sample data to train one on")
-
     from ct_data import sample as sample_mod
 
+    # Trained once per sample-data directory (under run_dir by default) and reused from there.
     vocab = int(tok_cfg.get("vocab_size", 8192))
-    return _main_first(is_main, lambda: sample_mod.build_tokenizer(sample_dir, vocab, cached))
+    return _main_first(is_main, lambda: sample_mod.build_tokenizer(sample_dir, vocab))
 
 
 def build_phase_model(cfg: dict, init_from: Path | None, seq_len: int, seed: int):
