@@ -4,8 +4,9 @@
     .venv/bin/python tools/bench_kd_loss.py --seq-len 4096   # the shape (slower, ~12 GB)
 
 1. KD loss, forward + backward, fp32, V=128256, hidden 1536, batch 1, teacher = cached top-64
-   (ids + log-probs), kind forward_kl, T=1: ``kd_loss`` on materialised logits versus
-   ``chunked_kd_loss`` from hidden states. Each variant runs in a fresh subprocess; on CPU its peak
+   (ids + log-probs), kind forward_kl, T=1, on materialised logits (``kd_loss(fused=False)``:
+   plain autograd; ``kd_loss``: closed-form gradient) versus ``chunked_kd_loss`` from hidden
+   states. Each variant runs in a fresh subprocess; on CPU its peak
    is the process's peak resident set (VmHWM, reset after the inputs are built), reported as the
    peak above that baseline; on CUDA, ``torch.cuda.max_memory_allocated`` above the inputs.
    Inputs (hidden, output weight, teacher top-k) are in the baseline; the weight gradient
@@ -68,8 +69,8 @@ def run_variant(args) -> dict:
         if not _reset_peak_rss():
             base = 0  # fall back to the absolute peak
     start = time.perf_counter()
-    if args.variant == "full":
-        loss = kd_loss(hidden @ weight.T, teacher, labels)
+    if args.variant in ("autograd", "fused"):
+        loss = kd_loss(hidden @ weight.T, teacher, labels, fused=args.variant == "fused")
     else:
         loss = chunked_kd_loss(hidden, weight, teacher, labels, chunk_size=args.chunk_size)
     loss.backward()
@@ -150,15 +151,15 @@ def main() -> None:
     gib = 1 / 2**30
     print(f"KD loss fwd+bwd, fp32, V={args.vocab}, H={args.hidden}, T={args.seq_len}, batch 1, "
           f"teacher cached top-{args.k}, device {args.device}")
-    results = [measure_loss(args, "full", 0)]
+    results = [measure_loss(args, "autograd", 0), measure_loss(args, "fused", 0)]
     results += [measure_loss(args, "chunked", int(c)) for c in args.chunk_sizes.split(",")]
     full = results[0]
     print(f"  one copy of the logits: {full['logits_bytes'] * gib:.2f} GiB; weight grad "
           f"{full['weight_grad_bytes'] * gib:.2f} GiB (in every variant)")
     for r in results:
-        name = "full" if r["variant"] == "full" else f"chunked({r['chunk_size']})"
+        name = r["variant"] if r["variant"] != "chunked" else f"chunked({r['chunk_size']})"
         print(f"  {name:15s} peak above inputs {r['peak_bytes'] * gib:6.2f} GiB   "
-              f"ratio full/this {full['peak_bytes'] / r['peak_bytes']:5.2f}x   "
+              f"autograd/this {full['peak_bytes'] / r['peak_bytes']:5.2f}x   "
               f"{r['seconds']:6.1f} s   loss {r['loss']:.6f}")
     out = {"loss": results}
     if not args.skip_cache:

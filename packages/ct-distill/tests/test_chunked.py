@@ -40,7 +40,7 @@ def test_chunked_equals_full_values_and_grads(kind, form, chunk_size):
 
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     full_teacher = F.linear(teacher.hidden, teacher.output_weight) if form == "hidden" else teacher
-    want, want_n = kd_loss_sum(F.linear(h1, w1), full_teacher, labels, **opts)
+    want, want_n = kd_loss_sum(F.linear(h1, w1), full_teacher, labels, fused=False, **opts)
     want.backward()
 
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -152,7 +152,8 @@ def test_chunked_masked_teacher_and_large_logits_float32(kind, top_k):
     teacher = F.linear(teacher_hidden.hidden, teacher_hidden.output_weight) * 30
     teacher[..., :7] = float("-inf")  # tokens the teacher never emits
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    want = kd_loss(F.linear(h1, w1), teacher, labels, kind=kind, top_k=top_k, temperature=2.0, ce_weight=0.2)
+    want = kd_loss(F.linear(h1, w1), teacher, labels, kind=kind, top_k=top_k, temperature=2.0, ce_weight=0.2,
+                   fused=False)
     want.backward()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     got = chunked_kd_loss(h2, w2, teacher, labels, kind=kind, top_k=top_k, temperature=2.0, ce_weight=0.2,
@@ -172,7 +173,8 @@ def test_chunked_many_rows_per_chunk(kind, T):
     logits_t = F.linear(teacher_hidden.hidden, teacher_hidden.output_weight)
     for teacher, top_k in ((logits_t, None), (logits_t, 6)):
         h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        want = kd_loss(F.linear(h1, w1), teacher, labels, kind=kind, temperature=T, top_k=top_k, ce_weight=0.3)
+        want = kd_loss(F.linear(h1, w1), teacher, labels, kind=kind, temperature=T, top_k=top_k, ce_weight=0.3,
+                       fused=False)
         want.backward()
         h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         got = chunked_kd_loss(h2, w2, teacher, labels, kind=kind, temperature=T, top_k=top_k,

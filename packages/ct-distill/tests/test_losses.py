@@ -76,9 +76,11 @@ KINDS = ["forward_kl", "reverse_kl", "jsd"]
 @pytest.mark.parametrize("top_k", [None, 1, 4])
 @pytest.mark.parametrize("T", [1.0, 2.5])
 @pytest.mark.parametrize("ce_weight", [0.0, 0.7])
-def test_matches_hand_reference(kind, top_k, T, ce_weight):
+@pytest.mark.parametrize("fused", [True, False])
+def test_matches_hand_reference(kind, top_k, T, ce_weight, fused):
     s, t, labels = _data()
-    got = kd_loss(s, t, labels, kind=kind, temperature=T, top_k=top_k, beta=0.3, ce_weight=ce_weight)
+    got = kd_loss(s, t, labels, kind=kind, temperature=T, top_k=top_k, beta=0.3, ce_weight=ce_weight,
+                  fused=fused)
     want = reference(s.tolist(), t.tolist(), labels.tolist(), kind, T, top_k, 0.3, ce_weight)
     assert got.dtype == torch.float64
     assert got.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
@@ -93,15 +95,16 @@ def test_without_labels_every_position_counts(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("T", [1.0, 3.0])
-def test_topk_equal_to_vocab_is_the_full_loss(kind, T):
+@pytest.mark.parametrize("fused", [True, False])
+def test_topk_equal_to_vocab_is_the_full_loss(kind, T, fused):
     s, t, labels = _data(V=13, seed=3)
-    full = kd_loss(s, t, labels, kind=kind, temperature=T)
-    truncated = kd_loss(s, t, labels, kind=kind, temperature=T, top_k=13)
+    full = kd_loss(s, t, labels, kind=kind, temperature=T, fused=fused)
+    truncated = kd_loss(s, t, labels, kind=kind, temperature=T, top_k=13, fused=fused)
     assert truncated.item() == pytest.approx(full.item(), rel=1e-12, abs=1e-14)
     gs = s.clone().requires_grad_()
     gt = s.clone().requires_grad_()
-    kd_loss(gs, t, labels, kind=kind, temperature=T).backward()
-    kd_loss(gt, t, labels, kind=kind, temperature=T, top_k=13).backward()
+    kd_loss(gs, t, labels, kind=kind, temperature=T, fused=fused, ce_weight=0.2).backward()
+    kd_loss(gt, t, labels, kind=kind, temperature=T, top_k=13, fused=fused, ce_weight=0.2).backward()
     torch.testing.assert_close(gs.grad, gt.grad, rtol=1e-10, atol=1e-12)
 
 
@@ -168,12 +171,40 @@ def test_sum_form_adds_up_across_microbatches(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("top_k", [None, 3])
-def test_gradcheck(kind, top_k):
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradcheck(kind, top_k, fused):
     s, t, labels = _data(n=4, V=6, seed=13)
     s = s.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x: kd_loss(x, t, labels, kind=kind, temperature=1.7, top_k=top_k, beta=0.4, ce_weight=0.3),
+        lambda x: kd_loss(x, t, labels, kind=kind, temperature=1.7, top_k=top_k, beta=0.4, ce_weight=0.3,
+                          fused=fused),
         (s,))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_and_autograd_gradients_agree(kind):
+    s, t, labels = _data(n=20, V=30, seed=21)
+    for top_k in (None, 7):
+        a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+        la = kd_loss(a, t, labels, kind=kind, temperature=1.3, top_k=top_k, ce_weight=0.4, fused=True)
+        lb = kd_loss(b, t, labels, kind=kind, temperature=1.3, top_k=top_k, ce_weight=0.4, fused=False)
+        (3 * la).backward()
+        (3 * lb).backward()
+        assert la.item() == pytest.approx(lb.item(), rel=1e-12)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_fused_does_not_modify_logits_and_allows_retain_graph():
+    s, t, labels = _data()
+    x = s.clone().requires_grad_()
+    y = x * 1.0  # non-leaf, like a model's logits
+    before = y.detach().clone()
+    loss = kd_loss(y, t, labels, ce_weight=0.5)
+    assert torch.equal(y, before)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    (2 * loss).backward()
+    torch.testing.assert_close(x.grad, 3 * first)
 
 
 def test_gradcheck_cached_teacher():
@@ -182,7 +213,9 @@ def test_gradcheck_cached_teacher():
     cached = TopK(ids, vals - torch.logsumexp(t, -1, keepdim=True))
     s = s.requires_grad_()
     for kind in KINDS:
-        assert torch.autograd.gradcheck(lambda x: kd_loss(x, cached, kind=kind, temperature=2.0), (s,))
+        for fused in (True, False):
+            assert torch.autograd.gradcheck(
+                lambda x: kd_loss(x, cached, kind=kind, temperature=2.0, fused=fused), (s,))
 
 
 def test_identical_distributions_give_zero():
@@ -191,14 +224,15 @@ def test_identical_distributions_give_zero():
         assert kd_loss(s, s.clone(), kind=kind).item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_float32_stable_on_large_logits():
+@pytest.mark.parametrize("fused", [True, False])
+def test_float32_stable_on_large_logits(fused):
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(3, 50, generator=g) * 200).requires_grad_()
     t = torch.randn(3, 50, generator=g) * 200
     t[0, :10] = float("-inf")  # masked teacher entries
     for kind in ("forward_kl", "jsd"):
         for top_k in (None, 5):
-            loss = kd_loss(s, t, kind=kind, top_k=top_k)
+            loss = kd_loss(s, t, kind=kind, top_k=top_k, fused=fused)
             loss.backward()
             assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
             s.grad = None

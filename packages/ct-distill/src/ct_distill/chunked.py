@@ -22,9 +22,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .fused import loss_and_grad
-from .losses import (IGNORE_INDEX, Teacher, TopK, VocabMismatchError, as_topk, check_options,
+from ._base import (IGNORE_INDEX, Teacher, TopK, VocabMismatchError, as_topk, check_options,
                      check_shapes)
 
 
@@ -71,15 +72,17 @@ class _Plan:
             return TopK(take(self.teacher.ids), take(self.teacher.logprobs))
         return take(self.teacher)
 
-    def chunk_loss_and_grad(self, logits: torch.Tensor, start: int, end: int, need_grad: bool):
+    def chunk_loss_and_grad(self, h: torch.Tensor, weight: torch.Tensor, start: int, end: int,
+                            need_grad: bool):
         teacher = self.teacher_chunk(start, end)
         if isinstance(teacher, torch.Tensor):
-            teacher = teacher.to(logits.device)
+            teacher = teacher.to(h.device)
         else:
-            teacher = TopK(teacher.ids.to(logits.device), teacher.logprobs.to(logits.device))
+            teacher = TopK(teacher.ids.to(h.device), teacher.logprobs.to(h.device))
         labels = None if self.labels is None else self.labels[start:end]
-        return loss_and_grad(logits, teacher, labels, self.kind, self.temperature, self.top_k,
-                             self.beta, self.ce_weight, need_grad)
+        # the chunk's logits are created here and consumed (overwritten in place) by loss_and_grad
+        return loss_and_grad(F.linear(h, weight), teacher, labels, self.kind, self.temperature,
+                             self.top_k, self.beta, self.ce_weight, need_grad)
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -96,8 +99,7 @@ class _ChunkedKD(torch.autograd.Function):
         for start in range(0, n, plan.chunk_size):
             end = min(start + plan.chunk_size, n)
             h = hidden[start:end]
-            # the chunk's logits are consumed (overwritten in place) by loss_and_grad
-            loss, g = plan.chunk_loss_and_grad(F.linear(h, weight), start, end, need_h or need_w)
+            loss, g = plan.chunk_loss_and_grad(h, weight, start, end, need_h or need_w)
             if g is not None:
                 g = g.to(weight.dtype)
                 if need_h:
@@ -113,6 +115,7 @@ class _ChunkedKD(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         if ctx.grads is None:
             raise RuntimeError("chunked_kd_loss: backward ran twice; pass retain_grads=True to allow "

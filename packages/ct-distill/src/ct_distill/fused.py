@@ -25,16 +25,20 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from .losses import TopK, _plogp_ratio
+from ._base import TopK, plogp_ratio
 
 
 def loss_and_grad(logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor | None,
                   kind: str, temperature: float, top_k: int | None, beta: float,
-                  ce_weight: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  ce_weight: float, need_grad: bool, row_mask: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sum over rows of T^2 * D + ce_weight * CE, d/d logits or None) for logits [n, V].
 
     ``logits`` is consumed: when it is already in the compute dtype it is overwritten in place.
+    ``row_mask`` [n] (bool) keeps only some rows (loss and gradient are zero elsewhere, whatever
+    those rows hold).
     """
     T = float(temperature)
     w = float(ce_weight)
@@ -43,8 +47,10 @@ def loss_and_grad(logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: to
     del logits
     ce = lse1 = None
     if w > 0:
+        if row_mask is not None:
+            labels = torch.where(row_mask, labels, torch.zeros_like(labels))
         lse1 = _logsumexp_rows(a)  # at temperature 1
-        ce = (lse1.squeeze(-1) - a.gather(-1, labels[:, None]).squeeze(-1)).sum()
+        ce = lse1.squeeze(-1) - a.gather(-1, labels[:, None]).squeeze(-1)
     if T != 1.0:
         a.div_(T)
 
@@ -71,12 +77,53 @@ def loss_and_grad(logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: to
         lse = _logsumexp_rows(a)
         d, grad = _dense(a.sub_(lse), lse, lse1, teacher.to(dtype) / T, kind, beta, T, w,
                          need_grad)
-    loss = d.sum() * T * T
     if ce is not None:
-        loss = loss + w * ce
+        d = d * (T * T) + w * ce
         if grad is not None:
             grad.scatter_add_(-1, labels[:, None], torch.full_like(grad[:, :1], -w))
-    return loss, grad
+    else:
+        d = d * (T * T)
+    if row_mask is not None:
+        d = torch.where(row_mask, d, torch.zeros_like(d))
+        if grad is not None:
+            grad.masked_fill_(~row_mask[:, None], 0.0)
+    return d.sum(), grad
+
+
+class _FusedKD(torch.autograd.Function):
+    """kd_loss_sum on materialised logits [n, V] with the closed-form gradient computed in the
+    forward: one extra logits-sized buffer (the gradient) instead of autograd's several."""
+
+    @staticmethod
+    def forward(ctx, logits, teacher, labels, row_mask, kind, temperature, top_k, beta, ce_weight):
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        work = logits.detach().to(dtype, copy=True)  # the caller's logits are never modified
+        loss, grad = loss_and_grad(work, teacher, labels, kind, temperature, top_k, beta,
+                                   ce_weight, ctx.needs_input_grad[0], row_mask)
+        ctx.grad, ctx.applied, ctx.in_dtype = grad, None, logits.dtype
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        grad = ctx.grad
+        # scale in place; a second backward (retain_graph) rescales relative to the first
+        grad.mul_(grad_out if ctx.applied is None else grad_out / ctx.applied)
+        ctx.applied = grad_out.detach().clone()
+        return (grad.to(ctx.in_dtype),) + (None,) * 8
+
+
+def fused_kd_loss_sum(logits: torch.Tensor, teacher: torch.Tensor | TopK,
+                      labels: torch.Tensor | None, row_mask: torch.Tensor | None, kind: str,
+                      temperature: float, top_k: int | None, beta: float,
+                      ce_weight: float) -> torch.Tensor:
+    """Differentiable sum of the per-row loss over logits [n, V] (rows where row_mask)."""
+    if isinstance(teacher, TopK):
+        teacher = TopK(teacher.ids.detach(), teacher.logprobs.detach())
+    else:
+        teacher = teacher.detach()
+    return _FusedKD.apply(logits, teacher, labels, row_mask, kind, float(temperature), top_k,
+                          float(beta), float(ce_weight))
 
 
 def _logsumexp_rows(x: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -92,12 +139,12 @@ def _sparse(q, log_q_k, lse, lse1, ids, t_k, kind, beta, T, w, need_grad):
     p = log_p.exp()
     # grad = row_scale * q (+ w * softmax_1(s) when T != 1) everywhere, then fixed up at the top-k
     if kind == "forward_kl":
-        d = _plogp_ratio(p, log_p, log_q_k)
+        d = plogp_ratio(p, log_p, log_q_k)
         row_scale, at_k, add_at_k = T, -T * p, True
     elif kind == "reverse_kl":
         log_qh = F.log_softmax(log_q_k, dim=-1)  # student renormalised over the top-k
         qh = log_qh.exp()
-        d = _plogp_ratio(qh, log_qh, log_p)
+        d = plogp_ratio(qh, log_qh, log_p)
         g_k = torch.where(qh > 0, qh * (log_qh - log_p - d[:, None]), torch.zeros_like(qh))
         row_scale, at_k, add_at_k = 0.0, T * g_k, False
     else:
@@ -108,7 +155,7 @@ def _sparse(q, log_q_k, lse, lse1, ids, t_k, kind, beta, T, w, need_grad):
         g_out = -(1 - beta) * log1m  # dD/dq outside the top-k (the rest bin)
         q_rest = (q.sum(-1) - q_k.sum(-1)).clamp(min=0)
         qg = (q_k * g_k).sum(-1) + q_rest * g_out  # (1 - beta) KL(q || m), rest bin included
-        d = beta * _plogp_ratio(p, log_p, log_m) + qg
+        d = beta * plogp_ratio(p, log_p, log_m) + qg
         row_scale = (T * (g_out - qg))[:, None]
         at_k, add_at_k = T * q_k * (g_k - qg[:, None]), False
     if not need_grad:
@@ -137,7 +184,7 @@ def _dense(log_q, lse, lse1, t, kind, beta, T, w, need_grad):
     p = log_p.exp()
     q = log_q.exp()
     if kind == "forward_kl":
-        d = _plogp_ratio(p, log_p, log_q)
+        d = plogp_ratio(p, log_p, log_q)
         grad = q.sub_(p) if need_grad else None
     elif kind == "reverse_kl":
         diff = log_q - log_p
@@ -145,7 +192,7 @@ def _dense(log_q, lse, lse1, t, kind, beta, T, w, need_grad):
         grad = q.mul_(diff.sub_(d[:, None])) if need_grad else None
     else:
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        kl_pm = _plogp_ratio(p, log_p, log_m)
+        kl_pm = plogp_ratio(p, log_p, log_m)
         del p, log_p
         g = log_m.neg_().add_(log_q).mul_(1 - beta)  # (1 - beta) * log(q / m), in place
         qg = torch.where(q > 0, q * g, torch.zeros_like(q)).sum(-1)
