@@ -83,7 +83,8 @@ def resolve_init_from(cfg: dict) -> Path | None:
     init_from = cfg.get("init_from")
     if not init_from:
         return None
-    path = Path(init_from)
+    # Lexical normalisation: "run/../prev/hf" must work before "run" exists.
+    path = Path(os.path.normpath(init_from))
     if not (path / "config.json").is_file():
         raise UserError(f"init_from={init_from}: no HF checkpoint there (config.json missing); run the "
                         "previous phase first or point init_from at an HF model directory")

@@ -1,0 +1,79 @@
+"""ct-pipeline across all phases on tiny settings, the midtrain teachers, ct-eval, multi-process runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_support import ROOT, TINY, ct, events, train_losses
+
+SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+PHASES = ["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_phase2", "posttrain_general",
+          "posttrain_reasoning"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(tmp_path_factory, sample_dir) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    ct("pipeline", f"run_dir={root}", f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=3", "seq_len=256",
+       "eval.reasoning.max_problems=8", "eval.reasoning.max_new_tokens=24")
+    return root
+
+
+@pytest.mark.slow
+def test_pipeline_chains_every_phase(pipeline_root):
+    summary = json.loads((pipeline_root / "pipeline_summary.json").read_text())
+    assert list(summary["phases"]) == PHASES
+    for previous, phase in zip(PHASES, PHASES[1:]):
+        config = json.loads((pipeline_root / phase / "config.json").read_text())
+        assert Path(config["init_from"]).resolve() == (pipeline_root / previous / "hf").resolve()
+        assert (pipeline_root / phase / "hf" / "model.safetensors").is_file()
+    # posttrain_reasoning scales RoPE theta by 8 over the model it starts from.
+    base = json.loads((pipeline_root / "posttrain_general" / "hf" / "config.json").read_text())
+    final = json.loads((pipeline_root / "posttrain_reasoning" / "hf" / "config.json").read_text())
+    assert final["rope_theta"] == 8 * base["rope_theta"]
+    accuracy = summary["reasoning_accuracy"]
+    assert set(accuracy) == {"pretrained", "final"} and accuracy["final"]["problems"] == 8
+
+
+@pytest.mark.slow
+def test_pipeline_resumes_as_a_whole(pipeline_root, sample_dir):
+    before = {p: (pipeline_root / p / "summary.json").stat().st_mtime for p in PHASES}
+    result = ct("pipeline", f"run_dir={pipeline_root}", f"sample_data.dir={sample_dir}", *TINY,
+                "trainer.max_steps=3", "seq_len=256", "--skip-eval")
+    assert "already done" in result.stderr
+    assert before == {p: (pipeline_root / p / "summary.json").stat().st_mtime for p in PHASES}
+
+
+@pytest.mark.slow
+def test_cached_teacher_gives_the_online_teacher_losses(pipeline_root, sample_dir, tmp_path):
+    common = ["--phase", "midtrain_phase1", f"init_from={pipeline_root / 'pretrain_phase2' / 'hf'}",
+              f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=4", "seq_len=128", "stage.distill.top_k=16",
+              "stage.distill.temperature=2.0"]
+    ct("train", *common, f"run_dir={tmp_path / 'online'}", "stage.distill.teacher=online")
+    ct("train", *common, f"run_dir={tmp_path / 'cached'}", "stage.distill.teacher=cached")
+    online, cached = train_losses(tmp_path / "online"), train_losses(tmp_path / "cached")
+    assert sorted(online) == sorted(cached) == [1, 2, 3, 4]
+    # The cache stores log-probs in fp16: equal up to that rounding.
+    assert all(abs(online[s] - cached[s]) < 2e-3 for s in online)
+    assert (tmp_path / "cached" / "teacher_cache" / "index.json").is_file()
+
+
+@pytest.mark.slow
+def test_ct_eval_on_the_sample_split_and_on_gsm8k(pipeline_root, sample_dir):
+    model = pipeline_root / "posttrain_reasoning" / "hf"
+    out = json.loads(ct("eval", str(model), "--sample-dir", str(sample_dir), "--sample-scale", "0.1",
+                        "--max-problems", "6", "--max-new-tokens", "16", "--json").stdout)
+    assert out["problems"] == 6 and 0 <= out["accuracy"] <= 1 and out["perplexity"] > 1
+    if not SHARED_GSM8K.is_file():
+        pytest.skip(f"GSM8K not found at {SHARED_GSM8K} (../shared is absent)")
+    out = json.loads(ct("eval", str(model), "--problems", str(SHARED_GSM8K), "--max-problems", "4",
+                        "--max-new-tokens", "8", "--json").stdout)
+    assert out["problems"] == 4 and out["samples"][0]["answer"].isdigit()  # "#### 18" reduced to "18"
+
+
+def test_ct_eval_bad_input_exits_2(tmp_path):
+    result = ct("eval", str(tmp_path), check=False)
+    assert result.returncode == 2 and "config.json" in result.stderr
