@@ -39,8 +39,11 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul + attention
 
 
-def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """fp32 matmul FLOP/s this process achieves with its threads (the CPU 'peak' for MFU)."""
+def measure_cpu_peak_flops(size: int = 1024, repeats: int = 30) -> float:
+    """fp32 matmul FLOP/s this process achieves with its threads (the CPU 'peak' for MFU).
+
+    The best of many short runs, so a busy moment on the machine lowers it less; on a shared
+    machine set ``logging.peak_flops`` instead."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     best = float("inf")
@@ -51,8 +54,10 @@ def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def peak_flops(device: torch.device) -> tuple[float, str]:
+def peak_flops(device: torch.device, override: float | None = None) -> tuple[float, str]:
     """Peak FLOP/s per device and where the number came from."""
+    if override:
+        return float(override), "logging.peak_flops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in GPU_PEAK_TFLOPS.items():

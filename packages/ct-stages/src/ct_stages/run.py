@@ -210,7 +210,7 @@ def run_phase(cfg: dict) -> PhaseResult:
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main,
                          wandb_config=(cfg.get("logging") or {}).get("wandb"), run_config=cfg)
-    peak, peak_source = peak_flops(info.device)
+    peak, peak_source = peak_flops(info.device, (cfg.get("logging") or {}).get("peak_flops"))
     trainer = Trainer(
         trainer_cfg, engine, stage, loader, scheduler, CheckpointManager(run_dir / "checkpoints",
                                                                          trainer_cfg.keep_last_checkpoints),
