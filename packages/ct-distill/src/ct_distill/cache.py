@@ -314,7 +314,8 @@ class TeacherCacheReader:
     """Serves cached top-k targets by global sequence index.
 
     Expected values (``seq_len``, ``k``, ``vocab_size``, ``teacher``) are checked against the
-    index when given; a mismatch raises ``CacheMismatchError`` naming the field.
+    index when given; a mismatch raises ``CacheMismatchError`` naming the field. For ``teacher``
+    (e.g. ``OnlineTeacher.identity()``) the keys given are compared, except "source".
     """
 
     def __init__(self, root: str | os.PathLike, *, seq_len: int | None = None, k: int | None = None,
@@ -440,8 +441,10 @@ class TeacherCacheReader:
 
 
 def _compare_teacher(want: Mapping[str, Any], have: Mapping[str, Any], path: Path) -> None:
-    for key in sorted(set(want) | set(have)):
-        if key in want and want.get(key) != have.get(key):
+    """Compare the keys the caller gave, except "source" (where the weights were loaded from is
+    informational: the same teacher may be loaded from another path)."""
+    for key in sorted(want):
+        if key != "source" and want.get(key) != have.get(key):
             detail = ""
             if isinstance(want.get(key), dict) and isinstance(have.get(key), dict):
                 diff = sorted(k for k in set(want[key]) | set(have[key])
