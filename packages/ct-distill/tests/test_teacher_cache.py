@@ -161,6 +161,7 @@ def test_field_mismatch_names_the_field(tmp_path, teacher):
         with pytest.raises(CacheMismatchError, match=f"{field} is") as err:
             TeacherCacheReader(root, **{field: value})
         assert err.value.field == field
+    TeacherCacheReader(root, teacher={**teacher.identity(), "source": "/moved/elsewhere"})
     other = OnlineTeacher(ct_model.build_model(tiny_config(), seed=5)).identity()
     with pytest.raises(CacheMismatchError, match="fingerprint") as err:
         TeacherCacheReader(root, teacher=other)
