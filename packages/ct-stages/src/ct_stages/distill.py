@@ -7,6 +7,7 @@ sequence index, which the trainer derives from the step: resume-safe by construc
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def build_teacher_annotator(config: DistillConfig, student_config, run_dir: Path
                                     max_sequences=total_sequences, resume=True)
         log.info("teacher cache: %.0f tokens/s, %.1f bytes/token", stats.get("tokens_per_second") or 0,
                  stats.get("bytes_per_token") or 0)
+        write_stats = {k: stats.get(k) for k in ("tokens_per_second", "bytes_per_token", "write_seconds")}
+        (root / "write_stats.json").write_text(json.dumps(write_stats) + "\n")
     if dist.is_initialized():
         dist.barrier()
     reader = TeacherCacheReader(root, k=config.top_k, vocab_size=teacher.vocab_size)
