@@ -92,3 +92,16 @@ def test_missing_tokenizer_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path / "empty")
+
+
+def test_split_digits_makes_every_digit_a_token(tmp_path):
+    from ct_data import load_tokenizer, train_tokenizer
+
+    texts = ["12345 + 678 = 13023", "the year 2024 had 365 days"] * 50
+    grouped = train_tokenizer(texts, 400, tmp_path / "grouped")
+    digits = train_tokenizer(texts, 400, tmp_path / "digits", split_digits=True)
+    pieces = [digits.decode([i]) for i in digits.encode("12345")]
+    assert pieces == ["1", "2", "3", "4", "5"]
+    assert len(grouped.encode("12345")) < 5  # LLaMA-3 grouping merges up to 3 digits
+    reloaded = load_tokenizer(tmp_path / "digits")  # the split survives save/load
+    assert reloaded.encode("9081 apples") == digits.encode("9081 apples")

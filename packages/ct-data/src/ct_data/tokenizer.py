@@ -239,20 +239,25 @@ def train_tokenizer(
     *,
     min_frequency: int = 2,
     special_tokens: Sequence[str] = LLAMA3_SPECIAL_TOKENS,
+    split_digits: bool = False,
 ) -> Tokenizer:
     """Train a byte-level BPE (LLaMA-3 split pattern, LLaMA-3 special tokens, LLaMA-3 chat template).
 
     ``vocab_size`` counts everything: the 256 byte symbols, the merges and the special tokens, so the
-    result fits an embedding of that size. Saved to ``out_dir`` when given.
+    result fits an embedding of that size. Saved to ``out_dir`` when given. ``split_digits`` makes
+    every digit its own token (as Llama-1/2 do) instead of LLaMA-3's groups of up to three: a tiny
+    model learns digit-wise arithmetic far faster than a table of 1,000 number tokens.
     """
     n_special = len(special_tokens)
     if vocab_size < 256 + n_special + 1:
         raise ValueError(f"vocab_size={vocab_size}: must be at least {256 + n_special + 1} "
                          f"(256 bytes + {n_special} special tokens + 1 merge)")
     backend = _RustTokenizer(models.BPE())
+    splits = [pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False)]
+    if split_digits:
+        splits.append(pre_tokenizers.Digits(individual_digits=True))
     backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        *splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

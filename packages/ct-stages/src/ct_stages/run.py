@@ -118,7 +118,8 @@ def prepare_tokenizer(cfg: dict, init_from: Path | None, sample_dir: Path | None
 
     # Trained once per sample-data directory (under run_dir by default) and reused from there.
     vocab = int(tok_cfg.get("vocab_size", 8192))
-    return _main_first(is_main, lambda: sample_mod.build_tokenizer(sample_dir, vocab))
+    digits = bool(tok_cfg.get("split_digits", False))
+    return _main_first(is_main, lambda: sample_mod.build_tokenizer(sample_dir, vocab, split_digits=digits))
 
 
 def build_phase_model(cfg: dict, init_from: Path | None, seq_len: int, seed: int):

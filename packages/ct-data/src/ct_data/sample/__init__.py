@@ -238,22 +238,23 @@ def tokenizer_texts(sample_dir: str | os.PathLike, max_chars: int = 3_000_000) -
 
 
 def build_tokenizer(sample_dir: str | os.PathLike, vocab_size: int = 8192, out_dir: str | os.PathLike | None = None,
-                    *, max_chars: int = 3_000_000):
+                    *, max_chars: int = 3_000_000, split_digits: bool = False):
     """Train (or load, when already there) the embedded default tokenizer on the sample corpus.
 
     Saved to ``out_dir`` (default ``<sample_dir>/tokenizer-<vocab_size>``).
     """
     from ct_data.tokenizer import load_tokenizer, train_tokenizer
 
-    out = Path(out_dir) if out_dir is not None else Path(sample_dir) / f"tokenizer-{vocab_size}"
+    default_name = f"tokenizer-{vocab_size}" + ("-digits" if split_digits else "")
+    out = Path(out_dir) if out_dir is not None else Path(sample_dir) / default_name
     stamp = out / "ct_data_source.json"
     want = {"manifest_sha256": hashlib.sha256((Path(sample_dir) / "manifest.json").read_bytes()).hexdigest(),
-            "vocab_size": vocab_size, "max_chars": max_chars}
+            "vocab_size": vocab_size, "max_chars": max_chars, "split_digits": split_digits}
     try:
         if json.loads(stamp.read_text()) == want:
             return load_tokenizer(out)
     except (OSError, ValueError):
         pass
-    tok = train_tokenizer(tokenizer_texts(sample_dir, max_chars), vocab_size, out)
+    tok = train_tokenizer(tokenizer_texts(sample_dir, max_chars), vocab_size, out, split_digits=split_digits)
     stamp.write_text(json.dumps(want, sort_keys=True) + "\n")
     return tok
