@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -79,7 +79,6 @@ class LoopState:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     last_loss: float = float("nan")
-    history: list[float] = field(default_factory=list)
 
 
 class Trainer:
