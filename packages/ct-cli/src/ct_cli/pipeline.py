@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         directory = config_dir(args.config_dir)
         root, overrides = split_root(args.overrides)
         phases = [p for p in args.phases.split(",") if p]
+        # One sample-data directory for all phases (unless given), under the pipeline's run_dir.
+        if not any(o.startswith("sample_data.dir=") for o in overrides):
+            overrides = [f"sample_data.dir={root / 'sample_data'}", *overrides]
         # Compose every phase first: a bad override fails before hours of training.
         configs = {p: compose(p, [f"run_dir={root / p}", *overrides], directory) for p in phases}
         results = {}
