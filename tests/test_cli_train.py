@@ -19,9 +19,13 @@ transformers = pytest.importorskip("transformers")
 
 def test_pretrain_phase_trains_exports_and_plots(tmp_path, sample_dir):
     run = tmp_path / "run"
-    ct("train", "--phase", "pretrain_phase1", f"run_dir={run}", f"sample_data.dir={sample_dir}", *TINY)
+    ct("train", "--phase", "pretrain_phase1", f"run_dir={run}", f"sample_data.dir={sample_dir}", *TINY,
+       "trainer.eval_every=3", "trainer.eval_batches=2")
     losses = train_losses(run)
     assert sorted(losses) == list(range(1, 7))
+    evals = [e for e in events(run) if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [3, 6]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"] and evals[0]["eval_tokens"] > 0
     assert losses[6] < losses[1] - 0.5  # from ~ln(8192) = 9.0 the loss falls quickly
     records = [e for e in events(run) if e["event"] == "train"]
     for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "memory_gib"):

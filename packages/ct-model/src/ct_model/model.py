@@ -105,10 +105,14 @@ def count_parameters(model_or_config: nn.Module | ModelConfig) -> int:
     return total
 
 
+def block_matmul_parameters(c: ModelConfig) -> int:
+    """Weights of one block's matrices (q, k, v, o and the SwiGLU MLP), norms excluded."""
+    attention = c.hidden_size * c.kv_channels * (2 * c.num_attention_heads + 2 * c.num_query_groups)
+    return attention + 3 * c.hidden_size * c.ffn_hidden_size
+
+
 def _count_from_config(c: ModelConfig) -> int:
-    h, d = c.hidden_size, c.kv_channels
-    attention = h * d * (2 * c.num_attention_heads + 2 * c.num_query_groups)
-    mlp = 3 * h * c.ffn_hidden_size
-    block = attention + mlp + 2 * h
+    h = c.hidden_size
+    block = block_matmul_parameters(c) + 2 * h
     embeddings = c.vocab_size * h * (1 if c.share_embeddings_and_output_weights else 2)
     return embeddings + c.num_layers * block + h

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -19,20 +19,6 @@ import ct_model
 from .stages import cross_entropy_sum
 
 MATH_SYSTEM_PROMPT = "Please reason step-by-step and put your final answer within \\boxed{}."
-
-
-@torch.no_grad()
-def perplexity(model, batches: Iterable[dict[str, torch.Tensor]], max_batches: int) -> dict[str, float]:
-    model.eval()
-    total, tokens = 0.0, 0
-    for i, batch in enumerate(batches):
-        if i >= max_batches:
-            break
-        logits = model(batch["input_ids"], batch.get("position_ids"), batch.get("document_ids"))
-        total += float(cross_entropy_sum(batch, logits))
-        tokens += int((batch["labels"] != -100).sum())
-    loss = total / max(tokens, 1)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
 def load_problems(path: str | Path, question_field: str = "question", answer_field: str = "answer",

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ct_model import ModelConfig
+from ct_model.model import block_matmul_parameters
 
 log = logging.getLogger("ct_stages")
 
@@ -32,10 +33,8 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     part of that work, so MFU is slightly flattering, as everywhere).
     """
     c = config
-    h, d = c.hidden_size, c.kv_channels
-    block = h * d * (2 * c.num_attention_heads + 2 * c.num_query_groups) + 3 * h * c.ffn_hidden_size
-    matmul = c.effective_depth * block + c.vocab_size * h
-    attention = 12 * c.effective_depth * c.num_attention_heads * d * seq_len
+    matmul = c.effective_depth * block_matmul_parameters(c) + c.vocab_size * c.hidden_size
+    attention = 12 * c.effective_depth * c.num_attention_heads * c.kv_channels * seq_len
     return 6.0 * matmul + attention
 
 

@@ -24,7 +24,7 @@ from ct_precision import PrecisionConfig
 from .checkpoint import CheckpointManager
 from .metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
 from .optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
-from .stages import Stage, StageConfig
+from .stages import Stage, StageConfig, cross_entropy_sum
 from .trainer import Trainer, TrainerConfig
 
 log = logging.getLogger("ct_stages")
@@ -209,6 +209,9 @@ def run_phase(cfg: dict) -> PhaseResult:
     scheduler = build_scheduler(engine.optimizer, trainer_cfg.max_steps, sched_cfg)
     loader = loader_factory()
 
+    evaluate = None
+    if trainer_cfg.eval_every:
+        evaluate = fixed_batch_evaluator(engine, mixture, tokenizer, seq_len, trainer_cfg, info)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main,
                          wandb_config=(cfg.get("logging") or {}).get("wandb"), run_config=cfg)
     peak, peak_source = peak_flops(info.device, (cfg.get("logging") or {}).get("peak_flops"))
@@ -216,7 +219,7 @@ def run_phase(cfg: dict) -> PhaseResult:
         trainer_cfg, engine, stage, loader, scheduler, CheckpointManager(run_dir / "checkpoints",
                                                                          trainer_cfg.keep_last_checkpoints),
         metrics, clip_grad=optim_cfg.clip_grad, flops_per_token=flops_per_token(model_config, seq_len),
-        peak_flops=peak, device=info.device, is_main=info.is_main,
+        peak_flops=peak, device=info.device, evaluate=evaluate, is_main=info.is_main,
         show_progress=bool((cfg.get("logging") or {}).get("progress", True)), phase=phase_name,
     )
     resumed = trainer.resume_if_possible()
@@ -239,6 +242,22 @@ def run_phase(cfg: dict) -> PhaseResult:
     metrics.close()
     _barrier()
     return PhaseResult(run_dir, hf_dir, state.last_loss, state.step, summary)
+
+
+def fixed_batch_evaluator(engine, mixture, tokenizer, seq_len: int, trainer_cfg: TrainerConfig, info):
+    """Next-token loss on ``trainer.eval_batches`` global batches drawn once from the phase's mixture
+    with another seed: a fixed monitor set (not a held-out split; ct-eval scores held-out data)."""
+    loader = mixture.build_loader(tokenizer, seq_len, trainer_cfg.global_batch_size, trainer_cfg.seed + 1,
+                                  info.dp_rank, info.dp_size, prefetch=0)
+    batches = [next(loader) for _ in range(trainer_cfg.eval_batches)]
+    splitter = Stage(StageConfig())  # plain CE and no teacher, whatever the phase's stage
+
+    def evaluate() -> dict[str, float]:
+        micro = [mb for b in batches for mb in splitter.microbatches(b, trainer_cfg.micro_batch_size, 0)]
+        result = engine.forward_only(micro, cross_entropy_sum)
+        return {"eval_loss": result.loss, "eval_tokens": result.tokens}
+
+    return evaluate
 
 
 def export_hf(full_state: dict, model_config, tokenizer, hf_dir: Path) -> None:

@@ -34,8 +34,8 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_last_checkpoints: int = 2
-    eval_every: int = 0  # 0: evaluate only at the end
-    eval_batches: int = 8
+    eval_every: int = 0  # 0: no eval during training (ct-eval scores the exports)
+    eval_batches: int = 8  # fixed monitor batches (global batches) for eval_every
     max_nonfinite_steps: int = 5  # skipped steps tolerated before stopping with a checkpoint
 
     def __post_init__(self) -> None:
