@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Which ct packages each package may import (its declared workspace dependencies).
 ALLOWED = {
     "ct_model": set(),
-    "ct_data": set(),
+    "ct_data": {"ct_model"},  # the batch contract (ct_model.batch) only
     "ct_distill": {"ct_model"},
     "ct_precision": {"ct_model"},
     "ct_parallel": {"ct_model"},

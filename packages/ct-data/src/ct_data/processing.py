@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ct_model.batch import IGNORE_INDEX as IGNORE
+
 from ct_data.chat import ChatFormatError, validate_messages
 from ct_data.config import SourceConfig
 from ct_data.sources import (
@@ -21,7 +23,6 @@ from ct_data.sources import (
 )
 from ct_data.tokenizer import Tokenizer
 
-IGNORE = -100
 LONG_DOC_POLICIES = ("split", "truncate")
 SFT_TRUNCATION = ("drop", "truncate")
 SFT_LOSS = ("assistant", "all")

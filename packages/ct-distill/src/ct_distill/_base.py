@@ -6,8 +6,9 @@ from typing import NamedTuple, Union
 
 import torch
 
+from ct_model.batch import IGNORE_INDEX  # noqa: F401 (re-exported)
+
 KINDS = ("forward_kl", "reverse_kl", "jsd")
-IGNORE_INDEX = -100
 
 
 class TopK(NamedTuple):

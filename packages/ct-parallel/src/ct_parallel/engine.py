@@ -17,9 +17,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-IGNORE_INDEX = -100
-Microbatch = dict[str, torch.Tensor]
-LossFn = Callable[[Microbatch, torch.Tensor], torch.Tensor]
+from ct_model.batch import IGNORE_INDEX, LossFn, Microbatch, scored_tokens  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -27,10 +25,6 @@ class StepResult:
     loss: float  # mean per-token loss over the global batch
     tokens: int  # scored tokens in the global batch (labels != -100)
     input_tokens: int  # all input positions in the global batch (for throughput)
-
-
-def scored_tokens(microbatch: Microbatch) -> torch.Tensor:
-    return (microbatch["labels"] != IGNORE_INDEX).sum()
 
 
 class Engine(Protocol):
