@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 
-from cli_support import ROOT, TINY, ct, train_losses
+from cli_support import ROOT, TINY, ct, events, train_losses
 
 SHIM_RUNNER = ROOT / "packages" / "ct-parallel" / "tests" / "megatron_cpu_run.py"
 
@@ -29,6 +30,18 @@ def test_ddp_two_processes_match_single_process(tmp_path, sample_dir, single_los
     assert all(losses[s] == pytest.approx(single_losses[s], rel=1e-5) for s in losses)
     assert (run / "hf" / "model.safetensors").is_file()
 
+    # MFU per device, from the run's own logged figures: the global tokens/s over 2 devices.
+    start = next(e for e in events(run) if e["event"] == "start")
+    assert start["world_size"] == 2
+    for record in (e for e in events(run) if e["event"] == "train"):
+        per_device = record["tokens_per_s"] / 2
+        assert record["tokens_per_s_per_device"] == pytest.approx(per_device)
+        if record["mfu"] is None:
+            assert "above the peak" in record["mfu_note"]
+        else:
+            assert record["mfu"] == pytest.approx(per_device * start["flops_per_token"] / record["peak_flops"])
+            assert 0 < record["mfu"] <= 1
+
 
 @pytest.mark.dist
 def test_megatron_tp2_one_step_through_the_cli(tmp_path, sample_dir, single_losses):
@@ -42,3 +55,20 @@ def test_megatron_tp2_one_step_through_the_cli(tmp_path, sample_dir, single_loss
     assert list(losses) == [1]
     assert losses[1] == pytest.approx(single_losses[1], rel=1e-5)
     assert (run / "hf" / "model.safetensors").is_file()
+    meta = json.loads((run / "checkpoints" / "step_00000001" / "meta.json").read_text())
+    assert meta["engine"] == "megatron" and meta["layout"]["tensor_model_parallel_size"] == 2
+
+    # ct-export reads the megatron checkpoint (resharded TP=2 -> 1 by megatron) into the same HF
+    # model as the run's own export of those weights; without CUDA or the shim it refuses clearly.
+    refused = ct("export", str(run), str(tmp_path / "refused"), check=False)
+    assert refused.returncode == 2 and "megatron engine" in refused.stderr and "Traceback" not in refused.stderr
+    out = tmp_path / "exported"
+    ct("export", str(run), str(out), module_runner=[sys.executable, str(SHIM_RUNNER)])
+    import ct_model
+    import torch
+
+    ours, _ = ct_model.hf.load_hf(run / "hf")
+    exported, _ = ct_model.hf.load_hf(out)
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids), ours(ids), rtol=0, atol=1e-5)

@@ -28,8 +28,9 @@ def test_pretrain_phase_trains_exports_and_plots(tmp_path, sample_dir):
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"] and evals[0]["eval_tokens"] > 0
     assert losses[6] < losses[1] - 0.5  # from ~ln(8192) = 9.0 the loss falls quickly
     records = [e for e in events(run) if e["event"] == "train"]
-    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "memory_gib"):
+    for key in ("lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "memory_gib"):
         assert all(r[key] == r[key] for r in records)  # present and not NaN
+    assert all(r["mfu"] is None and r["mfu_note"] or 0 < r["mfu"] <= 1 for r in records)
     assert (run / "loss_curve.png").stat().st_size > 1000
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6
@@ -111,4 +112,16 @@ def test_print_config_and_list_phases():
     assert cfg["optimizer"]["lr"] == 8.0e-5 and cfg["rope_theta_scale"] == 8.0
     assert cfg["trainer"]["global_batch_size"] == 1024 and cfg["seq_len"] == 32768
     cpu = yaml.safe_load(ct("train", "--phase", "posttrain_reasoning", "--print-config").stdout)
-    assert cpu["seq_len"] == 256 and cpu["model"]["preset"] == "mobilellm_tiny"
+    assert cpu["seq_len"] == 256 and cpu["model"]["from"] == cpu["init_from"]  # the model section is unused
+    fresh = yaml.safe_load(ct("train", "--phase", "pretrain_phase1", "--print-config", "optimizer=sgd").stdout)
+    assert fresh["model"]["preset"] == "mobilellm_tiny" and fresh["model"]["num_layers"] == 4
+    assert fresh["optimizer"]["name"] == "sgd"  # the chosen group wins over the phase
+
+
+def test_a_chosen_optimizer_is_the_one_that_trains(tmp_path, sample_dir):
+    run = tmp_path / "sgd"
+    ct("train", "--phase", "pretrain_phase1", "optimizer=sgd", "optimizer.lr=0.05", f"run_dir={run}",
+       f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=2")
+    assert json.loads((run / "summary.json").read_text())["optimizer"] == "SGD"
+    start = next(e for e in events(run) if e["event"] == "start")
+    assert start["optimizer"] == "SGD"

@@ -103,6 +103,8 @@ def install() -> None:
     global _MODE
     if _MODE is not None:
         return
+    # Tells ct_stages.run that megatron may run without CUDA (the shipped code refuses otherwise).
+    os.environ["CT_MEGATRON_CPU_SHIM"] = "1"
     if torch.cuda.is_available():
         return  # a real GPU: nothing to redirect
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import ct_model
 from ct_parallel import build_native_engine
 from ct_stages import CheckpointManager, Stage, StageConfig, Trainer, TrainerConfig, TrainingStopped
-from ct_stages.metrics import MetricsLog, flops_per_token
+from ct_stages.metrics import MetricsLog, PeakFlops, Reporter, Throughput, flops_per_token
 from ct_stages.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 
 VOCAB = 50
@@ -61,11 +61,11 @@ def build_trainer(tmp_path, batches, gbs, mbs, steps, stage=None, max_nonfinite=
     scheduler = build_scheduler(engine.optimizer, steps, ScheduleConfig(warmup_steps=1))
     cfg = TrainerConfig(max_steps=steps, global_batch_size=gbs, micro_batch_size=mbs, checkpoint_every=100,
                         max_nonfinite_steps=max_nonfinite)
+    reporter = Reporter(MetricsLog(tmp_path / "m.jsonl", True), Throughput(1.0, PeakFlops(1e12, "test")),
+                        torch.device("cpu"), show_progress=False)
     trainer = Trainer(cfg, engine, stage or Stage(StageConfig()), ListLoader(batches), scheduler,
-                      CheckpointManager(tmp_path / "ckpt"), MetricsLog(tmp_path / "m.jsonl", True),
-                      clip_grad=1.0, flops_per_token=1.0, peak_flops=1.0, device=torch.device("cpu"),
-                      show_progress=False)
-    return trainer, model
+                      CheckpointManager(tmp_path / "ckpt"), reporter, clip_grad=1.0)
+    return trainer, model, scheduler
 
 
 def reference_losses(batches, steps):
@@ -90,7 +90,7 @@ def reference_losses(batches, steps):
 @pytest.mark.parametrize("mbs", [8, 2])
 def test_trainer_matches_a_hand_written_loop_whatever_the_accumulation(tmp_path, mbs):
     batches = make_batches(5, 8)
-    trainer, model = build_trainer(tmp_path, batches, gbs=8, mbs=mbs, steps=5)
+    trainer, model, _ = build_trainer(tmp_path, batches, gbs=8, mbs=mbs, steps=5)
     trainer.fit()
     logged = [json.loads(l) for l in (tmp_path / "m.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logged if r["event"] == "train"]
@@ -112,12 +112,49 @@ def test_nonfinite_steps_are_skipped_then_training_stops_with_a_checkpoint(tmp_p
 
     stage = Stage(StageConfig())
     stage.loss_fn = poisoned
-    trainer, model = build_trainer(tmp_path, batches, gbs=4, mbs=4, steps=6, stage=stage, max_nonfinite=2)
+    trainer, model, scheduler = build_trainer(tmp_path, batches, gbs=4, mbs=4, steps=6, stage=stage,
+                                              max_nonfinite=2)
     with pytest.raises(TrainingStopped, match="max_nonfinite_steps=2"):
         trainer.fit()
     assert trainer.state.skipped_steps == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())  # NaN grads never applied
-    assert CheckpointManager(tmp_path / "ckpt").latest() is not None
+    latest = CheckpointManager(tmp_path / "ckpt").latest()
+    assert latest is not None and latest.name == "step_00000005"
+    saved = torch.load(latest / "trainer_rank0.pt", weights_only=False)
+    # The saved schedule stands where the saved step does (it used to be one step behind).
+    assert saved["step"] == 5 and saved["scheduler"]["last_epoch"] == 5 == scheduler.last_epoch
+
+
+def test_rerunning_a_finished_run_rewrites_no_checkpoint(tmp_path):
+    batches = make_batches(3, 4)
+    trainer, _, _ = build_trainer(tmp_path, batches, gbs=4, mbs=4, steps=3)
+    trainer.fit()
+    final = CheckpointManager(tmp_path / "ckpt").latest()
+    written = (final / "meta.json").stat().st_mtime_ns
+    again, _, _ = build_trainer(tmp_path, batches, gbs=4, mbs=4, steps=3)
+    assert again.resume_if_possible() and again.state.step == 3
+    again.fit()
+    assert (final / "meta.json").stat().st_mtime_ns == written
+    assert [e["event"] for e in map(json.loads, (tmp_path / "m.jsonl").read_text().splitlines())].count("checkpoint") == 1
+
+
+def test_mfu_is_per_device_and_never_above_one():
+    peak = PeakFlops(100.0, "stated")
+    meter = Throughput(flops_per_token=10.0, peak=peak, world_size=4)
+    record = meter.measure(input_tokens=8, seconds=1.0)  # 8 tok/s over 4 devices, 20 FLOP/s each
+    assert record["tokens_per_s"] == 8 and record["tokens_per_s_per_device"] == 2
+    assert record["mfu"] == pytest.approx(0.2)
+    beaten = meter.measure(input_tokens=400, seconds=1.0)  # 1000 FLOP/s per device > a stated 100
+    assert beaten["mfu"] is None and "above the peak" in beaten["mfu_note"]
+
+
+def test_a_measured_peak_is_measured_again_when_a_step_beats_it(monkeypatch):
+    import ct_stages.metrics as metrics
+
+    monkeypatch.setattr(metrics, "measure_cpu_peak_flops", lambda: 1000.0)
+    peak = PeakFlops(10.0, "measured", measured=True)  # a busy start-up measured it too low
+    record = Throughput(1.0, peak).measure(input_tokens=500, seconds=1.0)
+    assert peak.value == 1000.0 and record["mfu"] == pytest.approx(0.5)
 
 
 def test_flops_per_token_by_hand():

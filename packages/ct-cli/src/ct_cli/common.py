@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ct_model.errors import UserError
+
 EXIT_USER_ERROR = 2
 
 
@@ -21,12 +23,24 @@ def config_dir(explicit: str | None = None) -> Path:
     raise UserFacingError("cannot find the configs/ directory (config.yaml); pass --config-dir or set CT_CONFIG_DIR")
 
 
-class UserFacingError(Exception):
-    pass
+class UserFacingError(UserError):
+    """A bad command line (unknown phase, bad override, missing configs/)."""
 
 
 def phases(directory: Path) -> list[str]:
     return sorted(p.stem for p in (directory / "phase").glob("*.yaml"))
+
+
+SCHEMA_NAME = "run_schema"
+
+
+def register_schema() -> None:
+    """The RunConfig defaults as the config.yaml's first default: every key exists (and is shown by
+    --print-config) before any YAML file speaks, and YAML files state only what differs."""
+    from hydra.core.config_store import ConfigStore
+    from ct_stages.config import RunConfig
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig.defaults())
 
 
 def compose(phase: str, overrides: list[str], directory: Path) -> dict[str, Any]:
@@ -39,12 +53,20 @@ def compose(phase: str, overrides: list[str], directory: Path) -> dict[str, Any]
     known = phases(directory)
     if phase not in known:
         raise UserFacingError(f"unknown phase {phase!r}; known phases: {', '.join(known)}")
+    register_schema()
     try:
         with initialize_config_dir(config_dir=str(directory), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=[f"phase={phase}", *overrides])
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise UserFacingError(f"bad config or override: {str(err).splitlines()[0]}") from err
+
+
+def run_config(phase: str, overrides: list[str], directory: Path):
+    """The typed RunConfig of ``phase`` with ``overrides`` (composed, then validated once)."""
+    from ct_stages.config import RunConfig
+
+    return RunConfig.from_dict(compose(phase, overrides, directory))
 
 
 def setup_logging() -> None:
@@ -56,13 +78,7 @@ def setup_logging() -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, reported in one line with exit status 2."""
-    from ct_data import DataConfigError, DataSourceError
-    from ct_model import ConfigError
-    from ct_model.hf import HFFormatError
-    from ct_stages.run import UserError
-
-    return (UserFacingError, UserError, ConfigError, HFFormatError, DataConfigError, DataSourceError,
-            FileNotFoundError)
+    return (UserError, FileNotFoundError)
 
 
 def run_guarded(fn: Callable[[], int | None]) -> int:

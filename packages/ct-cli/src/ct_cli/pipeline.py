@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common import compose, config_dir, run_guarded, setup_logging
+from .common import config_dir, run_config, run_guarded, setup_logging
 
 PHASES = ["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_phase2",
           "posttrain_general", "posttrain_reasoning"]
@@ -47,7 +47,7 @@ def split_root(overrides: list[str]) -> tuple[Path, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
 
     def run() -> int:
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         # One sample-data directory for all phases (unless given), under the pipeline's run_dir.
         if not any(o.startswith("sample_data.dir=") for o in overrides):
             overrides = [f"sample_data.dir={root / 'sample_data'}", *overrides]
-        # Compose every phase first: a bad override fails before hours of training.
-        configs = {p: compose(p, [f"run_dir={root / p}", *overrides], directory) for p in phases}
+        # Compose and validate every phase first: a bad override fails before hours of training.
+        configs = {p: run_config(p, [f"run_dir={root / p}", *overrides], directory) for p in phases}
         results = {}
         for phase in phases:
             summary_path = root / phase / "summary.json"
@@ -85,18 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(run)
 
 
-def compare_accuracy(root: Path, cfg: dict) -> dict:
+def compare_accuracy(root: Path, run) -> dict:
     """Held-out accuracy of the pretrained model (end of pretraining) and of the final model."""
     from ct_stages.evaluate_models import evaluate_reasoning_dirs
 
     candidates = {"pretrained": root / "pretrain_phase2" / "hf", "final": root / "posttrain_reasoning" / "hf"}
     existing = {k: v for k, v in candidates.items() if (v / "config.json").is_file()}
-    reasoning = cfg["eval"]["reasoning"]
-    sample = cfg["sample_data"]
-    return evaluate_reasoning_dirs(existing, sample["dir"], int(sample["seed"]),
-                                   max_problems=int(reasoning["max_problems"]),
-                                   max_new_tokens=int(reasoning["max_new_tokens"]),
-                                   scale=float(sample.get("scale", 1.0)))
+    reasoning, sample = run.eval.reasoning, run.sample_data
+    return evaluate_reasoning_dirs(existing, sample.dir, sample.seed, max_problems=reasoning.max_problems,
+                                   max_new_tokens=reasoning.max_new_tokens, scale=sample.scale)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from .common import compose, config_dir, phases, run_guarded, setup_logging
+from .common import config_dir, phases, run_config, run_guarded, setup_logging
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,6 +26,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--list-phases", action="store_true", help="list the phases and exit")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_steps=10 model=mobilellm_950m")
     return p
+
+
+def printable(run) -> dict:
+    """The typed configuration as the run sees it: every key, the model preset resolved."""
+    values = run.to_dict()
+    if run.init_from is None:
+        resolved = run.model.resolve().to_dict()
+        values["model"] = {"preset": run.model.preset, **{k: v for k, v in resolved.items() if k != "name"}}
+    else:
+        values["model"] = {"from": run.init_from, "note": "the model comes from init_from's config.json"}
+    return values
 
 
 def launch_local(nproc: int, argv: list[str]) -> int:
@@ -42,7 +53,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # overrides may come before and after flags
     setup_logging()
 
     def run() -> int:
@@ -50,17 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_phases:
             print("\n".join(phases(directory)))
             return 0
-        cfg = compose(args.phase, args.overrides, directory)
+        run = run_config(args.phase, args.overrides, directory)  # validated before any launch
         if args.print_config:
             import yaml
 
-            print(yaml.safe_dump(cfg, sort_keys=False))
+            print(yaml.safe_dump(printable(run), sort_keys=False))
             return 0
         if args.nproc_per_node > 1:
             return launch_local(args.nproc_per_node, argv)
         from ct_stages.run import run_phase
 
-        result = run_phase(cfg)
+        result = run_phase(run)
         print(json.dumps(result.summary))
         return 0
 

@@ -9,11 +9,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ct_model.errors import UserError
+
 FILE_FORMATS = ("json", "parquet", "text")
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError):
     """A configuration error, raised before any data is read; the message names the source and field."""
 
 

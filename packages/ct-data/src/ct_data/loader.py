@@ -6,7 +6,9 @@ Semantics (see docs/ct-data.md):
   sources and options) and on nothing else, so the global batch is the same for any world size.
   Rank r of W yields rows [r*B/W, (r+1)*B/W) and only tokenises the documents of those rows.
 - Each ``next()`` returns int64 tensors ``input_ids``, ``labels``, ``position_ids``,
-  ``document_ids``, all ``[B/W, seq_len]``; ``labels`` are already shifted (target of position t).
+  ``document_ids``, all ``[B/W, seq_len]``; ``labels`` are already shifted (target of position t);
+  and ``sequence_index`` ``[B/W]``, each row's global position ``step * B + j`` in the loader's
+  order (what teacher caches are keyed by; the trainer never re-derives it).
 - ``state_dict()`` describes the state after the last batch handed out (prefetched batches are
   not counted): per row its source cursors, mixer counters, carried-over tokens and statistics,
   plus each source's size once known. A new loader built with the same arguments and given that
@@ -26,13 +28,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from ct_model.batch import SEQUENCE_INDEX
 
 from ct_data.config import DataConfigError, SourceConfig, normalize_sources
 from ct_data.mixing import Mixer
 from ct_data.packing import PRETRAIN_PACKING, SFT_PACKING, RowStream
 from ct_data.processing import LONG_DOC_POLICIES, SFT_LOSS, SFT_TRUNCATION, PretrainProcessor, SFTProcessor
 from ct_data.reader import SourceReader
-from ct_data.sources import check_fields, first_record, open_dataset
+from ct_data.sources import check_fields, check_local_records, first_record, open_dataset
 from ct_data.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger("ct_data")
@@ -167,6 +170,7 @@ class PackedLoader:
         for s in self.sources:
             ds = open_dataset(s)
             if validate:
+                check_local_records(s)
                 check_fields(s, first_record(s, ds), self.processor.fields(s))
             self._datasets.append(ds)
 
@@ -248,6 +252,8 @@ class PackedLoader:
                 "labels": _stack([s.labels for s in seqs]),
                 "position_ids": _stack([s.pos for s in seqs]),
                 "document_ids": _stack([s.doc for s in seqs]),
+                # Global position of each row in the loader's order (the same for any world size).
+                SEQUENCE_INDEX: torch.tensor([self._step * self.batch_size + j for j in self.rows]),
             }
             self._step += 1
             return batch, self._snapshot()

@@ -10,6 +10,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from ct_model.errors import UserError
+
 from ct_data.config import DataConfigError, SourceConfig
 
 logger = logging.getLogger("ct_data")
@@ -35,7 +37,7 @@ SKIP_TOO_LONG = "too_long"  # SFT: longer than the limit, with the "drop" policy
 SKIP_NO_TARGET = "no_target"  # SFT: after truncation no assistant token is left
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(UserError, RuntimeError):
     """Reading a source failed (missing file, unreadable file, empty source, network)."""
 
 
@@ -132,6 +134,62 @@ def iter_record_batches(src: SourceConfig, ds, start: int, batch_size: int) -> I
     except Exception as e:  # noqa: BLE001 - re-raised with the source named
         raise DataSourceError(f"source {src.name!r}: error while reading {src.path!r}: "
                               f"{type(e).__name__}: {e}") from e
+
+
+_CHECKED: dict[tuple[str, int, int], int] = {}  # (file, size, mtime) -> records, checked this process
+MAX_REPORTED = 5
+
+
+def check_local_records(src: SourceConfig) -> int:
+    """Parse every line of a local JSON-lines source before training starts; return its records.
+
+    ``datasets`` parses JSON files in blocks, so one malformed line would stop a run when the
+    loader first reaches it, possibly hours in. This streaming parse finds such lines up front
+    and names them (file:line). Records whose text is empty or not a string are not errors: the
+    loader skips them and counts them by reason (loader stats, the run's summary.json)."""
+    resolved = resolve_files(src)
+    if resolved is None or resolved[0] != "json" or src.path.startswith("hf://"):
+        return 0  # hub datasets, parquet (typed) and text files cannot hold a malformed JSON line
+    total, bad = 0, []
+    for path in resolved[1]:
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in _CHECKED:
+            _CHECKED[key] = _count_json_lines(src, path, bad)
+        total += _CHECKED[key]
+    if bad:
+        shown = "; ".join(bad[:MAX_REPORTED]) + (f"; ... ({len(bad)} in all)" if len(bad) > MAX_REPORTED else "")
+        raise DataSourceError(f"source {src.name!r}: {len(bad)} malformed JSON record(s): {shown}. "
+                              "Fix or remove those lines; nothing was trained")
+    return total
+
+
+def _count_json_lines(src: SourceConfig, path: str, bad: list[str]) -> int:
+    import gzip
+    import json
+
+    opener = gzip.open if path.endswith(".gz") else open
+    count = 0
+    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+        if f.read(4096).lstrip().startswith("["):
+            return 0  # one JSON array (not JSON lines): datasets parses it whole, at open time
+        f.seek(0)
+        try:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    bad.append(f"{path}:{line_no}: {err.msg} (column {err.colno})")
+                    continue
+                if not isinstance(record, dict):
+                    bad.append(f"{path}:{line_no}: a JSON {type(record).__name__}, not an object")
+                    continue
+                count += 1
+        except UnicodeDecodeError as err:
+            bad.append(f"{path}: not UTF-8 near byte {err.start}")
+    return count
 
 
 def first_record(src: SourceConfig, ds) -> dict[str, Any]:

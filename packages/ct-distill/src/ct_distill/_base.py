@@ -7,6 +7,7 @@ from typing import NamedTuple, Union
 import torch
 
 from ct_model.batch import IGNORE_INDEX  # noqa: F401 (re-exported)
+from ct_model.errors import UserError
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
@@ -25,7 +26,7 @@ class TopK(NamedTuple):
 Teacher = Union[torch.Tensor, TopK, tuple]
 
 
-class VocabMismatchError(ValueError):
+class VocabMismatchError(UserError):
     """Teacher and student disagree on the vocabulary size."""
 
 

@@ -37,15 +37,17 @@ from safetensors.torch import save_file
 from .losses import TopK
 from .teacher import TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS, OnlineTeacher
 
+from ct_model.errors import UserError
+
 FORMAT = "ct-distill/teacher-topk-cache"
 VERSION = 1
 INDEX = "index.json"
-SEQUENCE_INDEX = "sequence_index"  # optional batch key: global loader position of each row
+from ct_model.batch import SEQUENCE_INDEX  # noqa: E402 - batch key: global loader position of each row
 _LOGPROB_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _FIELDS = ("seq_len", "k", "vocab_size")
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A teacher cache is unusable."""
 
 

@@ -99,9 +99,7 @@ class OnlineTeacher:
                 state = load_file(str(state), device=str(device))
             else:
                 state = torch.load(state, map_location=device, weights_only=True)
-        model = ct_model.build_model(config, device="meta")
-        model.to_empty(device=device)
-        model.load_state_dict(state, strict=True)
+        model, _, _ = ct_model.model_from_state(config, state, device)
         return cls(model, dtype=dtype, source=source, **kwargs)
 
     @classmethod

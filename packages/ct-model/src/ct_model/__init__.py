@@ -6,10 +6,11 @@ generate. Importing this package imports torch and safetensors only.
 
 from . import hf, presets
 from .config import ConfigError, ModelConfig
+from .errors import UserError
 from .generation import generate
-from .model import Decoder, build_model, count_parameters
+from .model import Decoder, build_model, count_parameters, model_from_state
 
 __all__ = [
-    "ConfigError", "Decoder", "ModelConfig", "build_model", "count_parameters", "generate", "hf",
-    "presets",
+    "ConfigError", "Decoder", "ModelConfig", "build_model", "count_parameters", "generate", "hf", "model_from_state",
+    "presets", "UserError",
 ]

@@ -19,6 +19,9 @@ from typing import Callable
 import torch
 
 IGNORE_INDEX = -100
+# Batch key: each row's global position in the loader's sequence order (step * global batch + row),
+# attached by ct_data loaders; teacher caches are written and read by it.
+SEQUENCE_INDEX = "sequence_index"
 Microbatch = dict[str, torch.Tensor]
 LossFn = Callable[[Microbatch, torch.Tensor], torch.Tensor]
 

@@ -13,10 +13,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UserError
+
 ROPE_STYLES = ("interleaved", "rotate_half")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value breaks a rule; the message names the field and the rule."""
 
 

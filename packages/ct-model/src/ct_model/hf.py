@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
-from .model import Decoder, build_model
+from .errors import UserError
+from .model import Decoder, model_from_state
 
 ARCHS = {
     "llama4": ("Llama4ForCausalLM", "llama4_text", "feed_forward"),
@@ -30,7 +31,7 @@ ARCHS = {
 _MODEL_TYPES = {"llama4_text": "llama4", "llama": "llama"}
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError):
     """An HF checkpoint directory is missing something or describes an unsupported model."""
 
 
@@ -91,8 +92,16 @@ def hf_config(config: ModelConfig, arch: str, dtype: torch.dtype = torch.float32
     }
 
 
-def save_hf(model: Decoder, path: str | os.PathLike, arch: str = "llama4") -> Path:
-    """Write ``model`` as an HF checkpoint directory that ``transformers`` loads."""
+def default_arch(config: ModelConfig) -> str:
+    """The HF architecture that holds ``config`` without conversion: Llama-4's text model for the
+    MobileLLM-R1 features (QK-norm, interleaved RoPE), plain Llama otherwise."""
+    return "llama4" if config.qk_layernorm or config.rope_style == "interleaved" else "llama"
+
+
+def save_hf(model: Decoder, path: str | os.PathLike, arch: str | None = None) -> Path:
+    """Write ``model`` as an HF checkpoint directory that ``transformers`` loads (``arch``:
+    llama4 | llama; None picks ``default_arch``)."""
+    arch = arch or default_arch(model.config)
     if arch not in ARCHS:
         raise ConfigError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     config = model.config
@@ -210,9 +219,7 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu",
     config, arch = config_from_hf(json.loads(config_path.read_text()), str(config_path))
     tensors = _read_safetensors(root)
     state = _from_hf_names(tensors, config, arch, root)
-    model = build_model(config, device="meta")
-    model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    model, missing, unexpected = model_from_state(config, state, device, strict=False)
     if missing or unexpected:
         raise HFFormatError(f"{root}: weights missing {missing[:5]} / unexpected {unexpected[:5]}")
     if dtype is not None:

@@ -92,6 +92,17 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu",
     return model
 
 
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                     strict: bool = True) -> tuple[Decoder, list[str], list[str]]:
+    """A Decoder holding ``state``: built on meta (nothing initialised twice), then filled.
+
+    Returns (model, missing keys, unexpected keys); with ``strict`` a mismatch raises."""
+    model = build_model(config, device="meta")
+    model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(state, strict=strict)
+    return model, list(missing), list(unexpected)
+
+
 def count_parameters(model_or_config: nn.Module | ModelConfig) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     if isinstance(model_or_config, ModelConfig):

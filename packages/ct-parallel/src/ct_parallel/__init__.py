@@ -8,12 +8,14 @@ does not import megatron-core; only ``engine: megatron`` does.
 """
 
 from .config import DistributedConfig
-from .distributed import DistInfo, init_distributed
+from .distributed import (DistInfo, barrier, global_rank, init_distributed, is_distributed, main_first,
+                          shutdown_distributed, world_size)
 from .engine import IGNORE_INDEX, Engine, LossFn, Microbatch, StepResult, scored_tokens
 from .factory import build_engine
 from .native import NativeEngine, build_native_engine
 
 __all__ = [
     "IGNORE_INDEX", "DistInfo", "DistributedConfig", "Engine", "LossFn", "Microbatch", "NativeEngine",
-    "StepResult", "build_engine", "build_native_engine", "init_distributed", "scored_tokens",
+    "StepResult", "barrier", "build_engine", "build_native_engine", "global_rank", "init_distributed",
+    "is_distributed", "main_first", "scored_tokens", "shutdown_distributed", "world_size",
 ]

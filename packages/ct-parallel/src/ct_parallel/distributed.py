@@ -71,3 +71,41 @@ def init_distributed(config: DistributedConfig, *, timeout_minutes: float = 30.0
     if config.strategy == "single" and world_size > 1:
         raise ValueError(f"distributed.strategy=single launched with {world_size} processes; use ddp or fsdp2")
     return DistInfo(rank, world_size, local_rank, rank, world_size, 0, 0, device)
+
+
+# -- the rank helpers every package shares (one copy, here) ---------------------------------------
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def global_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def main_first(is_main: bool, fn):
+    """Run ``fn`` on the main rank, then on the others (which then find its cached output)."""
+    result = fn() if is_main else None
+    barrier()
+    return result if is_main else fn()
+
+
+def shutdown_distributed(config: DistributedConfig) -> None:
+    """Tear down what ``init_distributed`` built (megatron's groups, then the process group), so a
+    process can run another phase or exit without leaked groups."""
+    if config.engine == "megatron":
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+    if is_distributed():
+        dist.destroy_process_group()

@@ -17,11 +17,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from .distributed import is_distributed as _dist_ready
 from .engine import LossFn, Microbatch, StepResult, scored_tokens
-
-
-def _dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class NativeEngine:
@@ -116,13 +113,13 @@ class NativeEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict[str, Any]:
+    def _checkpoint_state(self) -> dict[str, Any]:
         if self.optimizer is None:
             return {"model": get_model_state_dict(self.model), "optimizer": {}}
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optimizer": optim_sd}
 
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+    def _load_checkpoint_state(self, state: dict[str, Any]) -> None:
         if self.optimizer is None or not state.get("optimizer"):
             set_model_state_dict(self.model, state["model"])
             return
@@ -133,15 +130,15 @@ class NativeEngine:
         """Model + optimizer to a torch.distributed.checkpoint directory (collective on all ranks).
 
         The directory loads at another world size or strategy (single <-> DDP <-> FSDP2)."""
-        dcp.save(self.checkpoint_state(), checkpoint_id=str(path))
+        dcp.save(self._checkpoint_state(), checkpoint_id=str(path))
 
     def load_checkpoint(self, path: str, *, load_optimizer: bool = True) -> None:
         """Restore what ``save_checkpoint`` wrote (resharding to this layout)."""
-        state = self.checkpoint_state()
+        state = self._checkpoint_state()
         if not load_optimizer:
             state = {"model": state["model"]}
         dcp.load(state, checkpoint_id=str(path))
-        self.load_checkpoint_state(state)
+        self._load_checkpoint_state(state)
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Unsharded ct-model state dict on CPU, on data-parallel rank 0 (None elsewhere)."""

@@ -20,19 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from ct_model import UserError
+from ct_parallel import barrier as _barrier, global_rank as _rank, world_size as _world_size
 
 log = logging.getLogger("ct_stages")
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+class CheckpointError(UserError):
+    """A checkpoint cannot be used (unreadable, or written by another layout); names the path."""
 
 
 @contextlib.contextmanager
@@ -44,11 +40,15 @@ def _quiet_single_process():
 
 
 class CheckpointManager:
-    def __init__(self, root: str | os.PathLike, keep_last: int = 2):
+    """``metadata``: what meta.json records besides step and world size: the engine kind and its
+    parallel layout (so ct-export and a resume know how the engine/ directory was written)."""
+
+    def __init__(self, root: str | os.PathLike, keep_last: int = 2, metadata: dict[str, Any] | None = None):
         if keep_last < 1:
             raise ValueError(f"trainer.keep_last_checkpoints must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
+        self.metadata = dict(metadata or {"engine": "native"})
 
     def complete(self) -> list[Path]:
         if not self.root.is_dir():
@@ -74,7 +74,7 @@ class CheckpointManager:
         torch.save(trainer_state, tmp / f"trainer_rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
-            meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+            meta = {"step": step, "world_size": _world_size(), **self.metadata}
             (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
             if final.exists():
                 shutil.rmtree(final)
@@ -91,14 +91,33 @@ class CheckpointManager:
 
     def load(self, path: Path, engine) -> dict[str, Any]:
         """Restore engine state from ``path`` and return this rank's trainer state."""
-        meta = json.loads((path / "meta.json").read_text())
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        meta = read_meta(path)
+        world = _world_size()
         rank_file = path / f"trainer_rank{_rank()}.pt"
         if meta["world_size"] != world or not rank_file.is_file():
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path}: written by {meta['world_size']} processes, resuming with {world}; exact resume "
                 "needs the same layout (load the weights into a new run with init_from instead)"
             )
-        with _quiet_single_process():
-            engine.load_checkpoint(str(path / "engine"))
-        return torch.load(rank_file, weights_only=False)
+        if meta.get("engine", "native") != self.metadata.get("engine"):
+            raise CheckpointError(f"{path}: written by the {meta.get('engine')} engine, this run uses the "
+                                  f"{self.metadata.get('engine')} engine (distributed.engine)")
+        try:
+            with _quiet_single_process():
+                engine.load_checkpoint(str(path / "engine"))
+            return torch.load(rank_file, weights_only=False)
+        except BaseException as err:  # DCP's CheckpointException derives from BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+                                  f"move it aside to resume from an older checkpoint") from err
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """meta.json of a checkpoint directory (step, world_size, engine, layout)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        int(meta["step"]), int(meta["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path / 'meta.json'}: unreadable checkpoint metadata ({err})") from err
+    return meta

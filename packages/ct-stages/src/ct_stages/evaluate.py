@@ -52,7 +52,7 @@ def reasoning_accuracy(model, tokenizer, problems: list[dict[str, Any]], *, max_
     from ct_data import answers_match, extract_boxed_answer
 
     model.eval()
-    eos = {tokenizer.eos_id, tokenizer.token_to_id("<|eot_id|>")} - {None}
+    eos = tokenizer.stop_ids
     correct, samples = 0, []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]

@@ -30,5 +30,6 @@ class Progress:
 
     def update(self, step: int, record: dict) -> None:
         if self._bar is not None:
-            stats = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s  mfu {record['mfu']:.1%}"
+            mfu = "n/a" if record["mfu"] is None else f"{record['mfu']:.1%}"
+            stats = f"loss {record['loss']:.3f}  {record['tokens_per_s_per_device']:,.0f} tok/s/dev  mfu {mfu}"
             self._bar.update(self._task, completed=step, stats=stats)

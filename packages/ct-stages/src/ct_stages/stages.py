@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ct_parallel import IGNORE_INDEX, LossFn, Microbatch
+from ct_model.batch import IGNORE_INDEX, SEQUENCE_INDEX, LossFn, Microbatch
 
 STAGES = ("pretrain", "midtrain", "posttrain")
 TEACHER_KINDS = ("online", "cached")
@@ -73,17 +73,21 @@ class Stage:
         else:
             self.loss_fn = cross_entropy_sum
 
-    def microbatches(self, batch: Microbatch, micro_batch_size: int, first_sequence: int) -> list[Microbatch]:
-        """Split a rank's batch; ``first_sequence`` is the global loader index of its first row."""
+    def microbatches(self, batch: Microbatch, micro_batch_size: int) -> list[Microbatch]:
+        """Split a rank's batch into microbatches (teacher targets added when the stage has a teacher).
+
+        The teacher cache is read by each row's global loader position, ``sequence_index``, which
+        the loader attaches to every batch; it is dropped before the engine sees the microbatch."""
         rows = batch["input_ids"].shape[0]
         if rows % micro_batch_size:
             raise ValueError(f"rank batch of {rows} rows is not divisible by micro_batch_size={micro_batch_size}")
+        if self.annotate is not None and SEQUENCE_INDEX not in batch:
+            raise ValueError(f"the {self.config.kind} stage needs batches with {SEQUENCE_INDEX!r} (a ct_data loader)")
         out = []
         for start in range(0, rows, micro_batch_size):
             mb = {k: v[start:start + micro_batch_size] for k, v in batch.items() if isinstance(v, torch.Tensor)}
             if self.annotate is not None:
-                index = torch.arange(first_sequence + start, first_sequence + start + mb["input_ids"].shape[0])
-                mb = self.annotate({**mb, "sequence_index": index})
-                mb.pop("sequence_index")
+                mb = self.annotate(mb)
+            mb.pop(SEQUENCE_INDEX, None)
             out.append(mb)
         return out

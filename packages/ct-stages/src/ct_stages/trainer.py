@@ -2,7 +2,8 @@
 
 engine.forward_backward(microbatches) -> clip -> optimizer step -> scheduler -> metrics ->
 checkpoint -> eval. The engine hides the parallel layout; the stage supplies microbatches and the
-loss; the loader yields this rank's share of each global batch.
+loss; the loader yields this rank's share of each global batch, each row carrying its global
+sequence index (``sequence_index``), so nothing here re-derives the loader's sharding.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointManager
-from .metrics import MetricsLog, memory_gib
+from .metrics import Reporter, memory_gib
 from .progress import Progress
 from .stages import Stage
 
@@ -82,27 +83,26 @@ class LoopState:
 
 
 class Trainer:
+    """Runs ``config.max_steps`` optimizer steps of ``stage`` on ``engine`` over ``loader``.
+
+    ``checkpoints`` saves and finds resumable states, ``reporter`` takes the figures, ``evaluate``
+    (optional) returns monitor metrics every ``config.eval_every`` steps."""
+
     def __init__(self, config: TrainerConfig, engine, stage: Stage, loader, scheduler,
-                 checkpoints: CheckpointManager, metrics: MetricsLog, *, clip_grad: float | None,
-                 flops_per_token: float, peak_flops: float, device: torch.device,
-                 evaluate: Callable[[], dict[str, float]] | None = None, is_main: bool = True,
-                 show_progress: bool = True, phase: str = "train"):
+                 checkpoints: CheckpointManager, reporter: Reporter, *, clip_grad: float | None = None,
+                 evaluate: Callable[[], dict[str, float]] | None = None):
         self.config = config
         self.engine = engine
         self.stage = stage
         self.loader = loader
         self.scheduler = scheduler
         self.checkpoints = checkpoints
-        self.metrics = metrics
+        self.reporter = reporter
+        self.metrics = reporter.metrics
         self.clip_grad = clip_grad
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
-        self.device = device
         self.evaluate = evaluate
-        self.is_main = is_main
-        self.show_progress = show_progress and is_main
-        self.phase = phase
         self.state = LoopState()
+        self._saved_step: int | None = None  # step of the newest checkpoint on disk
 
     # -- checkpoint state ------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
@@ -112,6 +112,7 @@ class Trainer:
 
     def save(self) -> None:
         path = self.checkpoints.save(self.state.step, self.engine, self._trainer_state())
+        self._saved_step = self.state.step
         self.metrics.write({"event": "checkpoint", "step": self.state.step, "path": str(path)})
 
     def resume_if_possible(self) -> bool:
@@ -125,35 +126,35 @@ class Trainer:
         self.state.step = saved["step"]
         self.state.consumed_tokens = saved["consumed_tokens"]
         self.state.skipped_steps = saved["skipped_steps"]
+        self._saved_step = self.state.step
         log.info("resumed from %s (step %d)", latest, self.state.step)
         self.metrics.write({"event": "resume", "step": self.state.step, "path": str(latest)})
         return True
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> LoopState:
-        cfg = self.config
+        cfg, out = self.config, self.reporter
         batches: Iterator = iter(self.loader)
-        progress = Progress(cfg.max_steps, self.state.step, enabled=self.show_progress, title=self.phase)
+        progress = Progress(cfg.max_steps, self.state.step, enabled=out.show_progress and out.is_main,
+                            title=out.title)
         with progress:
             while self.state.step < cfg.max_steps:
                 record = self._train_step(next(batches))
                 progress.update(self.state.step, record)
                 if self.state.step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
-                    if self.is_main and not progress.interactive:
+                    if out.is_main and not progress.interactive:
                         log.info(_format(record))
                 if self.state.step % cfg.checkpoint_every == 0 and self.state.step < cfg.max_steps:
                     self.save()
                 if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.evaluate:
                     self.metrics.write({"event": "eval", "step": self.state.step, **self.evaluate()})
-        self.save()
+        if self._saved_step != self.state.step:  # a rerun of a finished run rewrites nothing
+            self.save()
         return self.state
 
     def _train_step(self, batch) -> dict[str, Any]:
-        cfg = self.config
         start = time.perf_counter()
-        share = cfg.global_batch_size // self.engine.dp_size
-        first = self.state.step * cfg.global_batch_size + self.engine.dp_rank * share
-        microbatches = self.stage.microbatches(batch, cfg.micro_batch_size, first)
+        microbatches = self.stage.microbatches(batch, self.config.micro_batch_size)
         self.engine.zero_grad()
         result = self.engine.forward_backward(microbatches, self.stage.loss_fn)
         grad_norm = self.engine.clip_grad_norm(self.clip_grad)
@@ -168,14 +169,14 @@ class Trainer:
         self.state.step += 1
         self.state.consumed_tokens += result.input_tokens
         self.state.last_loss = result.loss
+        if not finite and self.state.skipped_steps > self.config.max_nonfinite_steps:
+            self._stop_nonfinite()
         seconds = time.perf_counter() - start
-        tokens_per_s = result.input_tokens / seconds
         record = {
             "event": "train", "step": self.state.step, "loss": result.loss, "lr": lr,
-            "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            "grad_norm": grad_norm, **self.reporter.throughput.measure(result.input_tokens, seconds),
             "step_time_s": seconds, "consumed_tokens": self.state.consumed_tokens,
-            "memory_gib": memory_gib(self.device), "skipped_steps": self.state.skipped_steps,
+            "memory_gib": memory_gib(self.reporter.device), "skipped_steps": self.state.skipped_steps,
         }
         self.metrics.write(record)
         return record
@@ -185,16 +186,19 @@ class Trainer:
         self.state.skipped_steps += 1
         log.warning("step %d: non-finite loss %s / grad norm %s: step skipped (%d so far)",
                     self.state.step + 1, loss, grad_norm, self.state.skipped_steps)
-        if self.state.skipped_steps > self.config.max_nonfinite_steps:
-            self.state.step += 1
-            self.save()
-            raise TrainingStopped(
-                f"{self.state.skipped_steps} non-finite steps (limit trainer.max_nonfinite_steps="
-                f"{self.config.max_nonfinite_steps}); stopped at step {self.state.step} with a checkpoint. "
-                "Lower optimizer.lr, enable optimizer.clip_grad, or check the data.")
+
+    def _stop_nonfinite(self) -> None:
+        # Saved after the scheduler and the step count moved on together, so a resume continues
+        # with the LR of the next step.
+        self.save()
+        raise TrainingStopped(
+            f"{self.state.skipped_steps} non-finite steps (limit trainer.max_nonfinite_steps="
+            f"{self.config.max_nonfinite_steps}); stopped at step {self.state.step} with a checkpoint. "
+            "Lower optimizer.lr, enable optimizer.clip_grad, or check the data.")
 
 
 def _format(record: dict[str, Any]) -> str:
+    mfu = "n/a" if record["mfu"] is None else f"{record['mfu']:.1%}"
     return (f"step {record['step']:>6}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-            f"gnorm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
-            f"mfu {record['mfu']:.1%}  mem {record['memory_gib']:.2f} GiB")
+            f"gnorm {record['grad_norm']:.3f}  {record['tokens_per_s_per_device']:,.0f} tok/s/device  "
+            f"mfu {mfu}  mem {record['memory_gib']:.2f} GiB")

@@ -247,12 +247,6 @@ class MegatronEngine:
         if load_optimizer and "optimizer" in state:
             self.megatron_optimizer.load_state_dict(state["optimizer"])
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        raise NotImplementedError("the megatron engine checkpoints through save_checkpoint/load_checkpoint")
-
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError("the megatron engine checkpoints through save_checkpoint/load_checkpoint")
-
     def full_model_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full ct-model state dict (TP gathered, PP stages joined) on global rank 0, else None."""
         return bridge.export_ct_state_dict(self.chunks, self.model_config)

@@ -22,6 +22,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from ct_model.errors import UserError
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_submodules,
@@ -39,7 +40,7 @@ from ct_model import ModelConfig
 from ..config import DistributedConfig
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """A ModelConfig field has no exact megatron-core equivalent."""
 
 
