@@ -125,3 +125,16 @@ def test_a_chosen_optimizer_is_the_one_that_trains(tmp_path, sample_dir):
     assert json.loads((run / "summary.json").read_text())["optimizer"] == "SGD"
     start = next(e for e in events(run) if e["event"] == "start")
     assert start["optimizer"] == "SGD"
+
+
+def test_a_run_destroys_the_process_group_it_created(tmp_path, sample_dir):
+    import torch.distributed as dist
+
+    from ct_cli.common import config_dir, run_config
+    from ct_stages.run import run_phase
+
+    run = run_config("pretrain_phase1", [f"run_dir={tmp_path / 'run'}", f"sample_data.dir={sample_dir}", *TINY,
+                                         "trainer.max_steps=1", "distributed=ddp"], config_dir())
+    result = run_phase(run)  # one process, DDP: init_distributed makes a private group
+    assert result.steps == 1 and not dist.is_initialized()
+    assert run_phase(run).steps == 1 and not dist.is_initialized()  # and a second phase in-process works
