@@ -47,7 +47,8 @@ def row_stream(batches, row=0):
     """The concatenated columns of one row over several batches (lists of ints)."""
     import torch
 
-    cat = {k: torch.cat([b[k][row] for b in batches]).tolist() for k in batches[0]}
+    keys = ("input_ids", "labels", "position_ids", "document_ids")
+    cat = {k: torch.cat([b[k][row] for b in batches]).tolist() for k in keys}
     return cat["input_ids"], cat["labels"], cat["position_ids"], cat["document_ids"]
 
 

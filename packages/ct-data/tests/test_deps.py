@@ -1,9 +1,10 @@
-"""ct-data installs and imports alone: no megatron, modelopt, wandb, hydra, or other ct_* package."""
+"""ct-data installs and imports alone: no megatron, modelopt, wandb, hydra, or ct_* package other
+than ct_model (the batch contract and the user-error base; torch and safetensors only)."""
 
 import subprocess
 import sys
 
-FORBIDDEN = ("megatron", "modelopt", "wandb", "hydra", "omegaconf", "ct_model", "ct_distill", "ct_parallel",
+FORBIDDEN = ("megatron", "modelopt", "wandb", "hydra", "omegaconf", "ct_distill", "ct_parallel",
              "ct_precision", "ct_stages", "ct_cli")
 
 SCRIPT = """
@@ -32,5 +33,5 @@ def test_declared_dependencies():
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     deps = {d.split(">")[0].split("=")[0].split("[")[0].strip() for d in pyproject["project"]["dependencies"]}
-    assert deps <= {"torch", "datasets", "tokenizers", "transformers", "pyarrow", "jinja2", "pyyaml"}
-    assert not any(d.startswith("ct-") for d in deps)
+    assert deps <= {"ct-model", "torch", "datasets", "tokenizers", "transformers", "pyarrow", "jinja2", "pyyaml"}
+    assert {d for d in deps if d.startswith("ct-")} == {"ct-model"}

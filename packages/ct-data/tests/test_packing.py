@@ -31,7 +31,9 @@ def test_no_token_lost_and_boundaries(tmp_path, tokenizer, add_eos):
     srcs = sources(tmp_path)
     loader = build_pretrain_loader(srcs, tokenizer, T, B, seed=3, add_eos=add_eos, max_doc_tokens=None, prefetch=0)
     batches = [next(loader) for _ in range(steps)]
-    for b in batches:
+    for step, b in enumerate(batches):
+        index = b.pop("sequence_index")  # each row's global position in the loader's order
+        assert index.tolist() == [step * B + j for j in range(B)]
         assert all(v.shape == (B, T) and v.dtype == torch.long for v in b.values())
     for row in range(B):
         ids, labels, pos, doc = row_stream(batches, row)

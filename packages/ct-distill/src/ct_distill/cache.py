@@ -404,9 +404,6 @@ class TeacherCacheReader:
                                      f"[0, {self.vocab_size}) (corrupt shard?)")
         return TopK(ids.long(), logprobs.float())
 
-    def get_range(self, start: int, count: int) -> TopK:
-        return self.get(range(start, start + count))
-
     def hashes(self, seq_indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         return self._read(seq_indices, ("input_hash",))[0]
 

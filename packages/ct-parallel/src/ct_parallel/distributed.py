@@ -104,8 +104,8 @@ def shutdown_distributed(config: DistributedConfig) -> None:
     """Tear down what ``init_distributed`` built (megatron's groups, then the process group), so a
     process can run another phase or exit without leaked groups."""
     if config.engine == "megatron":
-        from megatron.core import parallel_state
+        from .megatron.state import destroy_megatron_parallel
 
-        parallel_state.destroy_model_parallel()
+        destroy_megatron_parallel()
     if is_distributed():
         dist.destroy_process_group()
