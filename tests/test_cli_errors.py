@@ -106,9 +106,11 @@ def test_damaged_checkpoints_exit_2_naming_the_file(capsys, tmp_path, sample_dir
     assert train(capsys, *args)[0] == 0
     ckpt = run / "checkpoints" / "step_00000002"
     shard = next((ckpt / "engine").glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated: the manifest no longer verifies
     code, err = train(capsys, *args, "trainer.max_steps=4")
-    assert code == 2 and str(ckpt) in err and "cannot be read" in err, err
+    assert code == 2 and "no checkpoint verifies" in err and str(shard) in err, err
+    assert export_cli.main([str(run), str(tmp_path / "out")]) == 2
+    assert str(shard) in capsys.readouterr().err
     (ckpt / "meta.json").write_text("{not json")
     code, err = train(capsys, *args, "trainer.max_steps=4")
     assert code == 2 and "meta.json" in err, err

@@ -41,3 +41,53 @@ def test_interrupted_save_is_never_taken_for_a_checkpoint(tmp_path):
     manager.save(3, source, {"step": 3})
     assert not partial.exists()  # cleaned by the next successful save
     assert json.loads((manager.latest() / "meta.json").read_text())["step"] == 3
+
+
+def _damage_truncate(ckpt):
+    shard = next((ckpt / "engine").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    return shard
+
+
+def _damage_delete(ckpt):
+    victim = ckpt / "trainer_rank0.pt"
+    victim.unlink()
+    return victim
+
+
+def _damage_flip(ckpt):
+    shard = next((ckpt / "engine").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_delete, _damage_flip])
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog, damage):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    source, _ = engine(0)
+    for step in (1, 2):
+        manager.save(step, source, {"step": step})
+    meta = json.loads((tmp_path / "step_00000002" / "meta.json").read_text())
+    assert "trainer_rank0.pt" in meta["files"] and meta["engine"] == "native"
+    victim = damage(tmp_path / "step_00000002")
+    with caplog.at_level("WARNING", logger="ct_stages"):
+        assert manager.latest_verified().name == "step_00000001"
+    assert str(victim) in caplog.text
+
+
+def test_no_verifying_checkpoint_is_an_error_listing_each(tmp_path):
+    from ct_stages.checkpoint import CheckpointError
+
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    source, _ = engine(0)
+    for step in (1, 2):
+        manager.save(step, source, {"step": step})
+    first, second = _damage_flip(tmp_path / "step_00000001"), _damage_delete(tmp_path / "step_00000002")
+    with pytest.raises(CheckpointError) as err:
+        manager.latest_verified()
+    assert str(first) in str(err.value) and str(second) in str(err.value)

@@ -20,8 +20,13 @@ def find_checkpoint(path: Path) -> tuple[Path, Path]:
     from ct_stages import CheckpointManager
 
     if (path / "meta.json").is_file() and (path / "engine").is_dir():
+        from ct_stages.checkpoint import verify
+
+        issues = verify(path)
+        if issues:
+            raise UserFacingError(f"{path}: damaged checkpoint: {'; '.join(issues)}")
         return path, path.parent.parent
-    latest = CheckpointManager(path / "checkpoints").latest()
+    latest = CheckpointManager(path / "checkpoints").latest_verified()
     if latest is None:
         raise UserFacingError(f"{path}: neither a checkpoint (meta.json + engine/) nor a run directory with "
                               "complete checkpoints under checkpoints/")

@@ -3,13 +3,16 @@
 Layout: ``<root>/step_00000042/`` holding ``engine/`` (model + optimizer, written by the engine:
 torch.distributed.checkpoint for native engines, megatron dist_checkpointing for megatron),
 ``trainer_rank{r}.pt`` (scheduler, data-loader state, RNG states, step, consumed tokens: one per
-rank because loader and RNG state are per rank) and ``meta.json``. Everything is written under
-``.tmp-step_00000042`` and renamed at the end; only names matching ``step_*`` count.
+rank because loader and RNG state are per rank) and ``meta.json`` (step, world size, engine kind
+and layout, and the manifest: every file's size and sha256), written last. Everything is written
+under ``.tmp-step_00000042`` and renamed at the end; only names matching ``step_*`` with a
+meta.json count, and a resume takes the newest one whose files match its manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -60,6 +63,24 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
+    def latest_verified(self) -> Path | None:
+        """The newest complete checkpoint whose files match its manifest. Damaged ones (a file
+        missing, truncated or changed) are skipped with a warning naming the file; if checkpoints
+        exist but none verifies, CheckpointError lists what is wrong with each."""
+        problems = []
+        for path in reversed(self.complete()):
+            issues = verify(path)
+            if not issues:
+                if problems:
+                    log.warning("resuming from %s, the newest checkpoint that verifies", path)
+                return path
+            log.warning("checkpoint %s is damaged, skipped: %s", path, "; ".join(issues))
+            problems.append(f"{path}: {'; '.join(issues)}")
+        if problems:
+            raise CheckpointError("no checkpoint verifies against its manifest: " + " | ".join(problems) +
+                                  ". Move the damaged ones aside to start afresh")
+        return None
+
     def save(self, step: int, engine, trainer_state: dict[str, Any]) -> Path:
         """Collective: every rank calls it with its own trainer_state."""
         final = self.root / f"step_{step:08d}"
@@ -74,8 +95,10 @@ class CheckpointManager:
         torch.save(trainer_state, tmp / f"trainer_rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
-            meta = {"step": step, "world_size": _world_size(), **self.metadata}
-            (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+            # meta.json is written last and holds the manifest: its presence means complete.
+            meta = {"step": step, "world_size": _world_size(), **self.metadata, "files": manifest(tmp)}
+            (tmp / "meta.json.tmp").write_text(json.dumps(meta) + "\n")
+            os.replace(tmp / "meta.json.tmp", tmp / "meta.json")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -111,6 +134,41 @@ class CheckpointManager:
                 raise
             raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
                                   f"move it aside to resume from an older checkpoint") from err
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every file under ``directory``: relative path -> size and sha256."""
+    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def verify(path: Path) -> list[str]:
+    """What does not match the checkpoint's manifest (empty: it verifies). Checkpoints written
+    before manifests existed have none and verify trivially."""
+    try:
+        expected = read_meta(path).get("files")
+    except CheckpointError as err:
+        return [str(err)]
+    if expected is None:
+        return []
+    issues = []
+    for name, want in expected.items():
+        file = path / name
+        if not file.is_file():
+            issues.append(f"{file}: missing")
+        elif file.stat().st_size != want["size"]:
+            issues.append(f"{file}: {file.stat().st_size} bytes, expected {want['size']} (truncated?)")
+        elif _sha256(file) != want["sha256"]:
+            issues.append(f"{file}: checksum differs from the manifest")
+    return issues
 
 
 def read_meta(path: Path) -> dict[str, Any]:

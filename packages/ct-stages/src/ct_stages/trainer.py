@@ -116,7 +116,7 @@ class Trainer:
         self.metrics.write({"event": "checkpoint", "step": self.state.step, "path": str(path)})
 
     def resume_if_possible(self) -> bool:
-        latest = self.checkpoints.latest()
+        latest = self.checkpoints.latest_verified()
         if latest is None:
             return False
         saved = self.checkpoints.load(latest, self.engine)
