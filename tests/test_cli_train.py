@@ -83,6 +83,35 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, sample_dir):
     assert train_losses(killed) == expected  # every step, bit for bit
 
 
+def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, sample_dir):
+    steps = 8
+    reference = tmp_path / "reference"
+    ct("train", "--phase", "pretrain_phase1", f"run_dir={reference}", f"sample_data.dir={sample_dir}",
+       *TINY, f"trainer.max_steps={steps}", "trainer.checkpoint_every=100")
+    expected = train_losses(reference)
+
+    run = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, "-m", "ct_cli.train", "--phase", "pretrain_phase1", f"run_dir={run}",
+                             f"sample_data.dir={sample_dir}", *TINY, f"trainer.max_steps={steps}",
+                             "trainer.checkpoint_every=100"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and max(train_losses(run) or {0: 0}) < 2:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before SIGTERM: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    stopped = [e for e in events(run) if e["event"] == "preempted"]
+    assert stopped and "preempted: stopped by SIGTERM" in err
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert saved == [f"step_{stopped[0]['step']:08d}"] and stopped[0]["step"] < steps  # no periodic ones
+    ct("train", "--phase", "pretrain_phase1", f"run_dir={run}", f"sample_data.dir={sample_dir}", *TINY,
+       f"trainer.max_steps={steps}", "trainer.checkpoint_every=100")
+    assert train_losses(run) == expected  # every step, bit for bit
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -82,8 +82,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_guarded(fn: Callable[[], int | None]) -> int:
+    from ct_stages.trainer import Preempted
+
     try:
         return fn() or 0
+    except Preempted as err:  # a checkpoint was written: say so, exit 143 (SLURM requeues on it)
+        print(f"preempted: {err}", file=sys.stderr)
+        return err.exit_status
     except Exception as err:  # noqa: BLE001 - classify, then re-raise what is not a user error
         if isinstance(err, user_errors()):
             print(f"error: {err}", file=sys.stderr)

@@ -6,10 +6,10 @@
 from .checkpoint import CheckpointManager
 from .optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler, lr_factor
 from .stages import DistillConfig, Stage, StageConfig, cross_entropy_sum
-from .trainer import Trainer, TrainerConfig, TrainingStopped
+from .trainer import Preempted, Trainer, TrainerConfig, TrainingStopped
 
 __all__ = [
     "CheckpointManager", "DistillConfig", "OptimizerConfig", "ScheduleConfig", "Stage", "StageConfig",
-    "Trainer", "TrainerConfig", "TrainingStopped", "build_optimizer", "build_scheduler",
+    "Preempted", "Trainer", "TrainerConfig", "TrainingStopped", "build_optimizer", "build_scheduler",
     "cross_entropy_sum", "lr_factor",
 ]

@@ -11,12 +11,16 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from ct_parallel import is_distributed
 
 from .checkpoint import CheckpointManager
 from .metrics import Reporter, memory_gib
@@ -57,6 +61,43 @@ class TrainerConfig:
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (too many non-finite steps); a checkpoint was written."""
+
+
+class Preempted(TrainingStopped):
+    """SIGTERM (what SLURM sends before it kills or requeues a job): the step in flight finished,
+    a checkpoint was written, and the entry point exits with 128 + SIGTERM."""
+
+    exit_status = 128 + signal.SIGTERM
+
+
+class _TermFlag:
+    """Set by SIGTERM; every rank learns of it after the same step (one tiny all-reduce a step
+    under several processes), so all of them save the same checkpoint together."""
+
+    def __init__(self, device: torch.device):
+        self.raised = False
+        self.device = device
+        self._previous = None
+
+    def __enter__(self) -> "_TermFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+        log.warning("SIGTERM: finishing this step, then writing a checkpoint and stopping")
+
+    def agreed(self) -> bool:
+        if not is_distributed():
+            return self.raised
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def rng_state() -> dict[str, Any]:
@@ -137,7 +178,7 @@ class Trainer:
         batches: Iterator = iter(self.loader)
         progress = Progress(cfg.max_steps, self.state.step, enabled=out.show_progress and out.is_main,
                             title=out.title)
-        with progress:
+        with progress, _TermFlag(out.device) as term:
             while self.state.step < cfg.max_steps:
                 record = self._train_step(next(batches))
                 progress.update(self.state.step, record)
@@ -148,6 +189,8 @@ class Trainer:
                     self.save()
                 if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.evaluate:
                     self.metrics.write({"event": "eval", "step": self.state.step, **self.evaluate()})
+                if term.agreed() and self.state.step < cfg.max_steps:
+                    self._stop_preempted()
         if self._saved_step != self.state.step:  # a rerun of a finished run rewrites nothing
             self.save()
         return self.state
@@ -186,6 +229,13 @@ class Trainer:
         self.state.skipped_steps += 1
         log.warning("step %d: non-finite loss %s / grad norm %s: step skipped (%d so far)",
                     self.state.step + 1, loss, grad_norm, self.state.skipped_steps)
+
+    def _stop_preempted(self) -> None:
+        if self._saved_step != self.state.step:
+            self.save()
+        self.metrics.write({"event": "preempted", "step": self.state.step})
+        raise Preempted(f"stopped by SIGTERM after step {self.state.step} with a checkpoint; "
+                        "run the same command again to resume")
 
     def _stop_nonfinite(self) -> None:
         # Saved after the scheduler and the step count moved on together, so a resume continues
