@@ -72,3 +72,30 @@ def test_megatron_tp2_one_step_through_the_cli(tmp_path, sample_dir, single_loss
     ids = torch.randint(0, 1000, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(exported(ids), ours(ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.dist
+def test_resume_at_another_world_size_continues_the_same_run(tmp_path, sample_dir):
+    """2-process DDP -> 1 process and 1 process -> 2-process FSDP2: DCP reshards the model and
+    optimizer, the loader states of the saved ranks are merged; later losses equal the
+    uninterrupted single-process run's."""
+    common = [f"sample_data.dir={sample_dir}", *TINY]
+    reference = tmp_path / "reference"
+    ct("train", "--phase", "pretrain_phase1", f"run_dir={reference}", *common, "trainer.max_steps=4")
+    expected = train_losses(reference)
+
+    shrink = tmp_path / "shrink"
+    ct("train", "--phase", "pretrain_phase1", "--nproc-per-node", "2", "distributed=ddp", f"run_dir={shrink}",
+       *common, "trainer.max_steps=2")
+    ct("train", "--phase", "pretrain_phase1", f"run_dir={shrink}", *common, "trainer.max_steps=4")
+    grow = tmp_path / "grow"
+    ct("train", "--phase", "pretrain_phase1", f"run_dir={grow}", *common, "trainer.max_steps=2")
+    ct("train", "--phase", "pretrain_phase1", "--nproc-per-node", "2", "distributed=fsdp2", f"run_dir={grow}",
+       *common, "trainer.max_steps=4")
+    for run in (shrink, grow):
+        resumed = [e for e in events(run) if e["event"] == "resume"]
+        assert resumed and resumed[0]["step"] == 2
+        losses = train_losses(run)
+        assert sorted(losses) == [1, 2, 3, 4]
+        for step in (3, 4):
+            assert losses[step] == pytest.approx(expected[step], rel=1e-6), (run.name, step)

@@ -115,25 +115,39 @@ class CheckpointManager:
     def load(self, path: Path, engine) -> dict[str, Any]:
         """Restore engine state from ``path`` and return this rank's trainer state."""
         meta = read_meta(path)
-        world = _world_size()
-        rank_file = path / f"trainer_rank{_rank()}.pt"
-        if meta["world_size"] != world or not rank_file.is_file():
-            raise CheckpointError(
-                f"{path}: written by {meta['world_size']} processes, resuming with {world}; exact resume "
-                "needs the same layout (load the weights into a new run with init_from instead)"
-            )
+        saved_world, world = meta["world_size"], _world_size()
         if meta.get("engine", "native") != self.metadata.get("engine"):
             raise CheckpointError(f"{path}: written by the {meta.get('engine')} engine, this run uses the "
                                   f"{self.metadata.get('engine')} engine (distributed.engine)")
+        if saved_world != world and self.metadata.get("engine") != "native":
+            raise CheckpointError(
+                f"{path}: written by {saved_world} processes, resuming with {world}; the megatron engine "
+                "resumes at its own world size only (load the weights into a new run with init_from instead)")
         try:
             with _quiet_single_process():
-                engine.load_checkpoint(str(path / "engine"))
-            return torch.load(rank_file, weights_only=False)
+                engine.load_checkpoint(str(path / "engine"))  # DCP reshards to this layout
+            if saved_world == world:
+                return torch.load(path / f"trainer_rank{_rank()}.pt", weights_only=False)
+            return _reshard_trainer_state(path, saved_world)
         except BaseException as err:  # DCP's CheckpointException derives from BaseException
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
                                   f"move it aside to resume from an older checkpoint") from err
+
+
+def _reshard_trainer_state(path: Path, saved_world: int) -> dict[str, Any]:
+    """This rank's trainer state from a checkpoint written at another world size: step, schedule
+    and counters are the same on every rank; the loader states of all saved ranks are merged
+    (the loader is layout-invariant: each rank then takes its own rows of the merged state); the
+    RNG state is this rank's if it was saved, else rank 0's (no stage draws random numbers)."""
+    from ct_data import merge_states
+
+    states = [torch.load(path / f"trainer_rank{r}.pt", weights_only=False) for r in range(saved_world)]
+    mine = states[_rank()] if _rank() < saved_world else states[0]
+    log.info("%s: written by %d processes, resuming with %d (loader states merged)", path, saved_world,
+             _world_size())
+    return {**mine, "loader": merge_states([s["loader"] for s in states])}
 
 
 def _sha256(path: Path) -> str:
