@@ -99,3 +99,45 @@ def test_resume_at_another_world_size_continues_the_same_run(tmp_path, sample_di
         assert sorted(losses) == [1, 2, 3, 4]
         for step in (3, 4):
             assert losses[step] == pytest.approx(expected[step], rel=1e-6), (run.name, step)
+
+
+@pytest.mark.dist
+def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path, sample_dir):
+    """kill -9 of one DDP rank mid-run: every process exits non-zero well within 60 s (torchrun's
+    agent stops the other rank; its collectives fail fast on the closed peer, and the collective
+    timeout bounds any other wait), no partial checkpoint counts, and the rerun resumes."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from ct_stages import CheckpointManager
+
+    common = [f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=8", "distributed.timeout_minutes=1"]
+    reference = tmp_path / "reference"
+    ct("train", "--phase", "pretrain_phase1", f"run_dir={reference}", *common)
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "ct_cli.train", "--phase", "pretrain_phase1", "--nproc-per-node", "2",
+            "distributed=ddp", f"run_dir={run}", *common]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and max(train_losses(run) or {0: 0}) < 3:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if p.environ().get("LOCAL_RANK") == "1"]
+    assert workers, "no rank-1 worker found"
+    killed_at = time.time()
+    os.kill(workers[0].pid, signal.SIGKILL)
+    proc.communicate(timeout=90)
+    assert proc.returncode != 0 and time.time() - killed_at < 60
+    assert not [p for p in psutil.Process().children(recursive=True) if "ct_cli.train" in " ".join(p.cmdline())]
+    CheckpointManager(run / "checkpoints").latest_verified()  # whatever is there verifies
+
+    ct("train", "--phase", "pretrain_phase1", "--nproc-per-node", "2", "distributed=ddp", f"run_dir={run}", *common)
+    assert [e for e in events(run) if e["event"] == "resume"]
+    expected, losses = train_losses(reference), train_losses(run)
+    assert sorted(losses) == list(range(1, 9))
+    assert all(losses[s] == pytest.approx(expected[s], rel=1e-5) for s in losses)

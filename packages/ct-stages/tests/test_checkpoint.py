@@ -91,3 +91,26 @@ def test_no_verifying_checkpoint_is_an_error_listing_each(tmp_path):
     with pytest.raises(CheckpointError) as err:
         manager.latest_verified()
     assert str(first) in str(err.value) and str(second) in str(err.value)
+
+
+def test_a_full_disk_stops_the_save_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from ct_stages.checkpoint import CheckpointError
+
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    source, _ = engine(0)
+    manager.save(1, source, {"step": 1})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)  # the fault-injection point: the trainer-state write
+    with pytest.raises(CheckpointError, match=str(tmp_path)) as err:
+        manager.save(2, source, {"step": 2})
+    assert "No space left" in str(err.value)
+    assert not any(p.name.endswith("step_00000002") for p in tmp_path.iterdir())  # no partial step
+    monkeypatch.undo()
+    assert manager.latest_verified().name == "step_00000001"  # intact, and it still verifies
+    manager.save(2, source, {"step": 2})  # with space again
+    assert manager.latest_verified().name == "step_00000002"

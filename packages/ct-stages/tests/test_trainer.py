@@ -173,3 +173,25 @@ def test_trainer_config_errors_name_the_field():
         TrainerConfig(max_steps=0)
     with pytest.raises(ValueError, match="data-parallel"):
         TrainerConfig(global_batch_size=8, micro_batch_size=8).check_layout(2)
+
+
+def test_the_watchdog_reports_a_step_far_slower_than_the_median(tmp_path, caplog):
+    import time as time_mod
+
+    batches = make_batches(8, 4)
+    trainer, _, _ = build_trainer(tmp_path, batches, gbs=4, mbs=4, steps=8)
+    real_step = trainer.engine.optimizer_step
+    calls = {"n": 0}
+
+    def stalled_step():
+        calls["n"] += 1
+        if calls["n"] == 7:
+            time_mod.sleep(1.0)  # a stalled step, far above the ~10 ms of the others
+        real_step()
+
+    trainer.engine.optimizer_step = stalled_step
+    with caplog.at_level("WARNING", logger="ct_stages"):
+        trainer.fit()
+    slow = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    slow = [e for e in slow if e["event"] == "slow_step"]
+    assert [e["step"] for e in slow] == [7] and "the median step" in caplog.text

@@ -45,6 +45,9 @@ class DistributedConfig:
     fsdp_reshard_after_forward: bool = True
     # "auto": nccl when CUDA is available, else gloo.
     backend: str = "auto"
+    # Collective timeout: a rank stuck this long in a collective (a dead or hung peer) raises
+    # instead of hanging the job for ever (torch's default is 10 min for nccl, 30 for gloo).
+    timeout_minutes: float = 10.0
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -82,6 +85,8 @@ class DistributedConfig:
             raise ValueError(f"distributed.fsdp_param_dtype must be null or one of {DTYPES}, got {self.fsdp_param_dtype!r}")
         if self.fsdp_reduce_dtype not in DTYPES:
             raise ValueError(f"distributed.fsdp_reduce_dtype must be one of {DTYPES}, got {self.fsdp_reduce_dtype!r}")
+        if not isinstance(self.timeout_minutes, (int, float)) or not self.timeout_minutes > 0:
+            raise ValueError(f"distributed.timeout_minutes must be > 0, got {self.timeout_minutes!r}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"distributed.backend must be auto, gloo or nccl, got {self.backend!r}")
 

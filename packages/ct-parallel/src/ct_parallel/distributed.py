@@ -37,7 +37,7 @@ def _backend(config: DistributedConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(config: DistributedConfig, *, timeout_minutes: float = 30.0) -> DistInfo:
+def init_distributed(config: DistributedConfig) -> DistInfo:
     """Initialise torch.distributed from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT); for the megatron engine also megatron's model-parallel groups.
 
@@ -59,7 +59,7 @@ def init_distributed(config: DistributedConfig, *, timeout_minutes: float = 30.0
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=_backend(config), rank=rank, world_size=world_size,
-                                timeout=timedelta(minutes=timeout_minutes), **kwargs)
+                                timeout=timedelta(minutes=config.timeout_minutes), **kwargs)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     dp_size = config.data_parallel_size(world_size)

@@ -85,14 +85,22 @@ class CheckpointManager:
         """Collective: every rank calls it with its own trainer_state."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-step_{step:08d}"
-        if _rank() == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
-            tmp.mkdir()
-        _barrier()
-        with _quiet_single_process():
-            engine.save_checkpoint(str(tmp / "engine"))
-        torch.save(trainer_state, tmp / f"trainer_rank{_rank()}.pt")
+        try:
+            if _rank() == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
+                tmp.mkdir()
+            _barrier()
+            with _quiet_single_process():
+                engine.save_checkpoint(str(tmp / "engine"))
+            torch.save(trainer_state, tmp / f"trainer_rank{_rank()}.pt")
+        except BaseException as err:  # DCP wraps write errors in a BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)) or not _is_write_error(err):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial step behind
+            raise CheckpointError(f"cannot write the step-{step} checkpoint under {self.root}: {_cause(err)}; "
+                                  f"the previous checkpoints are untouched. Free space or fix permissions, "
+                                  f"then run the same command again to resume") from err
         _barrier()
         if _rank() == 0:
             # meta.json is written last and holds the manifest: its presence means complete.
@@ -134,6 +142,19 @@ class CheckpointManager:
                 raise
             raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
                                   f"move it aside to resume from an older checkpoint") from err
+
+
+def _is_write_error(err: BaseException) -> bool:
+    """An OSError (disk full, read-only, permissions), possibly wrapped by DCP."""
+    return isinstance(err, OSError) or "OSError" in str(err) or "No space left" in str(err)
+
+
+def _cause(err: BaseException) -> str:
+    text = str(err)
+    for line in text.splitlines():
+        if "Error" in line and ":" in line:
+            return line.strip()[:300]
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 def _reshard_trainer_state(path: Path, saved_world: int) -> dict[str, Any]:

@@ -9,7 +9,9 @@ sequence index (``sequence_index``), so nothing here re-derives the loader's sha
 from __future__ import annotations
 
 import logging
+import collections
 import math
+import statistics
 import random
 import signal
 import threading
@@ -42,12 +44,17 @@ class TrainerConfig:
     eval_every: int = 0  # 0: no eval during training (ct-eval scores the exports)
     eval_batches: int = 8  # fixed monitor batches (global batches) for eval_every
     max_nonfinite_steps: int = 5  # skipped steps tolerated before stopping with a checkpoint
+    # Watchdog: warn when a step takes this many times the median step (0: off). A true hang is
+    # ended by the collective timeout (distributed.timeout_minutes) instead.
+    slow_step_factor: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"trainer.{name} must be an integer >= 1, got {value!r}")
+        if self.slow_step_factor != 0 and self.slow_step_factor <= 1:
+            raise ValueError(f"trainer.slow_step_factor must be 0 (off) or > 1, got {self.slow_step_factor}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"trainer.global_batch_size={self.global_batch_size} must be a multiple of "
                              f"trainer.micro_batch_size={self.micro_batch_size}")
@@ -144,6 +151,7 @@ class Trainer:
         self.evaluate = evaluate
         self.state = LoopState()
         self._saved_step: int | None = None  # step of the newest checkpoint on disk
+        self._step_times: collections.deque[float] = collections.deque(maxlen=50)
 
     # -- checkpoint state ------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
@@ -222,7 +230,20 @@ class Trainer:
             "memory_gib": memory_gib(self.reporter.device), "skipped_steps": self.state.skipped_steps,
         }
         self.metrics.write(record)
+        self._watch(seconds)
         return record
+
+    def _watch(self, seconds: float) -> None:
+        """Warn about a step far slower than the recent median (a straggler, a stalled disk)."""
+        factor, times = self.config.slow_step_factor, self._step_times
+        if factor and len(times) >= 5:
+            median = statistics.median(times)
+            if seconds > factor * median:
+                log.warning("step %d took %.2f s, %.1fx the median step (%.2f s)", self.state.step, seconds,
+                            seconds / median, median)
+                self.metrics.write({"event": "slow_step", "step": self.state.step, "seconds": seconds,
+                                    "median_seconds": median})
+        times.append(seconds)
 
     def _skip(self, loss: float, grad_norm: float) -> None:
         self.engine.zero_grad()

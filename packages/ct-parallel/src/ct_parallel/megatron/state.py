@@ -21,6 +21,7 @@ def initialize_megatron_parallel(config: DistributedConfig, seed: int = 1234) ->
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=vpp,
+        distributed_timeout_minutes=max(1, round(config.timeout_minutes)),
     )
     # Megatron's RNG tracker (dropout inside TP regions) must exist even with dropout off.
     model_parallel_cuda_manual_seed(seed)
