@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-problems", type=int, default=200)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--samples", type=int, default=0,
+                   help="also sample N answers per problem: pass@1 (mean over samples), maj@N, pass@N")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default: %(default)s)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the sampled answers")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
@@ -58,13 +63,25 @@ def main(argv: list[str] | None = None) -> int:
                   **ev.text_perplexity(model, tokenizer, texts),
                   **ev.reasoning_accuracy(model, tokenizer, problems, max_new_tokens=args.max_new_tokens,
                                           batch_size=args.batch_size)}
+        if args.samples:
+            try:
+                result.update(ev.sampled_accuracy(model, tokenizer, problems, samples=args.samples,
+                                                  temperature=args.temperature, top_p=args.top_p,
+                                                  seed=args.sample_seed, max_new_tokens=args.max_new_tokens,
+                                                  batch_size=args.batch_size))
+            except ValueError as err:
+                raise UserFacingError(f"--samples/--temperature: {err}") from err
         if args.json:
             print(json.dumps(result))
         else:
             print(f"{result['model']} on {source}")
             print(f"  held-out perplexity {result['perplexity']:.3f} (loss {result['eval_loss']:.4f}, "
                   f"{result['eval_tokens']} tokens)")
-            print(f"  reasoning accuracy  {result['accuracy']:.1%} ({result['correct']}/{result['problems']})")
+            print(f"  reasoning accuracy  {result['accuracy']:.1%} ({result['correct']}/{result['problems']}, greedy)")
+            if args.samples:
+                n = args.samples
+                print(f"  sampled (T={args.temperature}, top-p {args.top_p}, {n} per problem): pass@1 "
+                      f"{result['pass@1']:.1%}  maj@{n} {result[f'maj@{n}']:.1%}  pass@{n} {result[f'pass@{n}']:.1%}")
             for s in result["samples"][:2]:
                 print(f"  e.g. Q: {s['question'][:80]!r}\n       A: {s['output'][:160]!r} "
                       f"({'correct' if s['correct'] else 'wrong'}, reference {s['answer']})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -46,10 +47,20 @@ def extract_final_answer(text: str) -> str | None:
     return normalize_answer(nums[-1]) if nums else None
 
 
+_LATEX_NOISE = ("\\!", "\\,", "\\;", "\\left", "\\right", "\\displaystyle")
+_TEXT = re.compile(r"\\(?:text|mathrm|textbf|mbox)\{([^{}]*)\}")
+_FRAC = re.compile(r"^([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}$")
+
+
 def normalize_answer(answer: str) -> str:
-    """Strip spaces, ``$``, thousands separators and a trailing period; integral numbers as integers."""
-    a = answer.strip().replace("$", "").replace("\\!", "").strip()
-    a = a.rstrip(".").strip()
+    """Strip spaces, ``$``, LaTeX spacing, ``\\text{}`` wrappers, thousands separators and a trailing
+    period; ``\\dfrac``/``\\tfrac`` -> ``\\frac``; integral numbers as integers."""
+    a = answer.strip().replace("$", "")
+    for noise in _LATEX_NOISE:
+        a = a.replace(noise, "")
+    a = _TEXT.sub(lambda m: m.group(1), a)
+    a = a.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    a = a.strip().rstrip(".").strip()
     if re.fullmatch(r"[+-]?[\d,]*\.?\d+", a):
         a = a.replace(",", "").lstrip("+")
         try:
@@ -62,14 +73,33 @@ def normalize_answer(answer: str) -> str:
     return a
 
 
+def numeric_value(answer: str) -> Fraction | None:
+    """The exact value of a number, ``a/b`` or ``\\frac{a}{b}`` (after normalisation), else None."""
+    a = normalize_answer(answer).replace(" ", "")
+    frac = _FRAC.match(a)
+    if frac:
+        sign, num, den = frac.groups()
+        a = f"{sign}{num}/{den}"
+    try:
+        if "/" in a:
+            num, den = a.split("/", 1)
+            value = Fraction(Fraction(num), Fraction(den))
+        else:
+            value = Fraction(a.replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value
+
+
 def answers_match(predicted: str | None, reference: str | None) -> bool:
-    """Exact match after normalisation (numbers compared as numbers)."""
+    """Equal after normalisation, or equal as numbers where both parse (``0.5`` = ``1/2`` =
+    ``\\frac{1}{2}``; decimals compared to 1e-9 relative)."""
     if predicted is None or reference is None:
         return False
     p, r = normalize_answer(predicted), normalize_answer(reference)
     if p == r:
         return True
-    try:
-        return abs(float(p) - float(r)) <= 1e-9 * max(1.0, abs(float(r)))
-    except ValueError:
+    pv, rv = numeric_value(p), numeric_value(r)
+    if pv is None or rv is None:
         return False
+    return pv == rv or abs(float(pv) - float(rv)) <= 1e-9 * max(1.0, abs(float(rv)))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,30 +48,81 @@ def load_problems(path: str | Path, question_field: str = "question", answer_fie
     return problems
 
 
+def _prompts(tokenizer, problems: list[dict[str, Any]], system_prompt: str) -> list[list[int]]:
+    return [tokenizer.encode_chat([{"role": "system", "content": system_prompt},
+                                   {"role": "user", "content": p["question"]}], add_generation_prompt=True)
+            for p in problems]
+
+
 @torch.no_grad()
 def reasoning_accuracy(model, tokenizer, problems: list[dict[str, Any]], *, max_new_tokens: int = 96,
                        batch_size: int = 32, system_prompt: str = MATH_SYSTEM_PROMPT) -> dict[str, Any]:
+    """Greedy accuracy: the last ``\\boxed{}`` of each answer against the reference."""
     from ct_data import answers_match, extract_boxed_answer
 
     model.eval()
-    eos = tokenizer.stop_ids
-    correct, samples = 0, []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
-        prompts = [tokenizer.encode_chat([{"role": "system", "content": system_prompt},
-                                          {"role": "user", "content": p["question"]}],
-                                         add_generation_prompt=True) for p in chunk]
-        outputs = ct_model.generate(model, prompts, max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_id or 0)
+    correct, samples, generated, start = 0, [], 0, time.perf_counter()
+    for first in range(0, len(problems), batch_size):
+        chunk = problems[first:first + batch_size]
+        outputs = ct_model.generate(model, _prompts(tokenizer, chunk, system_prompt), max_new_tokens,
+                                    eos_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id or 0)
         for problem, out in zip(chunk, outputs):
+            generated += len(out)
             text = tokenizer.decode(out, skip_special_tokens=True)
-            predicted = extract_boxed_answer(text)
-            ok = answers_match(predicted, str(problem["answer"]))
+            ok = answers_match(extract_boxed_answer(text), str(problem["answer"]))
             correct += ok
             if len(samples) < 3:
                 samples.append({"question": problem["question"], "output": text, "answer": problem["answer"],
                                 "correct": bool(ok)})
     n = len(problems)
-    return {"accuracy": correct / max(n, 1), "correct": correct, "problems": n, "samples": samples}
+    return {"accuracy": correct / max(n, 1), "correct": correct, "problems": n, "samples": samples,
+            "generated_tokens_per_s": generated / max(time.perf_counter() - start, 1e-9)}
+
+
+@torch.no_grad()
+def sampled_accuracy(model, tokenizer, problems: list[dict[str, Any]], *, samples: int, temperature: float,
+                     top_p: float = 1.0, seed: int = 0, max_new_tokens: int = 96, batch_size: int = 32,
+                     system_prompt: str = MATH_SYSTEM_PROMPT) -> dict[str, Any]:
+    """Reasoning accuracy as the paper reports it: ``samples`` completions per problem (seeded),
+    pass@1 = the mean correctness over all of them, maj@n = the majority answer is correct,
+    pass@n = at least one is."""
+    from ct_data import answers_match, extract_boxed_answer
+
+    if samples < 1 or not temperature > 0:
+        raise ValueError(f"sampling needs samples >= 1 and temperature > 0, got {samples} and {temperature}")
+    model.eval()
+    generator = torch.Generator(device=model.output_weight.device).manual_seed(seed)
+    per_problem: list[list[tuple[str | None, bool]]] = [[] for _ in problems]
+    for _ in range(samples):
+        for first in range(0, len(problems), batch_size):
+            chunk = problems[first:first + batch_size]
+            outputs = ct_model.generate(model, _prompts(tokenizer, chunk, system_prompt), max_new_tokens,
+                                        temperature=temperature, top_p=top_p, eos_ids=tokenizer.stop_ids,
+                                        pad_id=tokenizer.pad_id or 0, generator=generator)
+            for i, (problem, out) in enumerate(zip(chunk, outputs)):
+                answer = extract_boxed_answer(tokenizer.decode(out, skip_special_tokens=True))
+                per_problem[first + i].append((answer, answers_match(answer, str(problem["answer"]))))
+    n = max(len(problems), 1)
+    pass1 = sum(ok for draws in per_problem for _, ok in draws) / (n * samples)
+    majority = 0
+    for draws in per_problem:
+        # Votes are grouped by value where the answer is a number (0.5 and \\frac{1}{2} agree).
+        keyed = [(_vote_key(a), ok) for a, ok in draws if a is not None]
+        votes = Counter(key for key, _ in keyed)
+        if votes:
+            top = votes.most_common(1)[0][0]
+            majority += any(ok for key, ok in keyed if key == top)
+    return {"pass@1": pass1, f"maj@{samples}": majority / n,
+            f"pass@{samples}": sum(any(ok for _, ok in d) for d in per_problem) / n,
+            "samples_per_problem": samples, "temperature": temperature, "top_p": top_p, "seed": seed}
+
+
+def _vote_key(answer: str):
+    from ct_data import normalize_answer
+    from ct_data.answers import numeric_value
+
+    value = numeric_value(answer)
+    return value if value is not None else normalize_answer(answer)
 
 
 def load_model_and_tokenizer(hf_dir: str | Path):
