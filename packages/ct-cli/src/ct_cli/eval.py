@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default: %(default)s)")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the sampled answers")
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks, run in "
+                   "process on MODEL (results in MODEL/lm_eval_results.json); local task YAMLs work offline")
+    p.add_argument("--lm-eval-include", type=Path, metavar="DIR", help="a directory of task YAMLs")
+    p.add_argument("--limit", type=int, help="harness: at most this many documents per task")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserFacingError(f"{args.model}: not an HF model directory (config.json missing)")
         if args.problems is not None and not args.problems.is_file():
             raise UserFacingError(f"--problems {args.problems}: no such file")
+        if args.lm_eval:
+            return run_lm_eval(args)
         model, tokenizer = ev.load_model_and_tokenizer(args.model)
         with tempfile.TemporaryDirectory() as tmp:
             if args.problems is not None:
@@ -88,6 +94,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_guarded(run)
+
+
+def run_lm_eval(args) -> int:
+    try:
+        from ct_stages.harness import run_harness
+    except ImportError as err:
+        raise UserFacingError(f"--lm-eval: {err}") from err
+    if args.lm_eval_include is not None and not args.lm_eval_include.is_dir():
+        raise UserFacingError(f"--lm-eval-include {args.lm_eval_include}: no such directory")
+    tasks = [t for t in args.lm_eval.split(",") if t]
+    out = args.model / "lm_eval_results.json"
+    try:
+        results = run_harness(args.model, tasks, include=args.lm_eval_include, limit=args.limit,
+                              batch_size=args.batch_size, out_path=out)
+    except KeyError as err:  # the harness's word for an unknown task
+        raise UserFacingError(f"--lm-eval {args.lm_eval}: unknown task {err}") from err
+    table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+             for task, metrics in results["results"].items()}
+    if args.json:
+        print(json.dumps({"model": str(args.model), "lm_eval": table, "results_file": str(out)}))
+        return 0
+    print(f"{args.model}: lm-evaluation-harness ({out})")
+    for task, metrics in table.items():
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        print(f"  {task:<24} n={results['n-samples'][task]['effective']:<6} {shown}")
+    return 0
 
 
 if __name__ == "__main__":
