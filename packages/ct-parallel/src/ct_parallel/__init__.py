@@ -1,7 +1,7 @@
 """ct_parallel: engines (native single/DDP/FSDP2, megatron-core), process groups, weight bridge.
 
 Trainer API: ``info = init_distributed(cfg)``; build the ct-model (same seed everywhere);
-``engine = build_engine(model, cfg)``; then ``engine.setup_optimizer(build)``,
+``engine = build_engine(model, cfg, precision=precision_config)``; then ``engine.setup_optimizer(build)``,
 ``forward_backward`` / ``clip_grad_norm`` / ``optimizer_step`` / ``zero_grad`` per step and
 ``save_checkpoint`` / ``load_checkpoint`` / ``full_model_state_dict``. Importing this package
 does not import megatron-core; only ``engine: megatron`` does.
@@ -12,8 +12,10 @@ from .distributed import DistInfo, init_distributed
 from .engine import IGNORE_INDEX, Engine, LossFn, Microbatch, StepResult, scored_tokens
 from .factory import build_engine
 from .native import NativeEngine, build_native_engine
+from .precision import check_combination
 
 __all__ = [
     "IGNORE_INDEX", "DistInfo", "DistributedConfig", "Engine", "LossFn", "Microbatch", "NativeEngine",
-    "StepResult", "build_engine", "build_native_engine", "init_distributed", "scored_tokens",
+    "StepResult", "build_engine", "build_native_engine", "check_combination", "init_distributed",
+    "scored_tokens",
 ]

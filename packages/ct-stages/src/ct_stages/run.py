@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import ct_model
-from ct_parallel import DistributedConfig, build_engine, init_distributed
+from ct_parallel import DistributedConfig, build_engine, check_combination, init_distributed
 from ct_precision import PrecisionConfig
 
 from .checkpoint import CheckpointManager
@@ -166,6 +166,10 @@ def run_phase(cfg: dict) -> PhaseResult:
     optim_cfg = _dataclass_from(OptimizerConfig, cfg.get("optimizer"), "optimizer")
     sched_cfg = _dataclass_from(ScheduleConfig, cfg.get("schedule"), "schedule")
     precision = _dataclass_from(PrecisionConfig, cfg.get("precision"), "precision")
+    try:  # a precision x layout pair that cannot run is a user error (exit 2), caught before heavy work
+        check_combination(precision, dist_cfg)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     _dataclass_from(StageConfig, cfg.get("stage"), "stage")  # validate before any heavy work
     seq_len = int(cfg["seq_len"])
     if seq_len < 2:
@@ -204,7 +208,7 @@ def run_phase(cfg: dict) -> PhaseResult:
     # The teacher cache is written in the global order: a 1-process loader yields it.
     stage = build_stage(cfg, model_config, run_dir, info.device, total_sequences,
                         lambda: loader_factory(0, 1))
-    engine = build_engine(model, dist_cfg, autocast_dtype=precision.autocast_dtype)
+    engine = build_engine(model, dist_cfg, precision=precision)
     engine.setup_optimizer(lambda named: build_optimizer(named, optim_cfg))
     scheduler = build_scheduler(engine.optimizer, trainer_cfg.max_steps, sched_cfg)
     loader = loader_factory()
