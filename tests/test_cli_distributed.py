@@ -141,3 +141,20 @@ def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path, sample_dir):
     expected, losses = train_losses(reference), train_losses(run)
     assert sorted(losses) == list(range(1, 9))
     assert all(losses[s] == pytest.approx(expected[s], rel=1e-5) for s in losses)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_fsdp2_bf16_two_processes_runs_the_readme_recipe_twin(tmp_path, sample_dir, single_losses):
+    """The README's `distributed=fsdp2 precision=bf16`, CPU-sized: bf16 losses track the fp32 single
+    run to bf16 resolution, and the export holds plain fp32 tensors (FSDP2 keeps fp32 shards)."""
+    from safetensors import safe_open
+
+    run = tmp_path / "fsdp2_bf16"
+    ct("train", "--phase", "pretrain_phase1", "--nproc-per-node", "2", "distributed=fsdp2", "precision=bf16",
+       f"run_dir={run}", f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=3")
+    losses = train_losses(run)
+    assert sorted(losses) == [1, 2, 3]
+    assert all(losses[s] == pytest.approx(single_losses[s], rel=2e-2) for s in losses), (losses, single_losses)
+    with safe_open(str(run / "hf" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {__import__("torch").float32}

@@ -21,7 +21,7 @@ ALLOWED = {
     "ct_data": {"ct_model"},  # the batch contract (ct_model.batch) only
     "ct_distill": {"ct_model"},
     "ct_precision": {"ct_model"},
-    "ct_parallel": {"ct_model"},
+    "ct_parallel": {"ct_model", "ct_precision"},  # engines interpret PrecisionConfig
     "ct_stages": {"ct_model", "ct_data", "ct_distill", "ct_parallel", "ct_precision"},
     "ct_cli": {"ct_model", "ct_data", "ct_distill", "ct_parallel", "ct_precision", "ct_stages"},
 }

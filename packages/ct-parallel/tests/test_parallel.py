@@ -63,7 +63,7 @@ def test_expected_layouts_exist():
     (dict(engine="megatron", pipeline_model_parallel_size=2, pipeline_schedule="interleaved"), "virtual"),
     (dict(engine="megatron", pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2), "interleaved"),
     (dict(strategy="zero9"), "strategy"),
-    (dict(fsdp_param_dtype="fp8"), "fsdp_param_dtype"),
+    (dict(fsdp_param_dtype="bfloat16"), "fsdp_param_dtype"),  # moved to precision=
     (dict(expert_model_parallel_size=2), "expert"),
     (dict(bogus=1), "bogus"),
 ])

@@ -1,7 +1,7 @@
 """ct_parallel: engines (native single/DDP/FSDP2, megatron-core), process groups, weight bridge.
 
 Trainer API: ``info = init_distributed(cfg)``; build the ct-model (same seed everywhere);
-``engine = build_engine(model, cfg)``; then ``engine.setup_optimizer(build)``,
+``engine = build_engine(model, cfg, precision=precision_config)``; then ``engine.setup_optimizer(build)``,
 ``forward_backward`` / ``clip_grad_norm`` / ``optimizer_step`` / ``zero_grad`` per step and
 ``save_checkpoint`` / ``load_checkpoint`` / ``full_model_state_dict``. Importing this package
 does not import megatron-core; only ``engine: megatron`` does.
@@ -13,9 +13,11 @@ from .distributed import (DistInfo, barrier, global_rank, init_distributed, is_d
 from .engine import IGNORE_INDEX, Engine, LossFn, Microbatch, StepResult, scored_tokens
 from .factory import build_engine
 from .native import NativeEngine, build_native_engine
+from .precision import check_combination
 
 __all__ = [
     "IGNORE_INDEX", "DistInfo", "DistributedConfig", "Engine", "LossFn", "Microbatch", "NativeEngine",
-    "StepResult", "barrier", "build_engine", "build_native_engine", "global_rank", "init_distributed",
+    "StepResult", "barrier", "build_engine", "build_native_engine", "check_combination", "global_rank",
+    "init_distributed",
     "is_distributed", "main_first", "scored_tokens", "shutdown_distributed", "world_size",
 ]

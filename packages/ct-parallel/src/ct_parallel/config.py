@@ -13,7 +13,6 @@ ENGINES = ("native", "megatron")
 NATIVE_STRATEGIES = ("single", "ddp", "fsdp2")
 PIPELINE_SCHEDULES = ("1f1b", "interleaved")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -37,10 +36,6 @@ class DistributedConfig:
     # megatron engine: "local" (megatron-core modules, CPU and GPU), "transformer_engine" (GPU),
     # or "auto" (Transformer Engine when it is installed and CUDA is available, else local).
     transformer_impl: str = "auto"
-    # FSDP2 MixedPrecisionPolicy: None keeps parameters in their own dtype (fp32 on CPU);
-    # "bfloat16" computes in bf16 with gradients reduced in fsdp_reduce_dtype.
-    fsdp_param_dtype: str | None = None
-    fsdp_reduce_dtype: str = "float32"
     # FSDP2: free the gathered parameters after forward (ZeRO-3) or keep them to backward (ZeRO-2).
     fsdp_reshard_after_forward: bool = True
     # "auto": nccl when CUDA is available, else gloo.
@@ -81,10 +76,6 @@ class DistributedConfig:
                              "(FSDP2 already shards optimizer state)")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ValueError(f"distributed.transformer_impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
-        if self.fsdp_param_dtype is not None and self.fsdp_param_dtype not in DTYPES:
-            raise ValueError(f"distributed.fsdp_param_dtype must be null or one of {DTYPES}, got {self.fsdp_param_dtype!r}")
-        if self.fsdp_reduce_dtype not in DTYPES:
-            raise ValueError(f"distributed.fsdp_reduce_dtype must be one of {DTYPES}, got {self.fsdp_reduce_dtype!r}")
         if not isinstance(self.timeout_minutes, (int, float)) or not self.timeout_minutes > 0:
             raise ValueError(f"distributed.timeout_minutes must be > 0, got {self.timeout_minutes!r}")
         if self.backend not in ("auto", "gloo", "nccl"):

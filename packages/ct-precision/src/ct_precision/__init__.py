@@ -1,5 +1,5 @@
-"""ct_precision: precision policies (fp32, bf16 autocast; FP8 comes with its own issue)."""
+"""ct_precision: the one precision setting (fp32, bf16, fp8) that every engine interprets."""
 
-from .policy import DTYPES, PrecisionConfig
+from .policy import DTYPES, FP8_RECIPES, NAMES, PrecisionConfig
 
-__all__ = ["DTYPES", "PrecisionConfig"]
+__all__ = ["DTYPES", "FP8_RECIPES", "NAMES", "PrecisionConfig"]

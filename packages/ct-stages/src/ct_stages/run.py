@@ -20,8 +20,8 @@ import torch
 
 import ct_model
 from ct_model import UserError
-from ct_parallel import DistInfo, barrier, build_engine, init_distributed, is_distributed, main_first
-from ct_parallel import shutdown_distributed
+from ct_parallel import DistInfo, barrier, build_engine, check_combination, init_distributed, is_distributed
+from ct_parallel import main_first, shutdown_distributed
 
 from .checkpoint import CheckpointManager
 from .config import RunConfig
@@ -79,10 +79,10 @@ def check_supported(run: RunConfig) -> None:
     if d.engine == "megatron" and not torch.cuda.is_available() and not os.environ.get(MEGATRON_CPU_SHIM_ENV):
         raise UserError("distributed.engine=megatron needs CUDA (megatron-core calls it unconditionally) and "
                         "this machine has none; on CPU use distributed=single, ddp or fsdp2 (the native engine)")
-    if d.engine == "native" and d.strategy == "fsdp2" and run.precision.autocast_dtype is not None:
-        raise UserError(f"precision.dtype={run.precision.dtype} with distributed.strategy=fsdp2 is not supported "
-                        "yet; FSDP2 mixed precision is set by distributed.fsdp_param_dtype=bfloat16 "
-                        "(keep precision=fp32)")
+    try:  # a precision x layout pair that cannot run is named, with both keys, before any work
+        check_combination(run.precision, d)
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def resolve_init_from(run: RunConfig) -> Path | None:
@@ -236,7 +236,7 @@ def _build(run: RunConfig, info: DistInfo, init_from: Path | None, peak: PeakFlo
 
     # The teacher cache is written in the global order: a 1-process loader yields it.
     stage = build_stage(run, model_config, info.device, lambda: loader_factory(0, 1))
-    engine = build_engine(model, run.distributed, autocast_dtype=run.precision.autocast_dtype)
+    engine = build_engine(model, run.distributed, precision=run.precision)
     engine.setup_optimizer(lambda named: build_optimizer(named, run.optimizer))
     scheduler = build_scheduler(engine.optimizer, t.max_steps, run.schedule)
     loader = loader_factory()
