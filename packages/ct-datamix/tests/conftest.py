@@ -1,0 +1,8 @@
+"""ct-datamix test fixtures; puts this directory on sys.path for the shared helpers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
