@@ -3,8 +3,9 @@
 A probe is ``NAME=PATH`` (or ``NAME=PATH#FIELD`` to read another text field): PATH is anything a
 ct-data source takes (local jsonl/parquet/txt, glob, HF dataset name). The embedded default builds
 code, math and knowledge probes from the parts of the sample data that are NOT in its training
-files: held-out math problems (math/eval.jsonl), standard-library source files and module
-docstrings that the sample build left out of code/ and prose/.
+files: held-out math problems (math/eval.jsonl); pydoc topics, standard-library source files and
+module docstrings that the sample build left out of code/ and prose/ (budgeted or scaled away), then
+the standard-library directories it never reads (idlelib, turtledemo, lib2to3, ensurepip).
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ def parse_probe(spec: str) -> SourceConfig:
     return SourceConfig(name=name, path=path, text_field=field or "text")
 
 
+# Standard-library directories the sample build never reads: held out by construction.
+HELD_OUT_DIRS = ("idlelib", "turtledemo", "lib2to3", "ensurepip")
+
+
+def _candidate_files(docs) -> list[str]:
+    """The sample build's own candidate files, then those of HELD_OUT_DIRS (relative paths)."""
+    root = Path(docs.stdlib_dir())
+    extra = sorted(str(p.relative_to(root)).replace(os.sep, "/") for d in HELD_OUT_DIRS
+                   for p in (root / d).rglob("*.py") if "__pycache__" not in p.parts and "tests" not in p.parts)
+    return docs.stdlib_files() + extra
+
+
 def build_sample_probes(sample_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int = 64) -> dict[str, str]:
     """Write code / math / knowledge probe files (``text`` field) from held-out sample data; returns paths."""
     import pyarrow.parquet as pq
@@ -42,14 +55,15 @@ def build_sample_probes(sample_dir: str | os.PathLike, out_dir: str | os.PathLik
     trained_code = set(pq.read_table(d / "code" / "train.parquet", columns=["path"]).column(0).to_pylist())
     with open(d / "prose" / "train.jsonl", encoding="utf-8") as f:
         trained_docs = {json.loads(line)["source"] for line in f}
-    code, knowledge = [], []
-    for rel in docs.stdlib_files():
+    knowledge = [text for name, text in docs.pydoc_topics() if f"pydoc:{name}" not in trained_docs][:n]
+    code: list[str] = []
+    for rel in _candidate_files(docs):
         if len(code) >= n and len(knowledge) >= n:
             break
         src = docs.read_source(rel)
-        if not src:
+        if not src or not src.strip():
             continue
-        if rel not in trained_code and len(code) < n and src.strip():
+        if rel not in trained_code and len(code) < n:
             code.append(src)
         md = docs.module_docs(rel, src)
         if md is not None and f"docstrings:{md.module}" not in trained_docs and len(knowledge) < n:
