@@ -84,3 +84,18 @@ def test_bad_input_exits_2_naming_it(tmp_path, sample_dir, export, case):
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and needle in last and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_datamix_reweights_midtrain_and_records_it(tmp_path, sample_dir, export):
+    root = tmp_path / "pipe"
+    shutil.copytree(export, root / "pretrain_phase2" / "hf")  # the model mid-training starts from
+    ct("pipeline", "--phases", "midtrain_phase1", "--datamix", "--datamix-samples", "4", "--skip-eval",
+       f"run_dir={root}", f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=2")
+    record = json.loads((root / "pipeline_summary.json").read_text())["datamix"]["midtrain_phase1"]
+    assert abs(sum(record["weights"].values()) - 1) < 1e-9 and set(record["weights"]) == {"prose", "code", "math"}
+    # The phase trained on the re-weighted mixture (its saved config holds the new weights, in percent).
+    used = json.loads((root / "midtrain_phase1" / "config.json").read_text())["data"]["sources"]
+    for s in used:
+        assert s["weight"] == pytest.approx(100 * record["weights"][s["name"]], abs=1e-3)
+    assert (root / "midtrain_phase1" / "hf" / "config.json").is_file()

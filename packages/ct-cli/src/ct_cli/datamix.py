@@ -136,3 +136,41 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------- ct-pipeline --datamix
+PIPELINE_MAX_TOKENS = 256
+
+
+def reweight_phase(cfg: dict[str, Any], out_dir: Path, samples: int = 32, progress: bool = True) -> tuple[dict[str, Any], dict]:
+    """One re-weighting round for a (mid-training) phase: its data mixture scored with the model it
+    starts from (``init_from``) on the embedded probes. Returns (new data config, record for the
+    summary); cached in ``out_dir`` so a resumed pipeline reuses it."""
+    import json
+
+    import yaml
+
+    record_path, data_path = out_dir / "datamix.json", out_dir / "data.yaml"
+    if record_path.is_file() and data_path.is_file():
+        return yaml.safe_load(data_path.read_text()), json.loads(record_path.read_text())
+    import ct_data
+    from ct_datamix import build_sample_probes, influence_weights
+    from ct_datamix.outputs import reweighted_config, write_report, write_yaml
+
+    if not cfg.get("init_from"):
+        raise UserFacingError(f"--datamix: phase {cfg['phase']['name']!r} has no init_from checkpoint to score with")
+    sample_dir = Path(cfg["sample_data"]["dir"])
+    mixture = ct_data.load_data_config(cfg["data"], sample_dir=sample_dir)
+    paths = build_sample_probes(sample_dir, out_dir / "probes", n=samples)
+    probes = {c: ct_data.SourceConfig(c, p) for c, p in paths.items()}
+    tokenizer = ct_data.load_tokenizer(cfg["init_from"])
+    res = influence_weights(mixture, probes, [cfg["init_from"]], tokenizer, seed=int(cfg["trainer"]["seed"]),
+                            progress=progress, samples_per_source=samples,
+                            probe_samples=samples, max_tokens=PIPELINE_MAX_TOKENS)
+    data = reweighted_config(cfg["data"], res.weights, f"ct-pipeline --datamix: rho {res.rho}")
+    write_yaml(data, data_path)
+    write_report(res, data_path)
+    record = {"rho": res.rho, "weights": res.weights, "raised_to_floor": res.raised_to_floor,
+              "checkpoint": cfg["init_from"], "data": str(data_path), "samples": samples}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return data, record
