@@ -3,6 +3,7 @@ streamed scorer against the same formula on dense gradients of a tiny model."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ct_datamix.datainf import closed_form_error_bound, damping, datainf_ihvp, explicit_ihvp
@@ -36,11 +37,12 @@ def test_closed_form_error_within_stated_bound_and_shrinks_with_damping():
     assert rel == sorted(rel, reverse=True) and rel[-1] < 0.05 * rel[0]
 
 
-def test_streamed_scores_match_dense_datainf():
+@pytest.mark.parametrize("cache_mib", [0, 2048])  # recomputed / kept between passes
+def test_streamed_scores_match_dense_datainf(cache_mib):
     model = tiny(True)
     train = samples(4) + [s.flip(0) for s in samples(3)]
     probes = {"a": samples(2), "b": [s[:4] for s in samples(3)]}
-    got = influence_scores(model, train, probes, batch_size=3)
+    got = influence_scores(model, train, probes, batch_size=3, cache_mib=cache_mib)
     g_train, _ = per_sample_grads(model, train)
     dense = {r: g.dense().reshape(len(train), -1).double() for r, g in g_train.items()}
     for c, probe in probes.items():

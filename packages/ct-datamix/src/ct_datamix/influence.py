@@ -6,8 +6,9 @@ scored samples themselves (see ``ct_datamix.datainf``). Sign: positive = a gradi
 lowers the probe loss (helpful). This is minus Koh & Liang's "loss change when up-weighting x",
 i.e. the paper's I(x, z) = -grad L(z)^T H^-1 grad L(x) read as a loss *decrease*.
 
-Per-sample gradients are recomputed in each pass rather than stored: memory stays at one batch of
-factors plus, per domain and layer, two [V, h] matrices.
+Per-sample gradient factors are kept between passes up to a memory budget and recomputed beyond
+it, so memory is bounded by the budget plus one batch of factors plus, per domain and layer, two
+[V, h] matrices.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ def _zeros(model) -> torch.Tensor:
 @torch.no_grad()
 def influence_scores(model, train: list[torch.Tensor], probes: dict[str, list[torch.Tensor]], *,
                      batch_size: int = 8, pad_id: int = 0, damping_scale: float = DAMPING_SCALE,
-                     tick: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
-    """{domain: scores [len(train)]} of every training sample against each probe set's mean gradient."""
+                     cache_mib: float = 2048, tick: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+    """{domain: scores [len(train)]} of every training sample against each probe set's mean gradient.
+
+    The factored gradients of pass 2 are kept for passes 3 and 4 while they fit in ``cache_mib``;
+    batches beyond it are recomputed (same numbers: the model is in eval mode, no dropout).
+    """
     model.eval()
     tick = tick or (lambda n: None)
     n, dim = len(train), model.output_weight.numel()
@@ -52,8 +57,22 @@ def influence_scores(model, train: list[torch.Tensor], probes: dict[str, list[to
     # 2. Squared norms and dots with the probe gradients (-> damping and Sherman-Morrison weights).
     sq = {r: torch.zeros(n) for r in ROLES}
     vdot = {c: {r: torch.zeros(n) for r in ROLES} for c in domains}
-    for idx, batch in _batches(train, batch_size):
+    cache: dict[int, dict] = {}
+    budget = cache_mib * 2**20
+
+    def grads_of(b: int, batch: list[torch.Tensor]) -> dict:
+        nonlocal budget
+        if b in cache:
+            return cache[b]
         grads, _ = per_sample_grads(model, batch, pad_id)
+        size = sum(t.numel() * t.element_size() for g in grads.values() for t in vars(g).values()
+                   if isinstance(t, torch.Tensor))
+        if size <= budget:
+            cache[b], budget = grads, budget - size
+        return grads
+
+    for b, (idx, batch) in enumerate(_batches(train, batch_size)):
+        grads = grads_of(b, batch)
         for r in ROLES:
             sq[r][idx] = grads[r].sqnorm().cpu()
             for c in domains:
@@ -62,8 +81,8 @@ def influence_scores(model, train: list[torch.Tensor], probes: dict[str, list[to
     lam = {r: damping_scale * float(sq[r].mean()) / dim for r in ROLES}
     # 3. w = sum_i c_i g_i with c_i = (g_i . v) / (lambda + |g_i|^2).
     w = {c: {r: _zeros(model) for r in ROLES} for c in domains}
-    for idx, batch in _batches(train, batch_size):
-        grads, _ = per_sample_grads(model, batch, pad_id)
+    for b, (idx, batch) in enumerate(_batches(train, batch_size)):
+        grads = grads_of(b, batch)
         for r in ROLES:
             for c in domains:
                 coef = (vdot[c][r][idx] / (lam[r] + sq[r][idx])).to(v[c][r].device)
@@ -71,8 +90,8 @@ def influence_scores(model, train: list[torch.Tensor], probes: dict[str, list[to
         tick(len(batch))
     # 4. score(x) = sum_l (v . g_x - (1/n) w . g_x) / lambda_l.
     scores = {c: sum(vdot[c][r] / lam[r] for r in ROLES) for c in domains}
-    for idx, batch in _batches(train, batch_size):
-        grads, _ = per_sample_grads(model, batch, pad_id)
+    for b, (idx, batch) in enumerate(_batches(train, batch_size)):
+        grads = grads_of(b, batch)
         for r in ROLES:
             for c in domains:
                 scores[c][idx] -= grads[r].dot(w[c][r]).cpu() / (n * lam[r])
