@@ -42,7 +42,7 @@ class InfluenceResult:
 
 def _score(mixture: DataMixture, probes: dict[str, SourceConfig], checkpoints: list[str], tokenizer,
            samples_per_source: int, probe_samples: int, max_tokens: int, seed: int, batch_size: int,
-           device: str, progress: bool) -> tuple[list[Sample], torch.Tensor, dict[str, torch.Tensor], list[str]]:
+           device: str, progress: bool, cache_mib: float) -> tuple[list[Sample], torch.Tensor, dict[str, torch.Tensor], list[str]]:
     if mixture.kind != "pretrain":
         raise DatamixError(f"data config {mixture.name!r}: kind {mixture.kind!r} is not supported (pretrain text only)")
     if not probes:
@@ -57,7 +57,7 @@ def _score(mixture: DataMixture, probes: dict[str, SourceConfig], checkpoints: l
     for path in ckpts:
         model = load_checkpoint(path, tokenizer, device)
         per_ckpt.append(influence_scores(model, [x.ids for x in samples], probe_ids, batch_size=batch_size,
-                                         pad_id=tokenizer.pad_id, tick=bar.update))
+                                         pad_id=tokenizer.pad_id, cache_mib=cache_mib, tick=bar.update))
         del model
     joint, parts = joint_influence(per_ckpt)
     return samples, joint, parts, [str(p) for p in ckpts]
@@ -66,14 +66,15 @@ def _score(mixture: DataMixture, probes: dict[str, SourceConfig], checkpoints: l
 def influence_weights(mixture: DataMixture, probes: dict[str, SourceConfig], checkpoints: list[str], tokenizer, *,
                       samples_per_source: int = 64, probe_samples: int = 64, max_tokens: int = 256, seed: int = 0,
                       rule: WeightRule | None = None, batch_size: int = 8, device: str = "cpu",
-                      progress: bool = True) -> InfluenceResult:
+                      progress: bool = True, cache_mib: float = 2048) -> InfluenceResult:
     """Per-source rho and weights of ``mixture`` from influence on the ``probes`` {domain: source}.
 
     ``checkpoints``: HF export directories (or directories of them), in training order.
+    ``cache_mib``: memory for gradient factors kept between passes (beyond it they are recomputed).
     """
     rule = rule or WeightRule()
     samples, joint, parts, ckpts = _score(mixture, probes, checkpoints, tokenizer, samples_per_source,
-                                          probe_samples, max_tokens, seed, batch_size, device, progress)
+                                          probe_samples, max_tokens, seed, batch_size, device, progress, cache_mib)
     groups = [s.source for s in samples]
     lengths = torch.tensor([len(s.ids) for s in samples])
     r = rho(joint, lengths, groups)
