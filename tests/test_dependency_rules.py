@@ -23,7 +23,8 @@ ALLOWED = {
     "ct_precision": {"ct_model"},
     "ct_parallel": {"ct_model", "ct_precision"},  # engines interpret PrecisionConfig
     "ct_stages": {"ct_model", "ct_data", "ct_distill", "ct_parallel", "ct_precision"},
-    "ct_cli": {"ct_model", "ct_data", "ct_distill", "ct_parallel", "ct_precision", "ct_stages"},
+    "ct_datamix": {"ct_model", "ct_data"},
+    "ct_cli": {"ct_model", "ct_data", "ct_distill", "ct_parallel", "ct_precision", "ct_stages", "ct_datamix"},
 }
 HEAVY = ("megatron", "modelopt", "wandb", "hydra")
 

@@ -12,13 +12,14 @@ of the final model are compared on the held-out problems and written to pipeline
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import subprocess
 import sys
 from pathlib import Path
 
-from .common import config_dir, run_config, run_guarded, setup_logging
+from .common import UserFacingError, config_dir, run_config, run_guarded, setup_logging
 
 PHASES = ["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_phase2",
           "posttrain_general", "posttrain_reasoning"]
@@ -31,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated phases (default: all, in order)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes per phase (through ct-train)")
     p.add_argument("--config-dir")
+    p.add_argument("--datamix", action="store_true",
+                   help="re-weight each mid-training mixture by influence (one ct-datamix round) before it runs")
+    p.add_argument("--datamix-samples", type=int, default=32, help="--datamix: samples per source and per probe")
     p.add_argument("--skip-eval", action="store_true", help="do not evaluate reasoning accuracy at the end")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every phase; run_dir=DIR sets the root")
     return p
@@ -59,9 +63,19 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [f"sample_data.dir={root / 'sample_data'}", *overrides]
         # Compose and validate every phase first: a bad override fails before hours of training.
         configs = {p: run_config(p, [f"run_dir={root / p}", *overrides], directory) for p in phases}
-        results = {}
+        results, datamix = {}, {}
         for phase in phases:
             summary_path = root / phase / "summary.json"
+            # Resumed: a finished phase reports its cached round; an unfinished one computes (or reuses) it.
+            if args.datamix and phase.startswith("midtrain") and (
+                    not summary_path.is_file() or (root / phase / "datamix" / "datamix.json").is_file()):
+                if args.nproc_per_node > 1:
+                    raise UserFacingError("--datamix runs single-process only (drop --nproc-per-node)")
+                from .datamix import reweight_phase
+
+                data, datamix[phase] = reweight_phase(configs[phase].to_dict(), root / phase / "datamix",
+                                                      samples=args.datamix_samples)
+                configs[phase] = dataclasses.replace(configs[phase], data=data)
             if summary_path.is_file():
                 log.info("%s: already done (%s), skipping", phase, summary_path)
             elif args.nproc_per_node > 1:
@@ -76,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             results[phase] = json.loads(summary_path.read_text())
         summary = {"phases": {p: {k: r[k] for k in ("final_loss", "steps", "consumed_tokens")}
                               for p, r in results.items()}}
+        if datamix:
+            summary["datamix"] = datamix
         if not args.skip_eval and "posttrain_reasoning" in phases:
             summary["reasoning_accuracy"] = compare_accuracy(root, configs["posttrain_reasoning"])
         (root / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
