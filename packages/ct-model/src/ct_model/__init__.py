@@ -7,9 +7,10 @@ generate. Importing this package imports torch and safetensors only.
 from . import hf, presets
 from .config import ConfigError, ModelConfig
 from .generation import generate
-from .model import Decoder, build_model, count_parameters
+from .model import Decoder, build_model, count_active_parameters, count_parameters
 
 __all__ = [
-    "ConfigError", "Decoder", "ModelConfig", "build_model", "count_parameters", "generate", "hf",
+    "ConfigError", "Decoder", "ModelConfig", "build_model", "count_active_parameters",
+    "count_parameters", "generate", "hf",
     "presets",
 ]
