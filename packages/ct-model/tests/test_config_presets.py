@@ -51,7 +51,7 @@ def test_init_weights_uses_configured_std():
 def test_presets_unknown_name_lists_known():
     with pytest.raises(ConfigError, match="mobilellm_tiny"):
         presets.get("nope")
-    assert set(EXPECTED) | {"mobilellm_tiny"} == set(presets.names())
+    assert set(EXPECTED) | {"mobilellm_tiny", "deepseek_v3_tiny", "deepseek_v3_671b"} == set(presets.names())
 
 
 @pytest.mark.parametrize(

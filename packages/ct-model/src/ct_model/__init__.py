@@ -8,9 +8,9 @@ from . import hf, presets
 from .config import ConfigError, ModelConfig
 from .errors import UserError
 from .generation import generate
-from .model import Decoder, build_model, count_parameters, model_from_state
+from .model import Decoder, build_model, count_active_parameters, count_parameters, model_from_state
 
 __all__ = [
-    "ConfigError", "Decoder", "ModelConfig", "build_model", "count_parameters", "generate", "hf", "model_from_state",
-    "presets", "UserError",
+    "ConfigError", "Decoder", "ModelConfig", "UserError", "build_model", "count_active_parameters",
+    "count_parameters", "generate", "hf", "model_from_state", "presets",
 ]

@@ -16,10 +16,17 @@ from typing import Any
 from .errors import UserError
 
 ROPE_STYLES = ("interleaved", "rotate_half")
+ROUTER_SCORE_FUNCTIONS = ("sigmoid", "softmax")
 
 
 class ConfigError(UserError):
     """A configuration value breaks a rule; the message names the field and the rule."""
+
+
+def _require_positive_int(config: "ModelConfig", name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,31 @@ class ModelConfig:
     # MobileLLM "immediate block-wise sharing": every block runs twice in a row (depth x2, no extra
     # parameters).
     layer_sharing: bool = False
+    # --- Mixture of experts (DeepSeek-V3 style), megatron-core's names. None = dense model.
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    # Width of the always-on shared expert(s); None means no shared expert.
+    moe_shared_expert_intermediate_size: int | None = None
+    # Leading dense blocks before the MoE blocks (DeepSeek-V3: 3; HF's first_k_dense_replace).
+    moe_first_dense_layers: int = 0
+    moe_router_score_function: str = "softmax"
+    # Aux-loss-free balancing: a per-expert bias that shifts selection only (not the weights).
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    # Group-limited routing: experts split in num_groups, tokens pick group_topk groups first.
+    moe_router_num_groups: int | None = None
+    moe_router_group_topk: int | None = None
+    moe_router_topk_scaling_factor: float | None = None
+    # Sequence-wise auxiliary balance loss weight (0 disables it).
+    moe_aux_loss_coeff: float = 0.0
+    # --- Multi-latent attention; q_lora_rank None means a full-rank q projection.
+    multi_latent_attention: bool = False
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +120,65 @@ class ModelConfig:
             raise ConfigError(f"layernorm_epsilon must be > 0, got {self.layernorm_epsilon!r}")
         if not self.init_method_std > 0:
             raise ConfigError(f"init_method_std must be > 0, got {self.init_method_std!r}")
+        if self.num_moe_experts is not None:
+            self._validate_moe()
+        if self.multi_latent_attention:
+            self._validate_mla()
+
+    def _validate_moe(self) -> None:
+        for name in ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size"):
+            _require_positive_int(self, name)
+        if self.moe_shared_expert_intermediate_size is not None:
+            _require_positive_int(self, "moe_shared_expert_intermediate_size")
+        if self.moe_router_topk > self.num_moe_experts:
+            raise ConfigError(f"moe_router_topk={self.moe_router_topk} exceeds num_moe_experts="
+                              f"{self.num_moe_experts}")
+        if not 0 <= self.moe_first_dense_layers <= self.num_layers:
+            raise ConfigError(f"moe_first_dense_layers must be in [0, num_layers={self.num_layers}], "
+                              f"got {self.moe_first_dense_layers!r}")
+        if self.moe_router_score_function not in ROUTER_SCORE_FUNCTIONS:
+            raise ConfigError(f"moe_router_score_function must be one of {ROUTER_SCORE_FUNCTIONS}, "
+                              f"got {self.moe_router_score_function!r}")
+        if (self.moe_router_num_groups is None) != (self.moe_router_group_topk is None):
+            raise ConfigError("moe_router_num_groups and moe_router_group_topk must be set together")
+        if self.moe_router_num_groups is not None:
+            _require_positive_int(self, "moe_router_num_groups")
+            _require_positive_int(self, "moe_router_group_topk")
+            if self.num_moe_experts % self.moe_router_num_groups:
+                raise ConfigError(f"num_moe_experts={self.num_moe_experts} must be divisible by "
+                                  f"moe_router_num_groups={self.moe_router_num_groups}")
+            if self.moe_router_group_topk > self.moe_router_num_groups:
+                raise ConfigError(f"moe_router_group_topk={self.moe_router_group_topk} exceeds "
+                                  f"moe_router_num_groups={self.moe_router_num_groups}")
+            per_group = self.num_moe_experts // self.moe_router_num_groups
+            if self.moe_router_topk > self.moe_router_group_topk * per_group:
+                raise ConfigError(f"moe_router_topk={self.moe_router_topk} exceeds the experts in "
+                                  f"moe_router_group_topk={self.moe_router_group_topk} groups")
+        if self.moe_router_topk_scaling_factor is not None and not self.moe_router_topk_scaling_factor > 0:
+            raise ConfigError("moe_router_topk_scaling_factor must be > 0, got "
+                              f"{self.moe_router_topk_scaling_factor!r}")
+        if not self.moe_router_bias_update_rate >= 0:
+            raise ConfigError("moe_router_bias_update_rate must be >= 0, got "
+                              f"{self.moe_router_bias_update_rate!r}")
+        if not self.moe_aux_loss_coeff >= 0:
+            raise ConfigError(f"moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff!r}")
+
+    def _validate_mla(self) -> None:
+        for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            _require_positive_int(self, name)
+        if self.q_lora_rank is not None:
+            _require_positive_int(self, "q_lora_rank")
+        if self.qk_pos_emb_head_dim % 2:
+            raise ConfigError(f"qk_pos_emb_head_dim={self.qk_pos_emb_head_dim} must be even "
+                              "(RoPE rotates pairs)")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block ``index`` (0-based) carries the MoE MLP rather than the dense one."""
+        return self.is_moe and index >= self.moe_first_dense_layers
 
     @property
     def head_dim(self) -> int:

@@ -19,6 +19,17 @@ _MOBILELLM_R1 = dict(
     max_position_embeddings=4096,
 )
 
+_DEEPSEEK_V3 = dict(
+    multi_latent_attention=True,
+    moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    rope_style="rotate_half",
+    rotary_base=10_000.0,
+    layernorm_epsilon=1e-6,
+    share_embeddings_and_output_weights=False,
+    init_method_std=0.02,
+)
+
 _PRESETS: dict[str, dict] = {
     # CPU-sized, same architecture as MobileLLM-R1 (GQA, QK-norm, interleaved RoPE, tied
     # embeddings). Heads, groups and layers are even so TP=2 and PP=2 divide it.
@@ -49,6 +60,26 @@ _PRESETS: dict[str, dict] = {
         ffn_hidden_size=28_672, vocab_size=LLAMA3_VOCAB, max_position_embeddings=8192,
         rotary_base=500_000.0, rope_style="rotate_half", layernorm_epsilon=1e-5,
         share_embeddings_and_output_weights=False,
+    ),
+    # DeepSeek-V3 exactly as released (HF DeepseekV3Config defaults), multi-token prediction
+    # excluded: 671,026,404,352 parameters, ~37.6B active per token.
+    "deepseek_v3_671b": dict(
+        _DEEPSEEK_V3, num_layers=61, hidden_size=7168, num_attention_heads=128,
+        ffn_hidden_size=18_432, vocab_size=129_280, num_moe_experts=256, moe_router_topk=8,
+        moe_ffn_hidden_size=2048, moe_shared_expert_intermediate_size=2048,
+        moe_first_dense_layers=3, moe_router_num_groups=8, moe_router_group_topk=4,
+        moe_router_topk_scaling_factor=2.5, q_lora_rank=1536, kv_lora_rank=512,
+        qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128, max_position_embeddings=4096,
+    ),
+    # CPU-sized, same structure (MLA with q and kv latents, one dense first layer, shared +
+    # routed experts in groups). Heads, experts and layers even for TP/EP/PP of 2.
+    "deepseek_v3_tiny": dict(
+        _DEEPSEEK_V3, num_layers=4, hidden_size=256, num_attention_heads=4,
+        ffn_hidden_size=768, vocab_size=8192, num_moe_experts=8, moe_router_topk=2,
+        moe_ffn_hidden_size=128, moe_shared_expert_intermediate_size=128,
+        moe_first_dense_layers=1, moe_router_num_groups=4, moe_router_group_topk=2,
+        moe_router_topk_scaling_factor=2.5, q_lora_rank=96, kv_lora_rank=64,
+        qk_head_dim=32, qk_pos_emb_head_dim=16, v_head_dim=32, max_position_embeddings=1024,
     ),
 }
 

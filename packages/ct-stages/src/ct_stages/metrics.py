@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ct_model import ModelConfig
-from ct_model.model import block_matmul_parameters
+from ct_model.model import matmul_parameters
 
 log = logging.getLogger("ct_stages")
 
@@ -34,8 +34,13 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     part of that work, so MFU is slightly flattering, as everywhere).
     """
     c = config
-    matmul = c.effective_depth * block_matmul_parameters(c) + c.vocab_size * c.hidden_size
-    attention = 12 * c.effective_depth * c.num_attention_heads * c.kv_channels * seq_len
+    # Active weights only: a MoE token multiplies with its top-k experts, not all of them.
+    repeats = 2 if c.layer_sharing else 1
+    matmul = repeats * matmul_parameters(c, active=True) + c.vocab_size * c.hidden_size
+    qk, v = c.kv_channels, c.kv_channels
+    if c.multi_latent_attention:
+        qk, v = c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim
+    attention = 6 * c.effective_depth * c.num_attention_heads * (qk + v) * seq_len
     return 6.0 * matmul + attention
 
 

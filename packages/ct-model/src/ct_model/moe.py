@@ -1,0 +1,114 @@
+"""DeepSeek-V3 mixture-of-experts MLP: shared expert + routed experts, aux-loss-free balancing.
+
+Routing (DeepSeek-V3 paper, sec. 2.1.2): sigmoid scores; a per-expert bias is added to the scores
+for *selection only*; tokens first pick ``moe_router_group_topk`` groups (a group scores the sum
+of its two best experts), then top-k experts inside them; the weights are the unbiased scores of
+the chosen experts, normalised to sum 1 and multiplied by ``moe_router_topk_scaling_factor``.
+Dropless: every token reaches all its k experts. Expert weights are stored as 3D tensors in HF's
+layout (gate_up_proj [E, 2I, H], down_proj [E, H, I]) so import/export is a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import SwiGLU
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        e = config.num_moe_experts
+        self.weight = nn.Parameter(torch.empty(e, config.hidden_size))
+        # A buffer, not a parameter: the optimizer never touches it (update_expert_bias does).
+        self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32))
+        # Tokens routed to each expert since the last bias update (summed over micro-batches).
+        self.register_buffer("load", torch.zeros(e, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weights [N, k], expert indices [N, k], scores [N, E]) for tokens x [N, H]."""
+        c = self.config
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if c.moe_router_score_function == "sigmoid" else logits.softmax(-1)
+        choice = scores.detach()
+        if c.moe_router_enable_expert_bias:
+            choice = choice + self.expert_bias
+        if c.moe_router_num_groups is not None:
+            choice = _mask_to_top_groups(choice, c.moe_router_num_groups, c.moe_router_group_topk)
+        indices = choice.topk(c.moe_router_topk, dim=-1, sorted=False).indices
+        weights = scores.gather(1, indices)
+        if c.moe_router_topk > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if c.moe_router_topk_scaling_factor is not None:
+            weights = weights * c.moe_router_topk_scaling_factor
+        if self.training:
+            self.load += torch.bincount(indices.flatten(), minlength=c.num_moe_experts).float()
+        return weights, indices, scores
+
+
+def _mask_to_top_groups(choice: torch.Tensor, groups: int, group_topk: int) -> torch.Tensor:
+    n, e = choice.shape
+    grouped = choice.view(n, groups, e // groups)
+    group_scores = grouped.topk(min(2, e // groups), dim=-1).values.sum(-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(group_topk, dim=-1, sorted=False).indices, True)
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view(n, e)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        e, h, i = config.num_moe_experts, config.hidden_size, config.moe_ffn_hidden_size
+        self.gate = Router(config)
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        shared = config.moe_shared_expert_intermediate_size
+        self.shared_experts = None if shared is None else SwiGLU(config.replace(ffn_hidden_size=shared))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        weights, indices, _ = self.gate(tokens)
+        out = self._routed(tokens, weights.to(x.dtype), indices)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+        return out.view(shape)
+
+    def _routed(self, tokens, weights, indices) -> torch.Tensor:
+        """Per-expert loop: gather each expert's tokens, SwiGLU, scatter-add weighted outputs."""
+        out = torch.zeros_like(tokens)
+        for expert in indices.unique().tolist():
+            token_idx, slot = torch.where(indices == expert)
+            gate, up = F.linear(tokens[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
+        return out
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module) -> dict[str, float]:
+    """Aux-loss-free balancing step; call once after each optimizer step.
+
+    Each router's bias moves by ``moe_router_bias_update_rate`` towards balance: up for experts
+    that got fewer tokens than the mean since the last call, down for those that got more
+    (DeepSeek-V3's sign rule). Resets the load counters. Returns per-layer load metrics (max and
+    min share of routed tokens, bias range) for the log. Under data parallelism the loads must be
+    all-reduced before this call so every rank applies the same update.
+    """
+    metrics: dict[str, float] = {}
+    routers = [(name, m) for name, m in model.named_modules() if isinstance(m, Router)]
+    for name, router in routers:
+        load = router.load
+        if router.config.moe_router_enable_expert_bias and load.sum() > 0:
+            router.expert_bias += router.config.moe_router_bias_update_rate * torch.sign(load.mean() - load)
+        share = load / load.sum().clamp(min=1)
+        metrics[f"{name}.load_max"] = share.max().item()
+        metrics[f"{name}.load_min"] = share.min().item()
+        metrics[f"{name}.bias_range"] = (router.expert_bias.max() - router.expert_bias.min()).item()
+        load.zero_()
+    return metrics

@@ -1,0 +1,54 @@
+"""The DeepSeek-V3 MoE block against transformers' DeepseekV3MoE, and the bias update by hand."""
+
+import pytest
+import torch
+
+from ct_model import presets
+from ct_model.moe import MoE, update_expert_bias
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
+
+
+def _pair(seed=0):
+    c = presets.get("deepseek_v3_tiny", hidden_size=64, moe_ffn_hidden_size=32,
+                    moe_shared_expert_intermediate_size=32)
+    hf_cfg = transformers.DeepseekV3Config(
+        hidden_size=64, moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    g = torch.Generator().manual_seed(seed)
+    ours, ref = MoE(c), DeepseekV3MoE(hf_cfg)
+    for p in ours.parameters():
+        p.data.normal_(0, 0.2, generator=g)
+    ours.gate.expert_bias.normal_(0, 0.05, generator=g)
+    ref.gate.weight.data.copy_(ours.gate.weight)
+    ref.gate.e_score_correction_bias.copy_(ours.gate.expert_bias)
+    ref.experts.gate_up_proj.data.copy_(ours.gate_up_proj)
+    ref.experts.down_proj.data.copy_(ours.down_proj)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(ref.shared_experts, name).weight.data.copy_(getattr(ours.shared_experts, name).weight)
+    return ours, ref
+
+
+def test_moe_matches_transformers_deepseek_v3_moe():
+    ours, ref = _pair()
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-4)
+
+
+def test_bias_update_follows_the_sign_rule_and_resets_load():
+    ours, _ = _pair()
+    ours.train()
+    bias_before = ours.gate.expert_bias.clone()
+    ours(torch.randn(4, 32, 64, generator=torch.Generator().manual_seed(2)))
+    load = ours.gate.load.clone()
+    assert load.sum() == 4 * 32 * 2  # dropless: every token reaches k=2 experts
+    metrics = update_expert_bias(ours)
+    rate = ours.config.moe_router_bias_update_rate
+    expected = bias_before + rate * torch.sign(load.mean() - load)
+    torch.testing.assert_close(ours.gate.expert_bias, expected)
+    assert ours.gate.load.sum() == 0
+    assert metrics["gate.load_max"] == pytest.approx((load.max() / load.sum()).item())
+    assert metrics["gate.load_min"] == pytest.approx((load.min() / load.sum()).item())
+    # Bias is a buffer: the optimizer never sees it.
+    assert all(p is not ours.gate.expert_bias for p in ours.parameters())
