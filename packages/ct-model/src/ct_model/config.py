@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROPE_STYLES = ("interleaved", "rotate_half")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "varlen")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,8 @@ class ModelConfig:
     # MobileLLM "immediate block-wise sharing": every block runs twice in a row (depth x2, no extra
     # parameters).
     layer_sharing: bool = False
+    # Packed-document attention: auto | sdpa | flex | varlen (see ct_model.attention).
+    attention_backend: str = "auto"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +83,10 @@ class ModelConfig:
             raise ConfigError(f"kv_channels={self.kv_channels} must be even (RoPE rotates pairs)")
         if self.rope_style not in ROPE_STYLES:
             raise ConfigError(f"rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
         if not self.rotary_base > 0:
             raise ConfigError(f"rotary_base must be > 0, got {self.rotary_base!r}")
         if not self.layernorm_epsilon > 0:
