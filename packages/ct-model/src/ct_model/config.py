@@ -17,6 +17,7 @@ from .errors import UserError
 
 ROPE_STYLES = ("interleaved", "rotate_half")
 ROUTER_SCORE_FUNCTIONS = ("sigmoid", "softmax")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "varlen")
 
 
 class ConfigError(UserError):
@@ -80,6 +81,8 @@ class ModelConfig:
     qk_head_dim: int = 128
     qk_pos_emb_head_dim: int = 64
     v_head_dim: int = 128
+    # Packed-document attention: auto | sdpa | flex | varlen (see ct_model.attention).
+    attention_backend: str = "auto"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +117,10 @@ class ModelConfig:
             raise ConfigError(f"kv_channels={self.kv_channels} must be even (RoPE rotates pairs)")
         if self.rope_style not in ROPE_STYLES:
             raise ConfigError(f"rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
         if not self.rotary_base > 0:
             raise ConfigError(f"rotary_base must be > 0, got {self.rotary_base!r}")
         if not self.layernorm_epsilon > 0:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import MaskInfo, attend
 from .config import ModelConfig
 from .rope import apply_rope
 
@@ -50,7 +51,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: MaskInfo | torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -66,12 +67,7 @@ class Attention(nn.Module):
             k = F.rms_norm(k, (self.head_dim,), eps=self.config.layernorm_epsilon)
         if cache is not None:
             k, v = cache.append(k, v)
-        # Tensor parallelism may shard heads, so read the local head counts from the tensors.
-        enable_gqa = q.shape[1] != k.shape[1]
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+        out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import DecoderBlock, KVCache, RMSNorm
-from .masking import document_causal_mask
+from .attention import build_mask_info
 from .rope import rope_angles
 
 
@@ -57,8 +57,9 @@ class Decoder(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         mask = attention_mask
-        if mask is None and document_ids is not None:
-            mask = document_causal_mask(document_ids)
+        if mask is None:
+            # Built once per microbatch and shared by every layer (flex block mask, cu_seqlens).
+            mask = build_mask_info(document_ids, self.config.attention_backend)
         rope = rope_angles(position_ids, self.config.kv_channels, self.config.rotary_base)
         x = self.embed_tokens(input_ids)
         repeats = 2 if self.config.layer_sharing else 1

@@ -1,0 +1,138 @@
+"""Attention over packed documents: one entry point, ``attend(q, k, v, mask_info)``, several backends.
+
+The mask object (``MaskInfo``) is built once per microbatch from ``document_ids`` and handed to
+every layer, so the flex block mask or the varlen ``cu_seqlens`` are computed once, not per layer.
+Every backend applies the same predicate (``document_causal``): a query may see a key that is not
+after it and lies in the same document.
+
+Backends (``ModelConfig.attention_backend``):
+  sdpa    dense boolean [B, 1, T, T] mask into SDPA (the CPU path; flex has no CPU backward)
+  flex    flex_attention with a block mask (no T x T tensor; fast only when compiled, on GPU)
+  varlen  torch.nn.attention.varlen with cu_seqlens (CUDA only)
+  auto    plain causal SDPA (flash) when every row holds one document; otherwise flex on CUDA,
+          sdpa on CPU
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .masking import document_causal_mask
+
+from .config import ATTENTION_BACKENDS
+
+
+def document_causal(document_ids: torch.Tensor):
+    """The mask predicate in flex_attention's signature (b, h, q_idx, kv_idx) -> bool."""
+
+    def predicate(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+    return predicate
+
+
+def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative document lengths over the flattened [B*T] tokens (int32) and the longest document.
+
+    A document starts at every row start and wherever the id changes along a row (packing keeps a
+    document's tokens contiguous), so equal ids in two rows are still two sequences.
+    """
+    b, t = document_ids.shape
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    total = torch.tensor([b * t], device=document_ids.device)
+    cu = torch.cat([idx, total]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+@dataclass
+class MaskInfo:
+    """What ``attend`` needs for one microbatch; build it with ``build_mask_info``."""
+
+    backend: str  # resolved: "causal", "sdpa", "flex" or "varlen"
+    dense: torch.Tensor | None = None
+    block_mask: object | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+
+def _resolve(backend: str, document_ids: torch.Tensor | None) -> str:
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    if backend == "varlen" and not document_ids.is_cuda:
+        raise RuntimeError("attention_backend='varlen' needs CUDA; use 'sdpa' or 'auto' on CPU")
+    if backend != "auto":
+        return backend
+    if bool((document_ids == document_ids[:, :1]).all()):
+        return "causal"  # one document per row: the flash kernel with is_causal, no mask at all
+    return "flex" if document_ids.is_cuda else "sdpa"
+
+
+def build_mask_info(document_ids: torch.Tensor | None, backend: str = "auto") -> MaskInfo:
+    """The per-microbatch mask object for ``document_ids`` [B, T] (None: plain causal)."""
+    if document_ids is None:
+        return MaskInfo("causal")
+    resolved = _resolve(backend, document_ids)
+    if resolved == "sdpa":
+        return MaskInfo("sdpa", dense=document_causal_mask(document_ids))
+    if resolved == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        b, t = document_ids.shape
+        block = create_block_mask(document_causal(document_ids), b, None, t, t,
+                                  device=document_ids.device)
+        return MaskInfo("flex", block_mask=block)
+    if resolved == "varlen":
+        cu, longest = cu_seqlens_from_document_ids(document_ids)
+        return MaskInfo("varlen", cu_seqlens=cu, max_seqlen=longest)
+    return MaskInfo("causal")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           mask_info: MaskInfo | torch.Tensor | None) -> torch.Tensor:
+    """Attention of q [B, H, T, D] over k, v [B, G, Tk, D] (GQA when G < H) -> [B, H, T, D].
+
+    ``mask_info`` may also be a dense boolean mask tensor (generation with padded prompts) or
+    None (plain causal).
+    """
+    # Tensor parallelism may shard heads, so read the local head counts from the tensors.
+    gqa = q.shape[1] != k.shape[1]
+    if isinstance(mask_info, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_info, enable_gqa=gqa)
+    if mask_info is None or mask_info.backend == "causal":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if mask_info.backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_info.dense, enable_gqa=gqa)
+    if mask_info.backend == "flex":
+        return _flex(q.is_cuda)(q, k, v, block_mask=mask_info.block_mask, enable_gqa=gqa)
+    return _varlen(q, k, v, mask_info, gqa)
+
+
+_COMPILED_FLEX = None
+
+
+def _flex(on_cuda: bool):
+    # Uncompiled flex materialises the full score matrix; only the compiled kernel avoids it.
+    # On CPU (tests, forward only) the eager version is used: compiling costs minutes there.
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not on_cuda:
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention)
+    return _COMPILED_FLEX
+
+
+def _varlen(q, k, v, info: MaskInfo, gqa: bool) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, h, t, d = q.shape
+    flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # noqa: E731
+    out = varlen_attn(flat(q), flat(k), flat(v), info.cu_seqlens, info.cu_seqlens,
+                      info.max_seqlen, info.max_seqlen, window_size=(-1, 0), enable_gqa=gqa)
+    return out.reshape(b, t, h, d).transpose(1, 2)
