@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from ct_model.tensor_probe import LargestTensor
 
 import ct_model
 from ct_model import presets
@@ -102,19 +102,6 @@ def test_gpu_backward_equals_dense_path(backend):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.largest = max(self.largest, x.numel())
-        return out
 
 
 @pytest.mark.gpu

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from ct_model.tensor_probe import LargestTensor
 
 from ct_model.batch import IGNORE_INDEX
 from ct_model.chunked_ce import linear_cross_entropy
@@ -39,17 +39,6 @@ def test_unchunked_path_and_bad_chunk():
         linear_cross_entropy(hidden, weight, labels, -1)
 
 
-class LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.largest = max(self.largest, x.numel())
-        return out
 
 
 def test_no_tokens_by_vocab_tensor_when_chunked():
