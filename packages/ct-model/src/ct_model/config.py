@@ -205,8 +205,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
+        return from_known_fields(cls, values, "ModelConfig")
+
+
+def from_known_fields(cls, values: dict[str, Any], label: str):
+    """``cls(**values)`` after rejecting keys that are not fields of the dataclass ``cls`` (the one
+    shared check of every component config's ``from_dict``; ct_stages.config builds whole runs)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {label} field(s): {', '.join(unknown)}")
+    return cls(**values)

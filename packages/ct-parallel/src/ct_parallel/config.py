@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ct_model.config import from_known_fields
+
 ENGINES = ("native", "megatron")
 NATIVE_STRATEGIES = ("single", "ddp", "fsdp2")
 PIPELINE_SCHEDULES = ("1f1b", "interleaved")
@@ -97,8 +99,4 @@ class DistributedConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DistributedConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown distributed config field(s): {', '.join(unknown)}")
-        return cls(**values)
+        return from_known_fields(cls, values, "distributed config")

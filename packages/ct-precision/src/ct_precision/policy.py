@@ -20,8 +20,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from ct_model.config import from_known_fields
 
 import torch
 
@@ -85,8 +87,4 @@ class PrecisionConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PrecisionConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown precision config field(s): {', '.join(unknown)}")
-        return cls(**values)
+        return from_known_fields(cls, values, "precision config")
