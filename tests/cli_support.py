@@ -36,5 +36,18 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return read_losses(run_dir / "metrics.jsonl")
 
 
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    """Block until the run in ``proc`` has logged ``step`` (fails if it ends or times out first)."""
+    import time
+
+    deadline = time.time() + timeout
+    while max(train_losses(run_dir) or {0: 0}) < step:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"run did not reach step {step} within {timeout} s")
+        time.sleep(0.05)
+
+
 def events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

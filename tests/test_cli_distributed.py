@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cli_support import ROOT, TINY, ct, events, train_losses
+from cli_support import ROOT, TINY, ct, events, train_losses, wait_for_step
 
 SHIM_RUNNER = ROOT / "packages" / "ct-parallel" / "tests" / "megatron_cpu_run.py"
 
@@ -122,10 +122,7 @@ def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path, sample_dir):
     args = [sys.executable, "-m", "ct_cli.train", "--phase", "pretrain_phase1", "--nproc-per-node", "2",
             "distributed=ddp", f"run_dir={run}", *common]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and max(train_losses(run) or {0: 0}) < 3:
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(0.05)
+    wait_for_step(proc, run, 3)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if p.environ().get("LOCAL_RANK") == "1"]
     assert workers, "no rank-1 worker found"

@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from cli_support import ROOT, TINY, ct, events, train_losses
+from cli_support import ROOT, TINY, ct, events, train_losses, wait_for_step
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,9 +50,9 @@ def test_pretrain_phase_trains_exports_and_plots(tmp_path, sample_dir):
     assert (out / "tokenizer.json").is_file()
 
 
-def _launch(run, sample_dir, steps):
+def _launch(run, sample_dir, steps, *extra):
     args = [sys.executable, "-m", "ct_cli.train", "--phase", "pretrain_phase1", f"run_dir={run}",
-            f"sample_data.dir={sample_dir}", *TINY, f"trainer.max_steps={steps}"]
+            f"sample_data.dir={sample_dir}", *TINY, f"trainer.max_steps={steps}", *extra]
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -66,11 +65,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, sample_dir):
 
     killed = tmp_path / "killed"
     proc = _launch(killed, sample_dir, steps)
-    deadline = time.time() + 300
-    while time.time() < deadline and max(train_losses(killed) or {0: 0}) < 5:
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before it could be killed: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.05)
+    wait_for_step(proc, killed, 5)
     os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: mid-step or mid-checkpoint
     proc.wait()
     killed_at = max(train_losses(killed))
@@ -91,15 +86,8 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, sample_dir)
     expected = train_losses(reference)
 
     run = tmp_path / "preempted"
-    proc = subprocess.Popen([sys.executable, "-m", "ct_cli.train", "--phase", "pretrain_phase1", f"run_dir={run}",
-                             f"sample_data.dir={sample_dir}", *TINY, f"trainer.max_steps={steps}",
-                             "trainer.checkpoint_every=100"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and max(train_losses(run) or {0: 0}) < 2:
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before SIGTERM: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.05)
+    proc = _launch(run, sample_dir, steps, "trainer.checkpoint_every=100")
+    wait_for_step(proc, run, 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
