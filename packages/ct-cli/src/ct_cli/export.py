@@ -75,16 +75,14 @@ def native_model_state(ckpt: Path, config) -> dict:
 def megatron_model_state(ckpt: Path, config, meta: dict) -> dict:
     """A megatron dist_checkpointing directory (any TP/PP layout) resharded to TP=PP=1 in this
     process by megatron itself, then mapped to ct-model names by the bridge."""
-    import os
-
     import torch
 
     import ct_model
-    from ct_parallel import DistributedConfig, build_engine, init_distributed, shutdown_distributed
-    from ct_stages.run import MEGATRON_CPU_SHIM_ENV
+    from ct_parallel import (DistributedConfig, build_engine, init_distributed, megatron_can_run,
+                             shutdown_distributed)
 
     layout = meta.get("layout", {})
-    if not torch.cuda.is_available() and not os.environ.get(MEGATRON_CPU_SHIM_ENV):
+    if not megatron_can_run():
         raise UserFacingError(
             f"{ckpt}: written by the megatron engine (TP={layout.get('tensor_model_parallel_size', '?')}, "
             f"PP={layout.get('pipeline_model_parallel_size', '?')}); reading it needs megatron-core with CUDA, "

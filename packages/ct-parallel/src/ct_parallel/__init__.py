@@ -9,7 +9,7 @@ does not import megatron-core; only ``engine: megatron`` does.
 
 from .config import DistributedConfig
 from .distributed import (DistInfo, barrier, global_rank, init_distributed, is_distributed, main_first,
-                          shutdown_distributed, world_size)
+                          megatron_can_run, shutdown_distributed, world_size)
 from .engine import IGNORE_INDEX, Engine, LossFn, Microbatch, StepResult, scored_tokens
 from .factory import build_engine
 from .native import NativeEngine, build_native_engine
@@ -19,5 +19,5 @@ __all__ = [
     "IGNORE_INDEX", "DistInfo", "DistributedConfig", "Engine", "LossFn", "Microbatch", "NativeEngine",
     "StepResult", "barrier", "build_engine", "build_native_engine", "check_combination", "global_rank",
     "init_distributed",
-    "is_distributed", "main_first", "scored_tokens", "shutdown_distributed", "world_size",
+    "is_distributed", "main_first", "megatron_can_run", "scored_tokens", "shutdown_distributed", "world_size",
 ]

@@ -73,6 +73,15 @@ def init_distributed(config: DistributedConfig) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, rank, world_size, 0, 0, device)
 
 
+# Set by the test-only megatron CPU shim (packages/ct-parallel/tests): megatron then runs on CPU.
+MEGATRON_CPU_SHIM_ENV = "CT_MEGATRON_CPU_SHIM"
+
+
+def megatron_can_run() -> bool:
+    """megatron-core calls CUDA unconditionally: it runs with CUDA, or under the test-only shim."""
+    return torch.cuda.is_available() or bool(os.environ.get(MEGATRON_CPU_SHIM_ENV))
+
+
 # -- the rank helpers every package shares (one copy, here) ---------------------------------------
 
 

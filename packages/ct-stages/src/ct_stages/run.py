@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 import ct_model
 from ct_model import UserError
 from ct_parallel import DistInfo, barrier, build_engine, check_combination, init_distributed, is_distributed
-from ct_parallel import main_first, shutdown_distributed
+from ct_parallel import main_first, megatron_can_run, shutdown_distributed
 
 from .checkpoint import CheckpointManager
 from .config import RunConfig
@@ -31,9 +30,6 @@ from .stages import Stage, StageConfig, cross_entropy_sum
 from .trainer import LoopState, Trainer
 
 log = logging.getLogger("ct_stages")
-
-# Set by the test-only megatron CPU shim (packages/ct-parallel/tests): megatron then runs on CPU.
-MEGATRON_CPU_SHIM_ENV = "CT_MEGATRON_CPU_SHIM"
 
 
 @dataclass
@@ -76,7 +72,7 @@ def run_phase(config: RunConfig | Mapping[str, Any]) -> PhaseResult:
 def check_supported(run: RunConfig) -> None:
     """Refuse, before any work, layouts this machine or this version cannot run."""
     d = run.distributed
-    if d.engine == "megatron" and not torch.cuda.is_available() and not os.environ.get(MEGATRON_CPU_SHIM_ENV):
+    if d.engine == "megatron" and not megatron_can_run():
         raise UserError("distributed.engine=megatron needs CUDA (megatron-core calls it unconditionally) and "
                         "this machine has none; on CPU use distributed=single, ddp or fsdp2 (the native engine)")
     try:  # a precision x layout pair that cannot run is named, with both keys, before any work
