@@ -63,8 +63,10 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, sample_dir):
        *TINY, f"trainer.max_steps={steps}")
     expected = train_losses(reference)
 
+    # The killed run writes its checkpoints in the background: a kill mid-write must not leave a
+    # checkpoint that counts, and the resume must still be bit for bit.
     killed = tmp_path / "killed"
-    proc = _launch(killed, sample_dir, steps)
+    proc = _launch(killed, sample_dir, steps, "trainer.async_checkpoint=true")
     wait_for_step(proc, killed, 5)
     os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: mid-step or mid-checkpoint
     proc.wait()
@@ -72,10 +74,16 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, sample_dir):
     assert killed_at < steps
 
     ct("train", "--phase", "pretrain_phase1", f"run_dir={killed}", f"sample_data.dir={sample_dir}",
-       *TINY, f"trainer.max_steps={steps}")
+       *TINY, f"trainer.max_steps={steps}", "trainer.async_checkpoint=true")
     resumed = [e for e in events(killed) if e["event"] == "resume"]
     assert resumed and resumed[0]["step"] <= killed_at
     assert train_losses(killed) == expected  # every step, bit for bit
+    # Every async checkpoint of the finished run was reported complete, after it was started.
+    records = events(killed)[[e["event"] for e in events(killed)].index("resume"):]
+    started = [e["step"] for e in records if e["event"] == "checkpoint"]
+    completed = [e["step"] for e in records if e["event"] == "checkpoint_complete"]
+    assert started == completed and started[-1] == steps
+    assert all(e["async"] for e in records if e["event"] == "checkpoint")
 
 
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, sample_dir):

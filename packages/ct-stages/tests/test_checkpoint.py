@@ -114,3 +114,71 @@ def test_a_full_disk_stops_the_save_and_keeps_the_previous_checkpoint(tmp_path, 
     assert manager.latest_verified().name == "step_00000001"  # intact, and it still verifies
     manager.save(2, source, {"step": 2})  # with space again
     assert manager.latest_verified().name == "step_00000002"
+
+
+def test_an_async_checkpoint_holds_the_state_at_save_time_and_counts_only_once_written(tmp_path):
+    """The async save copies the state before returning: training on (changing the weights and the
+    optimizer) does not leak into it; until the write is done nothing new counts as complete."""
+    manager = CheckpointManager(tmp_path)
+    source, model = engine(0)
+    manager.save(1, source, {"step": 1})
+    model(torch.randint(0, 32, (2, 8))).sum().backward()
+    source.optimizer.step()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    final = manager.save(2, source, {"step": 2}, asynchronous=True)
+    assert manager.latest().name in ("step_00000001", "step_00000002")
+    if manager.latest() == final:  # already written: then its manifest is there too
+        assert json.loads((final / "meta.json").read_text())["files"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the loop goes on while the write runs
+    assert manager.wait() == final
+    assert manager.latest_verified() == final
+    target, other = engine(1)
+    assert manager.load(final, target)["step"] == 2
+    for name, value in other.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
+def test_an_async_write_that_fails_is_reported_and_removed(tmp_path, monkeypatch):
+    import errno
+
+    from ct_stages import checkpoint as ckpt
+
+    manager = CheckpointManager(tmp_path)
+    source, _ = engine(0)
+    manager.save(1, source, {"step": 1})
+
+    def full(directory):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "manifest", full)  # fails in the background finaliser
+    manager.save(2, source, {"step": 2}, asynchronous=True)
+    with pytest.raises(ckpt.CheckpointError, match="No space left"):
+        manager.wait()
+    assert not any(p.name.endswith("step_00000002") for p in tmp_path.iterdir())
+    monkeypatch.undo()
+    assert manager.latest_verified().name == "step_00000001"
+
+
+def _megatron_meta(tmp_path, **layout):
+    base = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1, "use_distributed_optimizer": False}
+    path = tmp_path / "step_00000002"
+    path.mkdir()
+    (path / "meta.json").write_text(json.dumps({"step": 2, "world_size": 2, "engine": "megatron",
+                                                "layout": {**base, **layout}}))
+    return path, base
+
+
+def test_megatron_resume_refuses_another_world_size_and_a_resharded_distributed_optimizer(tmp_path, monkeypatch):
+    from ct_stages import checkpoint as ckpt
+
+    path, base = _megatron_meta(tmp_path, use_distributed_optimizer=True)
+    monkeypatch.setattr(ckpt, "_world_size", lambda: 1)
+    manager = CheckpointManager(tmp_path, metadata={"engine": "megatron", "layout": base})
+    with pytest.raises(ckpt.CheckpointError, match="own world size.*init_from"):
+        manager.load(path, engine=None)
+    monkeypatch.setattr(ckpt, "_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ckpt.CheckpointError, match="distributed optimizer.*GPU only.*use_distributed_optimizer=True"):
+        manager.load(path, engine=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from typing import Any, Callable
 
 import torch
@@ -38,6 +39,7 @@ class NativeEngine:
         self.autocast_dtype = autocast_dtype
         self.optimizer: torch.optim.Optimizer | None = None
         self.device = next(model.parameters()).device
+        self._async_group: dist.ProcessGroup | None = None
 
     # -- optimizer -------------------------------------------------------------------------------
     def setup_optimizer(self, build: Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]):
@@ -126,11 +128,27 @@ class NativeEngine:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 
-    def save_checkpoint(self, path: str) -> None:
+    def save_checkpoint(self, path: str, *, asynchronous: bool = False) -> Future | None:
         """Model + optimizer to a torch.distributed.checkpoint directory (collective on all ranks).
 
-        The directory loads at another world size or strategy (single <-> DDP <-> FSDP2)."""
-        dcp.save(self._checkpoint_state(), checkpoint_id=str(path))
+        The directory loads at another world size or strategy (single <-> DDP <-> FSDP2).
+        ``asynchronous``: copy the state to CPU memory now and write it in a background thread;
+        returns the future of the write (done when every rank's files and DCP's metadata are on
+        disk), so training goes on while the disk works."""
+        if not asynchronous:
+            dcp.save(self._checkpoint_state(), checkpoint_id=str(path))
+            return None
+        return dcp.async_save(self._checkpoint_state(), checkpoint_id=str(path),
+                              process_group=self._checkpoint_group(), no_dist=not _dist_ready())
+
+    def _checkpoint_group(self) -> dist.ProcessGroup | None:
+        """A gloo group of its own for the background writes: their collectives must not
+        interleave with the training step's on the same group (and async save needs a CPU backend)."""
+        if not _dist_ready():
+            return None
+        if self._async_group is None:
+            self._async_group = dist.new_group(backend="gloo")
+        return self._async_group
 
     def load_checkpoint(self, path: str, *, load_optimizer: bool = True) -> None:
         """Restore what ``save_checkpoint`` wrote (resharding to this layout)."""

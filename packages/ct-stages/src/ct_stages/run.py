@@ -75,6 +75,9 @@ def check_supported(run: RunConfig) -> None:
     if d.engine == "megatron" and not megatron_can_run():
         raise UserError("distributed.engine=megatron needs CUDA (megatron-core calls it unconditionally) and "
                         "this machine has none; on CPU use distributed=single, ddp or fsdp2 (the native engine)")
+    if d.engine == "megatron" and run.trainer.async_checkpoint:
+        raise UserError("trainer.async_checkpoint=true with distributed.engine=megatron: the megatron engine "
+                        "writes checkpoints synchronously; set trainer.async_checkpoint=false")
     try:  # a precision x layout pair that cannot run is named, with both keys, before any work
         check_combination(run.precision, d)
     except ValueError as err:

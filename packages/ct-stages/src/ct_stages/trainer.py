@@ -47,6 +47,9 @@ class TrainerConfig:
     # Watchdog: warn when a step takes this many times the median step (0: off). A true hang is
     # ended by the collective timeout (distributed.timeout_minutes) instead.
     slow_step_factor: float = 5.0
+    # Write checkpoints in the background (native engines): the loop is blocked only while the
+    # state is copied to memory; a checkpoint counts once its files and manifest are on disk.
+    async_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every"):
@@ -157,12 +160,29 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.state.step, "consumed_tokens": self.state.consumed_tokens,
                 "skipped_steps": self.state.skipped_steps, "scheduler": self.scheduler.state_dict(),
-                "loader": self.loader.state_dict(), "rng": rng_state()}
+                "loader": self.loader.state_dict(), "rng": rng_state(),
+                # which share of the data this rank's loader state is (a resume at another layout merges them)
+                "dp_rank": self.engine.dp_rank, "dp_size": self.engine.dp_size}
 
     def save(self) -> None:
-        path = self.checkpoints.save(self.state.step, self.engine, self._trainer_state())
+        start = time.perf_counter()
+        asynchronous = self.config.async_checkpoint
+        path = self.checkpoints.save(self.state.step, self.engine, self._trainer_state(), asynchronous=asynchronous)
         self._saved_step = self.state.step
-        self.metrics.write({"event": "checkpoint", "step": self.state.step, "path": str(path)})
+        # blocked_s: how long the training loop waited (for an async save: the copy to memory).
+        self.metrics.write({"event": "checkpoint", "step": self.state.step, "path": str(path),
+                            "async": asynchronous, "blocked_s": time.perf_counter() - start})
+        if not asynchronous:
+            self.metrics.write({"event": "checkpoint_complete", "step": self.state.step, "path": str(path)})
+
+    def _checkpoint_written(self, path) -> None:
+        if path is not None:
+            self.metrics.write({"event": "checkpoint_complete", "step": int(path.name.split("_")[-1]),
+                                "path": str(path)})
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until an async checkpoint in flight is complete (before any exit)."""
+        self._checkpoint_written(self.checkpoints.wait())
 
     def resume_if_possible(self) -> bool:
         latest = self.checkpoints.latest_verified()
@@ -197,10 +217,12 @@ class Trainer:
                     self.save()
                 if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.evaluate:
                     self.metrics.write({"event": "eval", "step": self.state.step, **self.evaluate()})
+                self._checkpoint_written(self.checkpoints.poll())
                 if term.agreed() and self.state.step < cfg.max_steps:
                     self._stop_preempted()
         if self._saved_step != self.state.step:  # a rerun of a finished run rewrites nothing
             self.save()
+        self.wait_for_checkpoint()
         return self.state
 
     def _train_step(self, batch) -> dict[str, Any]:
@@ -254,6 +276,7 @@ class Trainer:
     def _stop_preempted(self) -> None:
         if self._saved_step != self.state.step:
             self.save()
+        self.wait_for_checkpoint()
         self.metrics.write({"event": "preempted", "step": self.state.step})
         raise Preempted(f"stopped by SIGTERM after step {self.state.step} with a checkpoint; "
                         "run the same command again to resume")
@@ -262,6 +285,7 @@ class Trainer:
         # Saved after the scheduler and the step count moved on together, so a resume continues
         # with the LR of the next step.
         self.save()
+        self.wait_for_checkpoint()
         raise TrainingStopped(
             f"{self.state.skipped_steps} non-finite steps (limit trainer.max_nonfinite_steps="
             f"{self.config.max_nonfinite_steps}); stopped at step {self.state.step} with a checkpoint. "

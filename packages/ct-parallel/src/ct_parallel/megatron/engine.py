@@ -139,6 +139,10 @@ class MegatronEngine:
             mopt.grad_stats_parallel_group = groups["mp_group"]
         mopt.tp_group = ps.get_tensor_model_parallel_group()
         mopt.expert_tp_group = mopt.tp_group
+        # megatron pairs saved and current param groups by their override keys (max_lr, wd_mult,
+        # ...), which our groups (decay, no decay) leave unset: both would map to one saved group.
+        # Every layout builds the groups in the same order, so pair them by position instead.
+        mopt._filter_and_reorder_param_groups = lambda current, saved: saved
         self.megatron_optimizer = mopt
         return self.optimizer
 
@@ -233,9 +237,12 @@ class MegatronEngine:
             state["optimizer"] = self.megatron_optimizer.sharded_state_dict(state, is_loading=is_loading)
         return state
 
-    def save_checkpoint(self, path: str) -> None:
-        """megatron dist_checkpointing directory: loads at another TP/PP/DP layout (model; the
-        plain optimizer too; the distributed optimizer's state is GPU-verified only)."""
+    def save_checkpoint(self, path: str, *, asynchronous: bool = False) -> None:
+        """megatron dist_checkpointing directory: loads at another TP/PP split of the same world
+        (model and plain optimizer; the distributed optimizer's state is GPU-verified only).
+        Written synchronously (run.py refuses trainer.async_checkpoint with this engine)."""
+        if asynchronous:
+            raise ValueError("the megatron engine writes checkpoints synchronously (trainer.async_checkpoint=false)")
         os.makedirs(path, exist_ok=True)
         dist.barrier()
         dist_checkpointing.save(self._sharded_state(True, False), str(path))
