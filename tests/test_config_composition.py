@@ -79,7 +79,7 @@ def test_defaults_live_in_the_dataclasses():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"trainer": {"max_stepz": 3}}, "trainer: unknown key(s) max_stepz; known keys: checkpoint_every"),
+    ({"trainer": {"max_stepz": 3}}, "trainer: unknown key(s) max_stepz; known keys: async_checkpoint, checkpoint_every"),
     ({"trainer": {"max_steps": "ten"}}, "trainer.max_steps must be an integer, got 'ten'"),
     ({"optimizer": {"lr": "fast"}}, "optimizer.lr must be a number"),
     ({"optimizer": {"name": "lion"}}, "optimizer.name must be one of"),

@@ -48,7 +48,7 @@ def check_layout(name, config, batch, ref, results):
     out = {"loss": lib.compare_losses(f"{name} loss", losses, losses_ref)}
     if grads_fn is not None:
         out["grad"] = lib.compare(f"{name} grads", grads, grads_ref)
-    out["param"] = lib.compare(f"{name} params", params, params_ref)
+    out["param"] = lib.compare(f"{name} params", params, params_ref, tol=lib.PARAM_TOL)
     if params is not None:
         out["param_worst"] = sorted(((lib.rel(params[k], params_ref[k]), k) for k in params_ref), reverse=True)[:3]
     out["seconds"] = time.perf_counter() - t0
