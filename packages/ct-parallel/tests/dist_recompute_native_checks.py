@@ -50,8 +50,14 @@ def main():
                               compile=compile_config)
         assert all(is_checkpointed(b) == mode for b in model.layers), [type(b) for b in model.layers]
         shard = lib.shard_for_dp(batch, info.dp_rank, info.dp_size)
+        calls = [0]
+        if backend is None:  # (a Python side effect inside a compiled block would break the graph)
+            model.layers[0].mlp.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
         losses, grads, params = lib.run_engine(engine, shard, steps=STEPS,
                                                grads_fn=lambda: full_grads(model, info.rank))
+        # Full and selective both rerun the block's Python forward in backward (selective
+        # then takes matmul/attention outputs from its cache).
+        assert backend is not None or calls[0] == 2 * len(shard) * STEPS, (strategy, mode, calls)
         name = f"{strategy}_{mode}" + (f"_compile_{backend}" if backend else "")
         # Checkpoint keys stay those of the plain model (no wrapper prefix).
         if params is not None:
