@@ -52,7 +52,9 @@ def main():
         shard = lib.shard_for_dp(batch, info.dp_rank, info.dp_size)
         calls = [0]
         if backend is None:  # (a Python side effect inside a compiled block would break the graph)
-            model.layers[0].mlp.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            # A pre-hook: the recompute stops early inside the MLP (down_proj's output is not
+            # needed), so the MLP's forward never returns there and a post-hook would not fire.
+            model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
         losses, grads, params = lib.run_engine(engine, shard, steps=STEPS,
                                                grads_fn=lambda: full_grads(model, info.rank))
         # Full and selective both rerun the block's Python forward in backward (selective
