@@ -81,7 +81,8 @@ def main():
         assert ratios == want_ratios, (layout, mode, every, calls, base_calls[layout])
         base_losses, base_grads, base_params = baselines[layout]
         name = f"{layout}_{mode}_{every}"
-        results[name] = {"recompute_ratios": ratios, "loss": lib.compare_losses(f"{name} loss", losses, base_losses, tol=EXACT),
+        results[name] = {"recompute_ratios": ratios,
+                         "loss": lib.compare_losses(f"{name} loss", losses, base_losses, tol=EXACT),
                          "grad": lib.compare(f"{name} grads", grads, base_grads, tol=EXACT),
                          "param": lib.compare(f"{name} params", params, base_params, tol=EXACT),
                          "loss_vs_ct": lib.compare_losses(f"{name} loss vs ct", losses, ref_losses),
