@@ -165,3 +165,24 @@ def test_a_run_destroys_the_process_group_it_created(tmp_path, sample_dir):
     result = run_phase(run)  # one process, DDP: init_distributed makes a private group
     assert result.steps == 1 and not dist.is_initialized()
     assert run_phase(run).steps == 1 and not dist.is_initialized()  # and a second phase in-process works
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_override_trains_the_same_losses(tmp_path, sample_dir):
+    """`activation_checkpointing.mode=...` reaches the engine and changes memory, not numbers."""
+    from ct_cli.common import config_dir, run_config
+    from ct_stages.run import run_phase
+
+    losses = {}
+    for mode in ("none", "selective", "full"):
+        run = run_config("pretrain_phase1", [f"run_dir={tmp_path / mode}", f"sample_data.dir={sample_dir}", *TINY,
+                                             "trainer.max_steps=2", f"activation_checkpointing.mode={mode}"],
+                         config_dir())
+        assert run.activation_checkpointing.mode == mode
+        run_phase(run)
+        losses[mode] = train_losses(tmp_path / mode)
+    assert len(losses["none"]) == 2
+    for mode in ("selective", "full"):
+        assert losses[mode].keys() == losses["none"].keys()
+        for step, want in losses["none"].items():
+            assert losses[mode][step] == pytest.approx(want, rel=1e-6), (mode, step)

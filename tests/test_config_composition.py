@@ -51,6 +51,18 @@ def test_a_key_override_wins_over_the_group_and_the_phase():
     assert composed["optimizer"] == {**composed["optimizer"], "name": "sgd", "lr": 0.5, "momentum": 0.5}
 
 
+def test_checkpointing_and_compile_are_command_line_keys():
+    from ct_precision import ActivationCheckpointConfig, CompileConfig
+
+    default = RunConfig.from_dict(compose("pretrain_phase1", [], CONFIGS))
+    assert (default.activation_checkpointing, default.compile) == (ActivationCheckpointConfig(), CompileConfig())
+    run = RunConfig.from_dict(compose("pretrain_phase1", [
+        "activation_checkpointing.mode=full", "activation_checkpointing.every_n_blocks=2",
+        "compile.enabled=true", "compile.backend=aot_eager"], CONFIGS))
+    assert run.activation_checkpointing == ActivationCheckpointConfig(mode="full", every_n_blocks=2)
+    assert run.compile == CompileConfig(enabled=True, backend="aot_eager")
+
+
 def test_model_yamls_name_a_preset_and_resolve_through_ct_model():
     import ct_model
 
@@ -89,6 +101,10 @@ def test_defaults_live_in_the_dataclasses():
     ({"model": {"preset": "mobilellm_tiny", "num_attention_heads": 3}}, "num_attention_heads=3"),
     ({"distributed": {"strategy": "zero3"}}, "distributed.strategy must be one of"),
     ({"precision": {"dtype": "fp4"}}, "precision.dtype must be one of"),
+    ({"activation_checkpointing": {"mode": "some"}}, "activation_checkpointing.mode must be one of"),
+    ({"activation_checkpointing": {"every_n_blocks": 0}}, "activation_checkpointing.every_n_blocks must be"),
+    ({"compile": {"enabled": "yes"}}, "compile.enabled must be true or false"),
+    ({"compile": {"fullgrph": True}}, "compile: unknown key(s) fullgrph"),
     ({"schedule": {"name": "exp"}}, "schedule.name must be one of"),
     ({"logging": {"wandb": {"enabled": "yes"}}}, "logging.wandb.enabled must be true or false"),
     ({"tokenizer": {"vocab_size": 10}}, "tokenizer.vocab_size must be >= 264"),

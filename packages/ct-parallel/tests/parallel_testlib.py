@@ -114,3 +114,22 @@ def compare_losses(label: str, got: list[float], want: list[float], tol: float =
     if worst > tol:
         raise AssertionError(f"{label}: losses {got} vs reference {want} (rel {worst:.2e})")
     return worst
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, shim: bool = False, timeout: int = 240) -> None:
+    """Launch ``script`` (in this directory) under torchrun with gloo; through the megatron CPU
+    shim when ``shim``. Raises with the tails of stdout/stderr when it fails."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(29400 + os.getpid() % 1000)]
+    cmd += [str(here / "megatron_cpu_run.py"), str(here / script)] if shim else [str(here / script)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd + list(args), env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

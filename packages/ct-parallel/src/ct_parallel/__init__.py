@@ -1,9 +1,9 @@
 """ct_parallel: engines (native single/DDP/FSDP2, megatron-core), process groups, weight bridge.
 
 Trainer API: ``info = init_distributed(cfg)``; build the ct-model (same seed everywhere);
-``engine = build_engine(model, cfg, precision=precision_config)``; then ``engine.setup_optimizer(build)``,
-``forward_backward`` / ``clip_grad_norm`` / ``optimizer_step`` / ``zero_grad`` per step and
-``save_checkpoint`` / ``load_checkpoint`` / ``full_model_state_dict``. Importing this package
+``engine = build_engine(model, cfg, precision=..., activation_checkpointing=..., compile=...)``; then
+``engine.setup_optimizer(build)``, ``forward_backward`` / ``clip_grad_norm`` / ``optimizer_step`` /
+``zero_grad`` per step and ``save_checkpoint`` / ``load_checkpoint`` / ``full_model_state_dict``. Importing this package
 does not import megatron-core; only ``engine: megatron`` does.
 """
 
@@ -14,10 +14,12 @@ from .engine import IGNORE_INDEX, Engine, LossFn, Microbatch, StepResult, scored
 from .factory import build_engine
 from .native import NativeEngine, build_native_engine
 from .precision import check_combination
+from .recompute import check_recompute_combination
 
 __all__ = [
     "IGNORE_INDEX", "DistInfo", "DistributedConfig", "Engine", "LossFn", "Microbatch", "NativeEngine",
-    "StepResult", "barrier", "build_engine", "build_native_engine", "check_combination", "global_rank",
+    "StepResult", "barrier", "build_engine", "build_native_engine", "check_combination", "check_recompute_combination",
+    "global_rank",
     "init_distributed",
     "is_distributed", "main_first", "megatron_can_run", "scored_tokens", "shutdown_distributed", "world_size",
 ]

@@ -1,31 +1,44 @@
-"""One entry point from a DistributedConfig (+ PrecisionConfig) to an engine."""
+"""One entry point from a DistributedConfig (+ precision, checkpointing, compile) to an engine."""
 
 from __future__ import annotations
 
-from ct_precision import PrecisionConfig
+from ct_precision import (ActivationCheckpointConfig, CompileConfig, PrecisionConfig, apply_activation_checkpointing,
+                          apply_compile)
 from torch import nn
 
 from .config import DistributedConfig
 from .engine import Engine
 from .native import build_native_engine
 from .precision import check_combination, fsdp_dtypes, native_autocast_dtype
+from .recompute import check_recompute_combination, megatron_recompute
 
 
 def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
-                 precision: PrecisionConfig | None = None) -> Engine:
+                 precision: PrecisionConfig | None = None,
+                 activation_checkpointing: ActivationCheckpointConfig | None = None,
+                 compile: CompileConfig | None = None) -> Engine:  # noqa: A002 - the config key's name
     """Wrap (native) or rebuild (megatron) a ct-model Decoder for the configured layout and precision.
 
     Call ``init_distributed(dist_config)`` first, and build the model with the same seed on every
-    rank. Native: single, DDP (autocast) or FSDP2 (MixedPrecisionPolicy) around ``model`` itself.
+    rank. Native: activation checkpointing, then per-block compile, applied to ``model``'s blocks
+    in place, then single, DDP (autocast) or FSDP2 (MixedPrecisionPolicy) around ``model`` itself.
     Megatron: a GPTModel per rank (TP shard of its PP stage's layers) with weights copied from
-    ``model`` by the bridge. A precision/layout pair that cannot run raises ValueError naming both.
+    ``model`` by the bridge, with megatron's own recompute (see recompute.py). A pair of settings
+    that cannot run raises ValueError naming both keys.
     """
     precision = precision if precision is not None else PrecisionConfig()
+    ac = activation_checkpointing if activation_checkpointing is not None else ActivationCheckpointConfig()
+    compile_config = compile if compile is not None else CompileConfig()
     check_combination(precision, dist_config)
+    check_recompute_combination(ac, compile_config, dist_config)
     if dist_config.engine == "megatron":
         from .megatron.engine import build_megatron_engine  # imports megatron-core (~20 s)
 
-        return build_megatron_engine(model, dist_config, autocast_dtype=native_autocast_dtype(precision))
+        return build_megatron_engine(model, dist_config, autocast_dtype=native_autocast_dtype(precision),
+                                     recompute=megatron_recompute(ac, model.config, dist_config))
+    # Before the wrap: FSDP2/DDP then see the same parameters under the same names.
+    apply_activation_checkpointing(model, ac)
+    apply_compile(model, compile_config)
     if dist_config.strategy == "fsdp2":
         from .fsdp import build_fsdp2_engine
 

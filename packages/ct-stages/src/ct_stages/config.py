@@ -23,7 +23,7 @@ from typing import Any
 import ct_model
 from ct_model import UserError
 from ct_parallel import DistributedConfig
-from ct_precision import PrecisionConfig
+from ct_precision import ActivationCheckpointConfig, CompileConfig, PrecisionConfig
 
 from .optim import OptimizerConfig, ScheduleConfig
 from .stages import StageConfig
@@ -151,6 +151,8 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    activation_checkpointing: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

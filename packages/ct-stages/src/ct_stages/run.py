@@ -19,7 +19,8 @@ import torch
 
 import ct_model
 from ct_model import UserError
-from ct_parallel import DistInfo, barrier, build_engine, check_combination, init_distributed, is_distributed
+from ct_parallel import (DistInfo, barrier, build_engine, check_combination, check_recompute_combination,
+                         init_distributed, is_distributed)
 from ct_parallel import main_first, megatron_can_run, shutdown_distributed
 
 from .checkpoint import CheckpointManager
@@ -78,8 +79,9 @@ def check_supported(run: RunConfig) -> None:
     if d.engine == "megatron" and run.trainer.async_checkpoint:
         raise UserError("trainer.async_checkpoint=true with distributed.engine=megatron: the megatron engine "
                         "writes checkpoints synchronously; set trainer.async_checkpoint=false")
-    try:  # a precision x layout pair that cannot run is named, with both keys, before any work
+    try:  # a precision, checkpointing or compile x layout pair that cannot run: named, both keys, now
         check_combination(run.precision, d)
+        check_recompute_combination(run.activation_checkpointing, run.compile, d)
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -238,7 +240,8 @@ def _build(run: RunConfig, info: DistInfo, init_from: Path | None, peak: PeakFlo
 
     # The teacher cache is written in the global order: a 1-process loader yields it.
     stage = build_stage(run, model_config, info.device, lambda: loader_factory(0, 1))
-    engine = build_engine(model, run.distributed, precision=run.precision)
+    engine = build_engine(model, run.distributed, precision=run.precision,
+                          activation_checkpointing=run.activation_checkpointing, compile=run.compile)
     engine.setup_optimizer(lambda named: build_optimizer(named, run.optimizer))
     scheduler = build_scheduler(engine.optimizer, t.max_steps, run.schedule)
     loader = loader_factory()

@@ -80,8 +80,11 @@ def check_supported(model_config: ModelConfig, dist_config: DistributedConfig) -
 
 
 def transformer_config(model_config: ModelConfig, dist_config: DistributedConfig, *,
-                       bf16: bool = False) -> TransformerConfig:
-    """The one mapping ModelConfig -> TransformerConfig (field names are the same by design)."""
+                       bf16: bool = False, recompute: dict | None = None) -> TransformerConfig:
+    """The one mapping ModelConfig -> TransformerConfig (field names are the same by design).
+
+    ``recompute``: recompute_granularity / recompute_method / recompute_num_layers fields
+    (ct_parallel.recompute.megatron_recompute), none by default."""
     check_supported(model_config, dist_config)
     c = model_config
     on_gpu = torch.cuda.is_available()
@@ -129,6 +132,7 @@ def transformer_config(model_config: ModelConfig, dist_config: DistributedConfig
         use_cpu_initialization=not on_gpu,
         # Weights come from the ct-model through the bridge; megatron's init would be overwritten.
         perform_initialization=False,
+        **(recompute or {}),
     )
 
 
