@@ -8,7 +8,7 @@ from torch import nn
 from .config import DistributedConfig
 from .engine import Engine
 from .native import build_native_engine
-from .precision import check_combination, fsdp_dtypes, native_autocast_dtype
+from .precision import check_combination, fsdp_dtypes, native_autocast_dtype, prepare_native_model
 
 
 def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
@@ -26,6 +26,7 @@ def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
         from .megatron.engine import build_megatron_engine  # imports megatron-core (~20 s)
 
         return build_megatron_engine(model, dist_config, autocast_dtype=native_autocast_dtype(precision))
+    model = prepare_native_model(model, precision)
     if dist_config.strategy == "fsdp2":
         from .fsdp import build_fsdp2_engine
 
