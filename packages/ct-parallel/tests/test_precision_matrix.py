@@ -31,11 +31,9 @@ PRECISIONS, LAYOUTS = _presets("precision"), _presets("distributed")
 
 def _expected_ok(precision: str, layout: dict) -> bool:
     """Hand-written table of what this CPU machine (no CUDA, no Transformer Engine) can run."""
-    if precision == "fp32":
-        return True
-    if precision == "bf16":
-        return layout["engine"] == "native" or layout["use_distributed_optimizer"]
-    return False  # fp8: native torchao path not built yet; megatron needs TE + CUDA
+    if precision in ("fp32", "bf16"):
+        return True  # megatron bf16: Float16Optimizer, or the distributed optimizer
+    return layout["engine"] == "native"  # fp8: torchao (emulated on CPU); megatron needs TE + CUDA
 
 
 @pytest.mark.parametrize("precision", sorted(PRECISIONS))
@@ -50,6 +48,15 @@ def test_every_combination_runs_or_names_both_keys(precision, layout):
         check_combination(p, d)
     assert f"precision.dtype={precision}" in str(err.value)
     assert f"distributed.engine={d.engine}" in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["single", "ddp", "fsdp2"])
+def test_mxfp8_needs_blackwell_and_names_both_keys(layout):
+    p = PrecisionConfig.from_dict({**PRECISIONS["fp8"], "fp8_recipe": "mxfp8"})
+    with pytest.raises(ValueError) as err:
+        check_combination(p, DistributedConfig.from_dict(LAYOUTS[layout]))
+    for key in ("precision.dtype=fp8", "precision.fp8_recipe=mxfp8", f"strategy={layout}", "10.0"):
+        assert key in str(err.value)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -80,7 +87,7 @@ def test_single_process_runs_each_precision_against_a_hand_autocast_reference(pr
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_bf16_ddp_and_fsdp2_equal_bf16_single_process(tmp_path):
+def test_bf16_and_fp8_under_ddp_and_fsdp2_equal_single_process(tmp_path):
     out = tmp_path / "bf16.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(29400 + os.getpid() % 1000 + 7), str(HERE / "dist_precision_checks.py"), str(out)]
@@ -90,5 +97,13 @@ def test_bf16_ddp_and_fsdp2_equal_bf16_single_process(tmp_path):
     results = json.loads(out.read_text())
     # DDP autocasts like the reference: equal to fp32-accumulation noise. FSDP2 holds bf16
     # parameters (norm weights and residual stream too), so it matches to bf16 resolution.
-    assert results["ddp"]["loss"] <= 1e-5 and results["ddp"]["grad"] <= 1e-4, results
-    assert results["fsdp2"]["loss"] <= 1e-2 and results["fsdp2"]["grad"] <= 5e-2, results
+    for name in ("bf16", "fp8"):
+        ddp = results[f"{name} ddp"]
+        assert ddp["loss"] <= 1e-5 and ddp["grad"] <= 1e-4, results
+    assert results["bf16 fsdp2"]["loss"] <= 1e-2 and results["bf16 fsdp2"]["grad"] <= 5e-2, results
+    # FP8 (converted before the wrap; all 16 block linears) against the same converted model in
+    # one process. Under FSDP2 a one-ulp bf16 difference (fp32 vs bf16 gradient reduction) moves
+    # values across FP8 rounding boundaries, so the worst gradient tensor differs by ~15% at
+    # this size (measured: 0.14); the loss still agrees to ~1e-4 (measured: 7.7e-5).
+    assert results["fp8 ddp"]["fp8_layers"] == results["fp8 fsdp2"]["fp8_layers"] == 16, results
+    assert results["fp8 fsdp2"]["loss"] <= 1e-3 and results["fp8 fsdp2"]["grad"] <= 0.3, results
