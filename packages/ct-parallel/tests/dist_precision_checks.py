@@ -69,8 +69,11 @@ def check(config, batch, precision, strategy, loss_ref, grads_ref):
     for k, p in model.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         grads[k] = g.detach().float().clone()
+    full = engine.full_model_state_dict()  # collective; None off rank 0
+    plain_keys = list(build_model(config, seed=0).state_dict())
     dist.barrier()
     return {"loss": abs(loss - loss_ref) / abs(loss_ref),
+            "plain_state": full is None or (list(full) == plain_keys and all(type(v) is torch.Tensor for v in full.values())),
             "fp8_layers": sum(type(m).__name__ == "Float8Linear" for m in model.modules()),
             "grad": lib.compare(f"{strategy} {precision.dtype} grads", grads, grads_ref, tol=1.0)}
 

@@ -106,6 +106,8 @@ def test_bf16_and_fp8_under_ddp_and_fsdp2_equal_single_process(tmp_path):
     # values across FP8 rounding boundaries, so the worst gradient tensor differs by ~15% at
     # this size (measured: 0.14); the loss still agrees to ~1e-4 (measured: 7.7e-5).
     assert results["fp8 ddp"]["fp8_layers"] == results["fp8 fsdp2"]["fp8_layers"] == 28, results
+    # The full state dict (export, checkpoints) has the unconverted keys and plain tensors.
+    assert all(r["plain_state"] for r in results.values()), results
     assert results["fp8 fsdp2"]["loss"] <= 1e-3 and results["fp8 fsdp2"]["grad"] <= 0.3, results
 
 
