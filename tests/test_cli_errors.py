@@ -69,7 +69,8 @@ def test_unknown_phase(capsys):
 @pytest.mark.parametrize("args, needle", [
     (["distributed=megatron_tp2"], "needs CUDA"),
     (["distributed=megatron_pp2"], "distributed=single, ddp or fsdp2"),
-    (["distributed=fsdp2", "precision=fp8"], "precision.dtype=fp8 with distributed.engine=native"),
+    (["distributed=fsdp2", "precision=fp8", "precision.fp8_recipe=mxfp8"],
+     "precision.dtype=fp8 with distributed.engine=native"),
 ])
 def test_layouts_this_machine_cannot_run_are_refused(capsys, monkeypatch, tmp_path, args, needle):
     monkeypatch.delenv("CT_MEGATRON_CPU_SHIM", raising=False)

@@ -118,7 +118,8 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, sample_dir)
         (["--phase", "pretrain_phase1", "optimizer.lr=-1"], "optimizer.lr"),
         (["--phase", "pretrain_phase2", "run_dir=/nonexistent/run"], "init_from"),
         (["--phase", "pretrain_phase1", "seq_len=1"], "seq_len"),
-        (["--phase", "pretrain_phase1", "precision=fp8"], "precision.dtype=fp8 with distributed.engine=native"),
+        (["--phase", "pretrain_phase1", "precision=fp8", "precision.fp8_recipe=mxfp8"],
+         "precision.dtype=fp8 with distributed.engine=native"),
         (["--phase", "pretrain_phase1", "precision=bf16", "precision.param_dtype=float16"], "precision.param_dtype"),
     ],
 )

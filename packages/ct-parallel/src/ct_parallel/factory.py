@@ -9,7 +9,7 @@ from torch import nn
 from .config import DistributedConfig
 from .engine import Engine
 from .native import build_native_engine
-from .precision import check_combination, fsdp_dtypes, native_autocast_dtype
+from .precision import check_combination, fsdp_dtypes, native_autocast_dtype, prepare_native_model
 from .recompute import check_recompute_combination, megatron_recompute
 
 
@@ -20,7 +20,7 @@ def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
     """Wrap (native) or rebuild (megatron) a ct-model Decoder for the configured layout and precision.
 
     Call ``init_distributed(dist_config)`` first, and build the model with the same seed on every
-    rank. Native: activation checkpointing, then per-block compile, applied to ``model``'s blocks
+    rank. Native: FP8 layers, activation checkpointing, then per-block compile, applied to ``model``'s blocks
     in place, then single, DDP (autocast) or FSDP2 (MixedPrecisionPolicy) around ``model`` itself.
     Megatron: a GPTModel per rank (TP shard of its PP stage's layers) with weights copied from
     ``model`` by the bridge, with megatron's own recompute (see recompute.py). A pair of settings
@@ -36,7 +36,9 @@ def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
 
         return build_megatron_engine(model, dist_config, autocast_dtype=native_autocast_dtype(precision),
                                      recompute=megatron_recompute(ac, model.config, dist_config))
-    # Before the wrap: FSDP2/DDP then see the same parameters under the same names.
+    # Before the wrap, in torchtitan's order (FP8 layers, then checkpointing, then compile): FSDP2/DDP
+    # then see the same parameters under the same names.
+    model = prepare_native_model(model, precision)
     apply_activation_checkpointing(model, ac)
     apply_compile(model, compile_config)
     if dist_config.strategy == "fsdp2":

@@ -11,6 +11,7 @@ import importlib.util
 
 import torch
 from ct_precision import PrecisionConfig
+from ct_precision.fp8 import MXFP8_MIN_CAPABILITY, convert_to_fp8
 
 from .config import DistributedConfig
 
@@ -25,12 +26,20 @@ def check_combination(precision: PrecisionConfig, dist: DistributedConfig) -> No
     if dist.engine == "megatron":
         if precision.fp8 and not (importlib.util.find_spec("transformer_engine") and torch.cuda.is_available()):
             raise ValueError(f"{both}: FP8 on the megatron engine needs Transformer Engine and CUDA")
-        if precision.dtype == "bf16" and not dist.use_distributed_optimizer:
-            raise ValueError(f"{both}: needs distributed.use_distributed_optimizer=true (not built yet: "
-                             "bf16 with megatron's Float16Optimizer)")
         return
-    if precision.fp8:
-        raise ValueError(f"{both}: FP8 on the native engines (torchao) is not built yet")
+    if precision.fp8 and precision.fp8_recipe == "mxfp8" and not _cuda_capability_at_least(MXFP8_MIN_CAPABILITY):
+        raise ValueError(f"{both}: precision.fp8_recipe=mxfp8 needs a CUDA GPU with compute capability >= 10.0 "
+                         "(Blackwell); use fp8_recipe=tensorwise or rowwise")
+
+
+def _cuda_capability_at_least(need: tuple[int, int]) -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= need
+
+
+def prepare_native_model(model: torch.nn.Module, precision: PrecisionConfig) -> torch.nn.Module:
+    """What the native engines do to the model itself before wrapping it: FP8 layers (torchao)
+    are swapped in before DDP/FSDP2 sees the parameters, so sharding wraps the Float8Linear."""
+    return convert_to_fp8(model, precision) if precision.fp8 else model
 
 
 def native_autocast_dtype(precision: PrecisionConfig) -> torch.dtype | None:

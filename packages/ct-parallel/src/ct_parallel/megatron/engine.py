@@ -21,7 +21,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-from megatron.core.optimizer.optimizer import FP32Optimizer
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import nn
@@ -122,9 +122,7 @@ class MegatronEngine:
                                  bf16=self.bf16, use_distributed_optimizer=self.dist_config.use_distributed_optimizer,
                                  params_dtype=torch.float32)
         groups = ProcessGroupCollection.setup_process_groups_for_optimizer(None, self.chunks, True)
-        if self.dist_config.use_distributed_optimizer or self.bf16:
-            if not self.dist_config.use_distributed_optimizer:
-                raise NotImplementedError("bf16 with the megatron engine needs use_distributed_optimizer=true")
+        if self.dist_config.use_distributed_optimizer:
             mopt = DistributedOptimizer(
                 self.optimizer, config, None, _init_state,
                 model_chunks=self.chunks,
@@ -135,6 +133,11 @@ class MegatronEngine:
                 distributed_optimizer_instance_id=0,
             )
             mopt.grad_stats_parallel_group = groups["intra_dist_opt_group"]
+        elif self.bf16:
+            # bf16 model weights (Float16Module), fp32 main copies stepped by the torch optimizer;
+            # bf16 needs no loss scaler (grad_scaler=None).
+            mopt = Float16OptimizerWithFloat16Params(self.optimizer, config, None, _init_state)
+            mopt.grad_stats_parallel_group = groups["mp_group"]
         else:
             mopt = FP32Optimizer(self.optimizer, config, _init_state)
             mopt.grad_stats_parallel_group = groups["mp_group"]
