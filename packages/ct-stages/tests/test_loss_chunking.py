@@ -68,6 +68,7 @@ def test_the_chunked_loss_really_receives_hidden_states(teacher):
         mb["teacher_output_weight"].data_ptr() == teacher.model.output_weight.data_ptr()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["pretrain", "midtrain_online"])
 def test_no_micro_by_seq_by_vocab_tensor_in_a_chunked_training_step(variant, teacher):
     b, t = 2, 64
