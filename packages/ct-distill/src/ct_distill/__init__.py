@@ -21,7 +21,8 @@ from .teacher import (TEACHER_HIDDEN, TEACHER_LOGITS, TEACHER_OUTPUT_WEIGHT, TEA
 
 __all__ = [
     "CacheError", "CacheMismatchError", "IncompleteCacheError", "KINDS", "OnlineTeacher",
-    "StudentHidden", "TEACHER_HIDDEN", "TEACHER_LOGITS", "TEACHER_OUTPUT_WEIGHT", "TEACHER_TOPK_IDS", "TEACHER_TOPK_LOGPROBS",
+    "StudentHidden", "TEACHER_HIDDEN", "TEACHER_LOGITS", "TEACHER_OUTPUT_WEIGHT", "TEACHER_TOPK_IDS",
+    "TEACHER_TOPK_LOGPROBS",
     "TeacherCacheReader", "TeacherCacheWriter", "TeacherHidden", "TopK", "VocabMismatchError",
     "chunked_kd_loss", "chunked_kd_loss_sum", "kd_loss", "kd_loss_sum", "make_kd_loss_fn",
     "sequence_hash", "teacher_from_batch", "token_divergence", "topk_logprobs",

@@ -7,9 +7,10 @@ per-microbatch loss function; the engine runs forward and backward however its l
 Loss convention (Megatron's per-token loss): ``loss_fn(microbatch, output)`` returns the SUM of
 the per-token loss over the microbatch's scored tokens. ``output`` is the logits, or, for a loss
 marked ``ct_model.batch.takes_model_output``, a ``ModelOutput`` (hidden states + output weight)
-from the native engines, which run such a loss inside the model's forward (megatron: logits). The engine divides by the number of
-scored tokens (``labels != -100``) of the whole global batch, over all microbatches and all
-data-parallel ranks, so the loss and the gradients do not depend on how the global batch is split.
+from the native engines, which run such a loss inside the model's forward (megatron: logits).
+The engine divides by the number of scored tokens (``labels != -100``) of the whole global
+batch, over all microbatches and all data-parallel ranks, so the loss and the gradients do not
+depend on how the global batch is split.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ct_model.batch import IGNORE_INDEX, SEQUENCE_INDEX, LossFn, LossOutput, Microbatch, ModelOutput, takes_model_output
+from ct_model.batch import (IGNORE_INDEX, SEQUENCE_INDEX, LossFn, LossOutput, Microbatch, ModelOutput,
+                            takes_model_output)
 from ct_model.chunked_ce import linear_cross_entropy
 from ct_model.fused_ce import FUSED_CHOICES
 
