@@ -3,8 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from ct_model.tensor_probe import LargestTensor
 
+from ct_model import fused_ce
 from ct_model.batch import IGNORE_INDEX
 from ct_model.chunked_ce import linear_cross_entropy
 
@@ -49,3 +51,58 @@ def test_no_tokens_by_vocab_tensor_when_chunked():
     with LargestTensor() as mode:
         linear_cross_entropy(hidden, weight, labels, chunk_tokens=0).backward()
     assert mode.largest >= 512 * 1024 * 0.6  # the check does see full logits when they exist
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_gradient_work_under_no_grad():
+    hidden, weight, labels = _inputs(n=64)
+    chunks = -(-int((labels != IGNORE_INDEX).sum()) // 8)
+    counts = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), _CountMatmuls() as mode:
+            got = linear_cross_entropy(hidden, weight, labels, chunk_tokens=8)
+        counts.append(mode.count)
+    ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    assert abs(got.item() - ref.item()) <= 1e-6 * abs(ref.item())
+    assert counts == [3 * chunks, chunks]  # projection (+ d hidden, d W with grad) per chunk
+
+
+def test_fused_kernels_only_on_cuda(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fused_ce, "_installed", lambda name: True)  # as if both were installed
+    assert fused_ce.pick_kernel(cpu, "auto") is None  # Triton kernels: CPU takes the torch path
+    assert fused_ce.pick_kernel(torch.device("cuda"), "auto") == "cut_cross_entropy"
+    assert fused_ce.pick_kernel(torch.device("cuda"), "off") is None
+    with pytest.raises(ValueError, match="loss.fused_kernel"):
+        fused_ce.pick_kernel(cpu, "liger_kernel")
+    with pytest.raises(ValueError, match="loss.fused_kernel"):
+        fused_ce.pick_kernel(cpu, "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", fused_ce.KERNELS)
+def test_fused_kernel_matches_the_chunked_path(kernel):
+    if not fused_ce._installed(kernel):
+        pytest.skip(f"{kernel} is not installed")
+    hidden, weight, labels = (x.detach().cuda() for x in _inputs(n=2048, h=256, v=32000))
+    results = []
+    for fused in (kernel, "off"):
+        h = hidden.to(torch.bfloat16).requires_grad_(True)
+        w = weight.to(torch.bfloat16).requires_grad_(True)
+        loss = linear_cross_entropy(h, w, labels, chunk_tokens=512, fused=fused)
+        loss.backward()
+        results.append((loss.float(), h.grad.float(), w.grad.float()))
+    # bf16 inputs, two summation orders: agreement to bf16 precision, not fp32's
+    for a, b in zip(*results):
+        assert ((a - b).norm() / b.norm()).item() <= 2e-2
+

@@ -16,12 +16,13 @@ from .cache import (CacheError, CacheMismatchError, IncompleteCacheError, Teache
 from .chunked import StudentHidden, TeacherHidden, chunked_kd_loss, chunked_kd_loss_sum
 from .losses import KINDS, TopK, VocabMismatchError, kd_loss, kd_loss_sum, token_divergence
 from .midtrain import make_kd_loss_fn, teacher_from_batch
-from .teacher import (TEACHER_LOGITS, TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS, OnlineTeacher,
-                      topk_logprobs)
+from .teacher import (TEACHER_HIDDEN, TEACHER_LOGITS, TEACHER_OUTPUT_WEIGHT, TEACHER_TOPK_IDS,
+                      TEACHER_TOPK_LOGPROBS, OnlineTeacher, topk_logprobs)
 
 __all__ = [
     "CacheError", "CacheMismatchError", "IncompleteCacheError", "KINDS", "OnlineTeacher",
-    "StudentHidden", "TEACHER_LOGITS", "TEACHER_TOPK_IDS", "TEACHER_TOPK_LOGPROBS",
+    "StudentHidden", "TEACHER_HIDDEN", "TEACHER_LOGITS", "TEACHER_OUTPUT_WEIGHT", "TEACHER_TOPK_IDS",
+    "TEACHER_TOPK_LOGPROBS",
     "TeacherCacheReader", "TeacherCacheWriter", "TeacherHidden", "TopK", "VocabMismatchError",
     "chunked_kd_loss", "chunked_kd_loss_sum", "kd_loss", "kd_loss_sum", "make_kd_loss_fn",
     "sequence_hash", "teacher_from_batch", "token_divergence", "topk_logprobs",

@@ -24,16 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ct_model.batch import ModelOutput
+
 from .fused import loss_and_grad
 from ._base import (IGNORE_INDEX, Teacher, TopK, VocabMismatchError, as_topk, check_options,
                      check_shapes)
 
 
-class StudentHidden(NamedTuple):
-    """Student output in hidden form: final-normed hidden states [..., H] and output weight [V, H]."""
-
-    hidden: torch.Tensor
-    output_weight: torch.Tensor
+# Student output in hidden form: final-normed hidden states [..., H] and output weight [V, H]. The
+# same type the native engines hand a loss (ct_model.batch.ModelOutput), so no conversion is needed.
+StudentHidden = ModelOutput
 
 
 class TeacherHidden(NamedTuple):
@@ -172,6 +172,10 @@ def chunked_kd_loss_sum(hidden: torch.Tensor, output_weight: torch.Tensor, teach
         flat_labels = flat_labels.index_select(0, rows)
     plan = _Plan(flat_teacher, rows, flat_labels, kind, float(temperature), top_k, beta,
                  float(ce_weight), chunk_size, retain_grads)
+    if not torch.is_grad_enabled():
+        # autograd.Function sees requires_grad even under no_grad: detach, or the forward
+        # would compute gradients nobody asked for (evaluation).
+        h, output_weight = h.detach(), output_weight.detach()
     return _ChunkedKD.apply(h, output_weight, plan), count
 
 

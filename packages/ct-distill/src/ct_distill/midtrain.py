@@ -4,10 +4,11 @@ The stage adds the teacher's targets to each microbatch (``OnlineTeacher.annotat
 ``TeacherCacheReader.annotate``) and the engine calls ``loss_fn(microbatch, output)``:
 
 - microbatch keys: "labels" [B, T] (aligned with the logits, ``ignore_index`` = not scored), and
-  either "teacher_logits" [B, T, V] or "teacher_topk_ids" [B, T, k] + "teacher_topk_logprobs"
-  [B, T, k];
+  either "teacher_logits" [B, T, V], or "teacher_topk_ids" [B, T, k] + "teacher_topk_logprobs"
+  [B, T, k], or "teacher_hidden" [B, T, H_t] + "teacher_output_weight" [V, H_t];
 - output: the student's logits [B, T, V], or ``StudentHidden(hidden [B, T, H], output_weight
-  [V, H])`` for the chunked path (``chunk_size`` positions of logits at a time).
+  [V, H])`` (= ct_model's ModelOutput, what the native engines pass) for the chunked path
+  (``chunk_size`` positions of logits at a time).
 
 It returns (loss_sum, token_count): the sum over scored positions and their number, so the trainer
 can normalise over all tokens of the global batch.
@@ -18,20 +19,32 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
-from .chunked import StudentHidden, chunked_kd_loss_sum
+from .chunked import StudentHidden, TeacherHidden, chunked_kd_loss_sum
 from .losses import IGNORE_INDEX, TopK, check_options, kd_loss_sum
-from .teacher import TEACHER_LOGITS, TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS
+from .teacher import (TEACHER_HIDDEN, TEACHER_LOGITS, TEACHER_OUTPUT_WEIGHT, TEACHER_TOPK_IDS,
+                      TEACHER_TOPK_LOGPROBS)
 
 
 def teacher_from_batch(batch: Mapping[str, torch.Tensor]):
-    """The teacher target stored in a microbatch: logits, or TopK from the cached keys."""
+    """The teacher target stored in a microbatch: logits, TopK from the cached keys, or
+    TeacherHidden (an online teacher in hidden mode)."""
     if TEACHER_LOGITS in batch:
         return batch[TEACHER_LOGITS]
     if TEACHER_TOPK_IDS in batch and TEACHER_TOPK_LOGPROBS in batch:
         return TopK(batch[TEACHER_TOPK_IDS], batch[TEACHER_TOPK_LOGPROBS])
-    raise KeyError(f"microbatch has no teacher target: expected {TEACHER_LOGITS!r} or "
-                   f"{TEACHER_TOPK_IDS!r} + {TEACHER_TOPK_LOGPROBS!r} (keys: {sorted(batch)})")
+    if TEACHER_HIDDEN in batch and TEACHER_OUTPUT_WEIGHT in batch:
+        return TeacherHidden(batch[TEACHER_HIDDEN], batch[TEACHER_OUTPUT_WEIGHT])
+    raise KeyError(f"microbatch has no teacher target: expected {TEACHER_LOGITS!r}, "
+                   f"{TEACHER_TOPK_IDS!r} + {TEACHER_TOPK_LOGPROBS!r} or {TEACHER_HIDDEN!r} + "
+                   f"{TEACHER_OUTPUT_WEIGHT!r} (keys: {sorted(batch)})")
+
+
+def _full_teacher_logits(teacher: TeacherHidden, device: torch.device) -> torch.Tensor:
+    """A hidden-mode teacher's logits, for the unchunked loss (an engine that passes logits)."""
+    with torch.no_grad():
+        return F.linear(teacher.hidden, teacher.output_weight).to(device)
 
 
 def make_kd_loss_fn(kind: str = "forward_kl", temperature: float = 1.0, top_k: int | None = None,
@@ -54,6 +67,8 @@ def make_kd_loss_fn(kind: str = "forward_kl", temperature: float = 1.0, top_k: i
             total, count = chunked_kd_loss_sum(output.hidden, output.output_weight, teacher, labels,
                                                chunk_size=chunk_size, **options)
         else:
+            if isinstance(teacher, TeacherHidden):
+                teacher = _full_teacher_logits(teacher, output.device)
             total, count = kd_loss_sum(output, teacher, labels, **options)
         return (total, count) if return_count else total
 

@@ -24,6 +24,10 @@ from .losses import TopK, VocabMismatchError
 TEACHER_LOGITS = "teacher_logits"
 TEACHER_TOPK_IDS = "teacher_topk_ids"
 TEACHER_TOPK_LOGPROBS = "teacher_topk_logprobs"
+# Hidden mode: the teacher's final hidden states [B, T, H_t] and its output weight [V, H_t] (the
+# same tensor in every microbatch, not a copy); the chunked KD loss projects them chunk by chunk.
+TEACHER_HIDDEN = "teacher_hidden"
+TEACHER_OUTPUT_WEIGHT = "teacher_output_weight"
 
 
 def topk_logprobs(logits: torch.Tensor, k: int) -> TopK:
@@ -178,13 +182,28 @@ class OnlineTeacher:
         ids = batch["input_ids"]
         return self.logits(ids, batch.get("position_ids"), batch.get("document_ids")).to(ids.device)
 
-    def annotate(self, batch: Mapping[str, torch.Tensor], top_k: int | None = None) -> dict:
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H_t] (teacher dtype and device); a ct-model Decoder only."""
+        if not (hasattr(self.model, "hidden_states") and hasattr(self.model, "output_weight")):
+            raise TypeError(f"{type(self.model).__name__} has no hidden_states/output_weight: "
+                            "the hidden-state mode needs a ct-model Decoder teacher")
+        return self.model.hidden_states(*self._inputs(input_ids, position_ids, document_ids))
+
+    def annotate(self, batch: Mapping[str, torch.Tensor], top_k: int | None = None,
+                 hidden: bool = False) -> dict:
         """A copy of ``batch`` with the teacher's targets added under the keys
         ``make_kd_loss_fn`` reads: "teacher_logits", or "teacher_topk_ids" /
-        "teacher_topk_logprobs" when ``top_k`` is given."""
+        "teacher_topk_logprobs" when ``top_k`` is given, or (``hidden`` and no ``top_k``)
+        "teacher_hidden" + "teacher_output_weight", which a chunked loss projects per chunk so
+        the teacher's full logits never exist. Hidden states stay on the teacher's device."""
         ids = batch["input_ids"]
         out = dict(batch)
-        if top_k is None:
+        if top_k is None and hidden:
+            out[TEACHER_HIDDEN] = self.hidden_states(ids, batch.get("position_ids"), batch.get("document_ids"))
+            out[TEACHER_OUTPUT_WEIGHT] = self.model.output_weight.detach()
+        elif top_k is None:
             out[TEACHER_LOGITS] = self(batch)
         else:
             cached = self.topk(ids, top_k, batch.get("position_ids"), batch.get("document_ids"))

@@ -7,23 +7,57 @@ A microbatch is a dict of tensors: ``input_ids`` [B, T], ``labels`` [B, T] (alre
 labels[t] is the target of position t; IGNORE_INDEX where nothing is scored), and optionally
 ``position_ids`` and ``document_ids`` (packed documents) and, per stage, teacher targets.
 
-Loss convention (Megatron's per-token loss): a ``LossFn(microbatch, logits)`` returns the SUM of
+Loss convention (Megatron's per-token loss): a ``LossFn(microbatch, output)`` returns the SUM of
 the per-token loss over the microbatch's scored tokens; engines divide by the scored tokens of the
 whole global batch, so the loss does not depend on how the batch is split.
+
+What ``output`` is: logits [B, T, vocab] by default. A loss marked with ``takes_model_output``
+receives a ``ModelOutput`` (final hidden states + output weight) from engines that can give one
+(the native engines), so it can project in chunks and never hold [B, T, vocab]; engines that only
+have logits (megatron) still pass the logits tensor, so such a loss must accept both.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 # Batch key: each row's global position in the loader's sequence order (step * global batch + row),
 # attached by ct_data loaders; teacher caches are written and read by it.
 SEQUENCE_INDEX = "sequence_index"
 Microbatch = dict[str, torch.Tensor]
-LossFn = Callable[[Microbatch, torch.Tensor], torch.Tensor]
+
+
+class ModelOutput(NamedTuple):
+    """A decoder's output before the output layer: what a loss needs to compute logits itself.
+
+    ``hidden``: final-normed hidden states [B, T, H]; ``output_weight``: [vocab, H] (the tied
+    embedding or the untied lm_head, as the model holds it: unsharded while inside its forward).
+    """
+
+    hidden: torch.Tensor
+    output_weight: torch.Tensor
+
+    def logits(self) -> torch.Tensor:
+        """The full [B, T, vocab] logits, for losses that want them (the unchunked path)."""
+        return F.linear(self.hidden, self.output_weight)
+
+
+LossOutput = torch.Tensor | ModelOutput
+LossFn = Callable[[Microbatch, LossOutput], torch.Tensor]
+
+
+def takes_model_output(loss_fn: Callable) -> Callable:
+    """Mark ``loss_fn`` as accepting a ``ModelOutput`` (engines then skip the logits)."""
+    loss_fn.takes_model_output = True
+    return loss_fn
+
+
+def wants_model_output(loss_fn: Callable) -> bool:
+    return bool(getattr(loss_fn, "takes_model_output", False))
 
 
 def scored_tokens(microbatch: Microbatch) -> torch.Tensor:

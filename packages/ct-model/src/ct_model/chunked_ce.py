@@ -6,6 +6,9 @@ turned at once into d hidden_chunk (= g @ W) and accumulated into d W (+= g.T @ 
 chunk's logits are then freed. The backward only scales the stored gradients, so nothing is
 recomputed (the same design as ct_distill.chunked for KD). ``chunk_tokens=0`` is the plain
 unchunked path, kept for comparison. Returns the SUM over scored tokens (batch.py's convention).
+
+On CUDA, with ``fused="auto"``, a maintained fused kernel (cut-cross-entropy, Liger) replaces the
+torch chunked path when one is installed (fused_ce.py); the result is the same loss.
 """
 
 from __future__ import annotations
@@ -15,17 +18,27 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .batch import IGNORE_INDEX
+from .fused_ce import fused_linear_cross_entropy, pick_kernel
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_tokens: int = 0) -> torch.Tensor:
-    """Sum of token CE of ``hidden`` [..., H] projected by ``weight`` [V, H] against ``labels`` [...]."""
+                         chunk_tokens: int = 0, fused: str = "auto") -> torch.Tensor:
+    """Sum of token CE of ``hidden`` [..., H] projected by ``weight`` [V, H] against ``labels`` [...].
+
+    ``fused`` picks a fused CUDA kernel when ``chunk_tokens > 0`` (see fused_ce.pick_kernel)."""
     if chunk_tokens < 0:
         raise ValueError(f"loss.chunk_tokens must be >= 0, got {chunk_tokens}")
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if chunk_tokens == 0:
         logits = F.linear(hidden, weight).float()
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    kernel = pick_kernel(hidden.device, fused)
+    if kernel is not None:
+        return fused_linear_cross_entropy(kernel, hidden, weight, labels)
+    if not torch.is_grad_enabled():
+        # autograd.Function sees requires_grad even under no_grad: detach, or the forward
+        # would compute gradients nobody asked for (evaluation).
+        hidden, weight = hidden.detach(), weight.detach()
     keep = torch.nonzero(labels != IGNORE_INDEX).reshape(-1)
     return _ChunkedCE.apply(hidden, weight, labels, keep, chunk_tokens)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch import ModelOutput
 from .config import ModelConfig
 from .layers import DecoderBlock, KVCache, RMSNorm
 from .attention import build_mask_info
@@ -43,13 +46,21 @@ class Decoder(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, T, vocab] for ``input_ids`` [B, T].
+        head: Callable[[ModelOutput], Any] | None = None,
+    ) -> Any:
+        """Logits [B, T, vocab] for ``input_ids`` [B, T]; or ``head(ModelOutput(hidden, W))``.
 
         ``position_ids`` restart at each packed document; ``document_ids`` restrict attention to
         the token's own document. Without document ids attention is plain causal.
+
+        ``head`` replaces the output layer by any function of the final hidden states and the
+        output weight (a chunked loss, say). It runs inside this forward on purpose: a wrapper
+        such as FSDP2 only holds the weights unsharded while the wrapped module's forward runs.
         """
-        return self.logits(self.hidden_states(input_ids, position_ids, document_ids))
+        hidden = self.hidden_states(input_ids, position_ids, document_ids)
+        if head is not None:
+            return head(ModelOutput(hidden, self.output_weight))
+        return self.logits(hidden)
 
     def hidden_states(self, input_ids, position_ids=None, document_ids=None, attention_mask=None,
                       caches: list[KVCache] | None = None) -> torch.Tensor:

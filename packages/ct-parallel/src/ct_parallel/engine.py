@@ -4,10 +4,13 @@ The trainer hands an engine a list of microbatches (this rank's share of one glo
 per-microbatch loss function; the engine runs forward and backward however its layout requires
 (single process, DDP, FSDP2, megatron TP/PP) and returns global metrics.
 
-Loss convention (Megatron's per-token loss): ``loss_fn(microbatch, logits)`` returns the SUM of
-the per-token loss over the microbatch's scored tokens. The engine divides by the number of
-scored tokens (``labels != -100``) of the whole global batch, over all microbatches and all
-data-parallel ranks, so the loss and the gradients do not depend on how the global batch is split.
+Loss convention (Megatron's per-token loss): ``loss_fn(microbatch, output)`` returns the SUM of
+the per-token loss over the microbatch's scored tokens. ``output`` is the logits, or, for a loss
+marked ``ct_model.batch.takes_model_output``, a ``ModelOutput`` (hidden states + output weight)
+from the native engines, which run such a loss inside the model's forward (megatron: logits).
+The engine divides by the number of scored tokens (``labels != -100``) of the whole global
+batch, over all microbatches and all data-parallel ranks, so the loss and the gradients do not
+depend on how the global batch is split.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from ct_model.batch import IGNORE_INDEX, LossFn, Microbatch, scored_tokens  # noqa: F401 (re-exported)
+from ct_model.batch import (IGNORE_INDEX, LossFn, Microbatch, ModelOutput, scored_tokens,  # noqa: F401 (re-exported)
+                            wants_model_output)
 
 
 @dataclass

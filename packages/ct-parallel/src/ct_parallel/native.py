@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -19,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .distributed import is_distributed as _dist_ready
-from .engine import LossFn, Microbatch, StepResult, scored_tokens
+from .engine import LossFn, Microbatch, StepResult, scored_tokens, wants_model_output
 
 
 class NativeEngine:
@@ -58,9 +59,16 @@ class NativeEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _logits(self, mb: Microbatch) -> torch.Tensor:
+    def _loss(self, mb: Microbatch, loss_fn: LossFn) -> torch.Tensor:
+        """``loss_fn`` on ``mb``. A loss that takes a ModelOutput runs as the model's output head,
+        inside the wrapped forward: under FSDP2 the (tied) output weight is unsharded only there,
+        and no [micro x seq x vocab] logits are made unless the loss makes them."""
+        args = (mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
         with self._autocast():
-            return self.wrapped(mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
+            if wants_model_output(loss_fn):
+                return self.wrapped(*args, head=partial(loss_fn, mb))
+            logits = self.wrapped(*args)
+        return loss_fn(mb, logits)
 
     def _totals(self, microbatches: list[Microbatch]) -> tuple[torch.Tensor, torch.Tensor]:
         scored = sum(scored_tokens(mb) for mb in microbatches).to(torch.float64)
@@ -82,7 +90,7 @@ class NativeEngine:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, mb in enumerate(microbatches):
             with self._no_sync(i == len(microbatches) - 1):
-                loss_sum = loss_fn(mb, self._logits(mb))
+                loss_sum = self._loss(mb, loss_fn)
                 (loss_sum * scale).backward()
             total += loss_sum.detach().to(torch.float64)
         loss = self._global_sum(total) / global_tokens.clamp(min=1)
@@ -94,7 +102,7 @@ class NativeEngine:
         global_tokens, input_tokens = self._totals(microbatches)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in microbatches:
-            total += loss_fn(mb, self._logits(mb)).to(torch.float64)
+            total += self._loss(mb, loss_fn).to(torch.float64)
         loss = self._global_sum(total) / global_tokens.clamp(min=1)
         self.wrapped.train()
         return StepResult(loss.item(), int(global_tokens.item()), int(input_tokens.item()))

@@ -5,11 +5,12 @@
 
 from .checkpoint import CheckpointManager
 from .optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler, lr_factor
-from .stages import DistillConfig, Stage, StageConfig, cross_entropy_sum
+from .stages import (DistillConfig, LossConfig, Stage, StageConfig, cross_entropy_sum, make_ce_loss,
+                     make_kd_loss)
 from .trainer import Preempted, Trainer, TrainerConfig, TrainingStopped
 
 __all__ = [
-    "CheckpointManager", "DistillConfig", "OptimizerConfig", "ScheduleConfig", "Stage", "StageConfig",
+    "CheckpointManager", "DistillConfig", "LossConfig", "OptimizerConfig", "ScheduleConfig", "Stage", "StageConfig",
     "Preempted", "Trainer", "TrainerConfig", "TrainingStopped", "build_optimizer", "build_scheduler",
-    "cross_entropy_sum", "lr_factor",
+    "cross_entropy_sum", "lr_factor", "make_ce_loss", "make_kd_loss",
 ]

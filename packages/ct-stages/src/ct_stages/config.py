@@ -26,7 +26,7 @@ from ct_parallel import DistributedConfig
 from ct_precision import ActivationCheckpointConfig, CompileConfig, PrecisionConfig
 
 from .optim import OptimizerConfig, ScheduleConfig
-from .stages import StageConfig
+from .stages import LossConfig, StageConfig
 from .trainer import TrainerConfig
 
 
@@ -147,6 +147,7 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     sample_data: SampleDataConfig = field(default_factory=SampleDataConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -34,11 +34,14 @@ def load_teacher(config: DistillConfig, student_config, device: torch.device):
 
 
 def build_teacher_annotator(config: DistillConfig, student_config, run_dir: Path, device: torch.device,
-                            total_sequences: int, cache_loader_factory):
-    """A function adding teacher targets to a microbatch (keys read by ct_distill's KD loss)."""
+                            total_sequences: int, cache_loader_factory, hidden: bool = False):
+    """A function adding teacher targets to a microbatch (keys read by ct_distill's KD loss).
+
+    ``hidden``: an online teacher without top-k hands over its final hidden states and output
+    weight instead of full logits (the chunked loss projects them chunk by chunk)."""
     teacher = load_teacher(config, student_config, device)
     if config.teacher == "online":
-        return lambda mb: teacher.annotate(mb, config.top_k)
+        return lambda mb: teacher.annotate(mb, config.top_k, hidden=hidden)
     from ct_distill import TeacherCacheReader, write_teacher_cache
 
     root = Path(config.cache_dir or run_dir / "teacher_cache")

@@ -27,7 +27,7 @@ from .checkpoint import CheckpointManager
 from .config import RunConfig
 from .metrics import MetricsLog, PeakFlops, Reporter, Throughput, flops_per_token, plot_loss_curve
 from .optim import build_optimizer, build_scheduler
-from .stages import Stage, StageConfig, cross_entropy_sum
+from .stages import Stage, StageConfig
 from .trainer import LoopState, Trainer
 
 log = logging.getLogger("ct_stages")
@@ -154,13 +154,15 @@ def build_phase_model(run: RunConfig, init_from: Path | None):
 
 def build_stage(run: RunConfig, model_config, device: torch.device, cache_loader_factory) -> Stage:
     if run.stage.kind != "midtrain":
-        return Stage(run.stage)
+        return Stage(run.stage, loss=run.loss)
     from .distill import build_teacher_annotator
 
     total_sequences = run.trainer.max_steps * run.trainer.global_batch_size
+    # A chunked loss takes an online teacher's hidden states and projects them per chunk.
     annotate = build_teacher_annotator(run.stage.distill, model_config, run.run_path, device,
-                                       total_sequences, cache_loader_factory)
-    return Stage(run.stage, annotate)
+                                       total_sequences, cache_loader_factory,
+                                       hidden=run.loss.chunk_tokens > 0)
+    return Stage(run.stage, annotate, loss=run.loss)
 
 
 def fixed_batch_evaluator(engine, mixture, tokenizer, run: RunConfig, info: DistInfo):
@@ -170,11 +172,11 @@ def fixed_batch_evaluator(engine, mixture, tokenizer, run: RunConfig, info: Dist
     loader = mixture.build_loader(tokenizer, run.seq_len, t.global_batch_size, t.seed + 1,
                                   info.dp_rank, info.dp_size, prefetch=0)
     batches = [next(loader) for _ in range(t.eval_batches)]
-    splitter = Stage(StageConfig())  # plain CE and no teacher, whatever the phase's stage
+    splitter = Stage(StageConfig(), loss=run.loss)  # plain CE and no teacher, whatever the phase's stage
 
     def evaluate() -> dict[str, float]:
         micro = [mb for b in batches for mb in splitter.microbatches(b, t.micro_batch_size)]
-        result = engine.forward_only(micro, cross_entropy_sum)
+        result = engine.forward_only(micro, splitter.loss_fn)
         return {"eval_loss": result.loss, "eval_tokens": result.tokens}
 
     return evaluate

@@ -1,8 +1,14 @@
 """A stage is data + loss + schedule. This module holds the loss side of the three stages.
 
-Losses follow the engine convention: ``loss_fn(microbatch, logits)`` returns the SUM of token
+Losses follow the engine convention: ``loss_fn(microbatch, output)`` returns the SUM of token
 losses; the engine divides by the scored tokens of the whole global batch. Labels arrive already
 shifted (labels[t] is the target of position t), so nothing here shifts.
+
+Losses without full logits: a stage's loss takes a ``ModelOutput`` (final hidden states + output
+weight) and, with ``loss.chunk_tokens > 0``, projects ``chunk_tokens`` positions at a time, so no
+[micro x seq x vocab] tensor exists (CE: ct_model.chunked_ce; KD: ct_distill.chunked, the online
+teacher's hidden states projected per chunk too). Engines that only produce logits (megatron) pass
+the logits, and the loss takes the unchunked path.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ct_model.batch import IGNORE_INDEX, SEQUENCE_INDEX, LossFn, Microbatch
+from ct_model.batch import (IGNORE_INDEX, SEQUENCE_INDEX, LossFn, LossOutput, Microbatch, ModelOutput,
+                            takes_model_output)
+from ct_model.chunked_ce import linear_cross_entropy
+from ct_model.fused_ce import FUSED_CHOICES
 
 STAGES = ("pretrain", "midtrain", "posttrain")
 TEACHER_KINDS = ("online", "cached")
@@ -23,6 +32,59 @@ def cross_entropy_sum(microbatch: Microbatch, logits: torch.Tensor) -> torch.Ten
     """Next-token loss summed over scored positions (pretraining; SFT masks labels upstream)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), microbatch["labels"].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """How the stage's loss meets the output layer.
+
+    ``chunk_tokens``: scored positions projected to logits at a time (0 = the full logits at once,
+    kept for comparison). 1024 bounds the chunk's fp32 logits to 0.5 GB at a 128k vocabulary
+    (LLaMA-3's tokenizer, the recipe's), while a 1024-row projection is still a large enough
+    matmul to keep a GPU busy; the KD loss holds ~3 such buffers per chunk (student, gradient,
+    teacher). ``fused_kernel``: on CUDA, CE uses cut-cross-entropy or Liger when installed
+    ("auto"), never ("off"), or the named one.
+    """
+
+    chunk_tokens: int = 1024
+    fused_kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens < 0:
+            raise ValueError(f"loss.chunk_tokens must be >= 0 (0 = unchunked), got {self.chunk_tokens}")
+        if self.fused_kernel not in FUSED_CHOICES:
+            raise ValueError(f"loss.fused_kernel must be one of {FUSED_CHOICES}, got {self.fused_kernel!r}")
+
+
+def make_ce_loss(config: LossConfig) -> LossFn:
+    """Next-token CE from a ModelOutput (chunked per ``config``), or from logits (unchunked)."""
+
+    @takes_model_output
+    def ce_loss(microbatch: Microbatch, output: LossOutput) -> torch.Tensor:
+        if isinstance(output, ModelOutput):
+            return linear_cross_entropy(output.hidden, output.output_weight, microbatch["labels"],
+                                        config.chunk_tokens, config.fused_kernel)
+        return cross_entropy_sum(microbatch, output)
+
+    return ce_loss
+
+
+def make_kd_loss(distill: "DistillConfig", config: LossConfig) -> LossFn:
+    """The midtrain KD loss (ct_distill), chunked from a ModelOutput when ``chunk_tokens > 0``."""
+    from ct_distill import make_kd_loss_fn
+
+    d = distill
+    kd = make_kd_loss_fn(d.kind, d.temperature, d.top_k, d.beta, d.ce_weight,
+                         chunk_size=config.chunk_tokens or 1,  # unused at 0 (the logits path)
+                         return_count=False)
+
+    @takes_model_output
+    def kd_loss(microbatch: Microbatch, output: LossOutput) -> torch.Tensor:
+        if isinstance(output, ModelOutput) and config.chunk_tokens == 0:
+            output = output.logits()
+        return kd(microbatch, output)
+
+    return kd_loss
 
 
 @dataclass(frozen=True)
@@ -61,17 +123,15 @@ class StageConfig:
 class Stage:
     """Turns a rank's batch into annotated microbatches and supplies the per-microbatch loss."""
 
-    def __init__(self, config: StageConfig, annotate: Callable[[Microbatch], Microbatch] | None = None):
+    def __init__(self, config: StageConfig, annotate: Callable[[Microbatch], Microbatch] | None = None,
+                 loss: LossConfig = LossConfig()):
         self.config = config
         self.annotate = annotate
+        self.loss = loss
         if config.kind == "midtrain":
-            from ct_distill import make_kd_loss_fn
-
-            d = config.distill
-            self.loss_fn: LossFn = make_kd_loss_fn(d.kind, d.temperature, d.top_k, d.beta, d.ce_weight,
-                                                   return_count=False)
+            self.loss_fn: LossFn = make_kd_loss(config.distill, loss)
         else:
-            self.loss_fn = cross_entropy_sum
+            self.loss_fn = make_ce_loss(loss)
 
     def microbatches(self, batch: Microbatch, micro_batch_size: int) -> list[Microbatch]:
         """Split a rank's batch into microbatches (teacher targets added when the stage has a teacher).
