@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from ct_precision import ActivationCheckpointConfig, CompileConfig
 
@@ -102,8 +101,12 @@ def make_batch(config, micro: int, seq: int, device: torch.device) -> list[dict]
              "document_ids": torch.zeros(micro, seq, dtype=torch.long, device=device)}]
 
 
-def loss_fn(mb, logits):
-    return F.cross_entropy(logits.flatten(0, 1).float(), mb["labels"].flatten(), reduction="sum")
+def make_loss_fn():
+    """The pretraining stage's own loss: chunked CE from the hidden states (loss.chunk_tokens=1024,
+    the fused kernel where installed), so no cell holds [tokens x vocab] logits."""
+    from ct_stages.stages import LossConfig, make_ce_loss
+
+    return make_ce_loss(LossConfig())
 
 
 def run_cell(cell: Cell, args, device: torch.device, throughput) -> Result:
@@ -127,7 +130,7 @@ def run_cell(cell: Cell, args, device: torch.device, throughput) -> Result:
         batch = make_batch(config, micro, seq, device)
         for step in range(1 + args.steps):  # step 0: warm-up (compile, allocator, caches)
             start = time.perf_counter()
-            out = engine.forward_backward(batch, loss_fn)
+            out = engine.forward_backward(batch, make_loss_fn())
             engine.optimizer_step()
             engine.zero_grad()
             if device.type == "cuda":
