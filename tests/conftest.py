@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cli_support import SAMPLE_SCALE  # noqa: E402
+from cli_support import SAMPLE_SCALE, TINY, ct, train_losses  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +23,24 @@ def sample_dir(tmp_path_factory) -> Path:
     return out
 
 
+
+
+REFERENCE_STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, sample_dir) -> Path:
+    """The uninterrupted single-process TINY run, 8 steps (checkpoints, an HF export): what the
+    killed, preempted, resumed and multi-process runs are compared with, and a trained model for
+    tests that need one. Its losses do not depend on max_steps (all 8 steps lie inside the phase's
+    10 warmup steps) nor on how often it checkpoints, so one launch serves every test that runs up
+    to 8 steps. Read it, never write into it."""
+    run = tmp_path_factory.mktemp("reference")
+    ct("train", "--phase", "pretrain_phase1", f"run_dir={run}", f"sample_data.dir={sample_dir}", *TINY,
+       f"trainer.max_steps={REFERENCE_STEPS}")
+    return run
+
+
+@pytest.fixture(scope="session")
+def reference_losses(reference_run) -> dict[int, float]:
+    return train_losses(reference_run)

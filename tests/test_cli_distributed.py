@@ -13,11 +13,10 @@ SHIM_RUNNER = ROOT / "packages" / "ct-parallel" / "tests" / "megatron_cpu_run.py
 
 
 @pytest.fixture(scope="module")
-def single_losses(tmp_path_factory, sample_dir):
-    run = tmp_path_factory.mktemp("single")
-    ct("train", "--phase", "pretrain_phase1", f"run_dir={run}", f"sample_data.dir={sample_dir}", *TINY,
-       "trainer.max_steps=3")
-    return train_losses(run)
+def single_losses(reference_losses):
+    """The uninterrupted single-process run every layout is compared with (conftest's 8-step
+    reference: its first losses do not depend on max_steps, so it serves the shorter runs too)."""
+    return reference_losses
 
 
 @pytest.mark.dist
@@ -44,45 +43,12 @@ def test_ddp_two_processes_match_single_process(tmp_path, sample_dir, single_los
 
 
 @pytest.mark.dist
-def test_megatron_tp2_one_step_through_the_cli(tmp_path, sample_dir, single_losses):
-    # megatron-core calls CUDA unconditionally in places: the test-only shim redirects those on CPU.
-    run = tmp_path / "tp2"
-    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-              str(SHIM_RUNNER)]
-    ct("train", "--phase", "pretrain_phase1", "distributed=megatron_tp2", f"run_dir={run}",
-       f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=1", module_runner=runner)
-    losses = train_losses(run)
-    assert list(losses) == [1]
-    assert losses[1] == pytest.approx(single_losses[1], rel=1e-5)
-    assert (run / "hf" / "model.safetensors").is_file()
-    meta = json.loads((run / "checkpoints" / "step_00000001" / "meta.json").read_text())
-    assert meta["engine"] == "megatron" and meta["layout"]["tensor_model_parallel_size"] == 2
-
-    # ct-export reads the megatron checkpoint (resharded TP=2 -> 1 by megatron) into the same HF
-    # model as the run's own export of those weights; without CUDA or the shim it refuses clearly.
-    refused = ct("export", str(run), str(tmp_path / "refused"), check=False)
-    assert refused.returncode == 2 and "megatron engine" in refused.stderr and "Traceback" not in refused.stderr
-    out = tmp_path / "exported"
-    ct("export", str(run), str(out), module_runner=[sys.executable, str(SHIM_RUNNER)])
-    import ct_model
-    import torch
-
-    ours, _ = ct_model.hf.load_hf(run / "hf")
-    exported, _ = ct_model.hf.load_hf(out)
-    ids = torch.randint(0, 1000, (2, 24))
-    with torch.no_grad():
-        torch.testing.assert_close(exported(ids), ours(ids), rtol=0, atol=1e-5)
-
-
-@pytest.mark.dist
-def test_resume_at_another_world_size_continues_the_same_run(tmp_path, sample_dir):
+def test_resume_at_another_world_size_continues_the_same_run(tmp_path, sample_dir, single_losses):
     """2-process DDP -> 1 process and 1 process -> 2-process FSDP2: DCP reshards the model and
     optimizer, the loader states of the saved ranks are merged; later losses equal the
     uninterrupted single-process run's."""
     common = [f"sample_data.dir={sample_dir}", *TINY]
-    reference = tmp_path / "reference"
-    ct("train", "--phase", "pretrain_phase1", f"run_dir={reference}", *common, "trainer.max_steps=4")
-    expected = train_losses(reference)
+    expected = single_losses
 
     shrink = tmp_path / "shrink"
     ct("train", "--phase", "pretrain_phase1", "--nproc-per-node", "2", "distributed=ddp", f"run_dir={shrink}",
@@ -109,20 +75,13 @@ KILL_LAYOUTS = {
     "fsdp2": ([sys.executable, "-m"], ["--nproc-per-node", "2", "distributed=fsdp2"]),
 }
 # megatron is left out: its kill-and-rerun under the CPU shim takes minutes more than the suite can
-# spend; its resume paths are tested by test_megatron_tp2_checkpoint_resumes_at_pp2.
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_losses(tmp_path_factory, sample_dir):
-    run = tmp_path_factory.mktemp("uninterrupted")
-    ct("train", "--phase", "pretrain_phase1", f"run_dir={run}", f"sample_data.dir={sample_dir}", *TINY, *KILL_COMMON)
-    return train_losses(run)
+# spend; its resume paths are tested by test_megatron_tp2_trains_exports_and_resumes_at_pp2.
 
 
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(KILL_LAYOUTS))
-def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path, sample_dir, uninterrupted_losses, layout):
+def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path, sample_dir, single_losses, layout):
     """kill -9 of one rank mid-run: every process exits non-zero well within 60 s (torchrun's
     agent stops the other rank; its collectives fail fast on the closed peer, and the collective
     timeout bounds any other wait), no partial checkpoint counts, and the rerun resumes with the
@@ -158,7 +117,7 @@ def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path, sample_dir, 
     assert [e for e in events(run) if e["event"] == "resume"]
     losses = train_losses(run)
     assert sorted(losses) == list(range(1, 9))
-    assert all(losses[s] == pytest.approx(uninterrupted_losses[s], rel=1e-5) for s in losses)
+    assert all(losses[s] == pytest.approx(single_losses[s], rel=1e-5) for s in losses)
 
 
 @pytest.mark.dist
@@ -180,16 +139,25 @@ def test_fsdp2_bf16_two_processes_runs_the_readme_recipe_twin(tmp_path, sample_d
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_megatron_tp2_checkpoint_resumes_at_pp2(tmp_path, sample_dir, single_losses):
-    """A megatron TP=2 checkpoint (model and plain optimizer) resumes under PP=2 at the same world
-    size: dist_checkpointing reshards both, the trainer states of the one data-parallel rank are
-    used, and the later loss equals the uninterrupted single-process run's."""
+def test_megatron_tp2_trains_exports_and_resumes_at_pp2(tmp_path, sample_dir, single_losses):
+    """megatron TP=2 through the CLI gives the single-process losses; ct-export reads its checkpoint
+    into the run's own HF export; the checkpoint (model and plain optimizer) resumes under PP=2 at
+    the same world size (dist_checkpointing reshards both, the trainer state of the one
+    data-parallel rank is used) and the later losses still equal the single-process run's."""
+    # megatron-core calls CUDA unconditionally in places: the test-only shim redirects those on CPU.
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
               str(SHIM_RUNNER)]
     common = [f"sample_data.dir={sample_dir}", *TINY]
     run = tmp_path / "tp2_then_pp2"
     ct("train", "--phase", "pretrain_phase1", "distributed=megatron_tp2", f"run_dir={run}", *common,
        "trainer.max_steps=2", module_runner=runner)
+    losses = train_losses(run)
+    assert sorted(losses) == [1, 2]
+    assert all(losses[s] == pytest.approx(single_losses[s], rel=1e-5) for s in losses), (losses, single_losses)
+    meta = json.loads((run / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert meta["engine"] == "megatron" and meta["layout"]["tensor_model_parallel_size"] == 2
+    _export_reads_the_megatron_checkpoint(tmp_path, run)
+
     ct("train", "--phase", "pretrain_phase1", "distributed=megatron_pp2", f"run_dir={run}", *common,
        "trainer.max_steps=3", module_runner=runner)
     resumed = [e for e in events(run) if e["event"] == "resume"]
@@ -197,3 +165,20 @@ def test_megatron_tp2_checkpoint_resumes_at_pp2(tmp_path, sample_dir, single_los
     losses = train_losses(run)
     assert sorted(losses) == [1, 2, 3]
     assert all(losses[s] == pytest.approx(single_losses[s], rel=1e-5) for s in losses), (losses, single_losses)
+
+
+def _export_reads_the_megatron_checkpoint(tmp_path, run):
+    """ct-export reads the megatron checkpoint (resharded TP=2 -> 1 by megatron) into the same HF
+    model as the run's own export of those weights; without CUDA or the shim it refuses clearly."""
+    import ct_model
+    import torch
+
+    refused = ct("export", str(run), str(tmp_path / "refused"), check=False)
+    assert refused.returncode == 2 and "megatron engine" in refused.stderr and "Traceback" not in refused.stderr
+    out = tmp_path / "exported"
+    ct("export", str(run), str(out), module_runner=[sys.executable, str(SHIM_RUNNER)])
+    ours, _ = ct_model.hf.load_hf(run / "hf")
+    exported, _ = ct_model.hf.load_hf(out)
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids), ours(ids), rtol=0, atol=1e-5)

@@ -56,12 +56,9 @@ def _launch(run, sample_dir, steps, *extra):
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_resume_after_sigkill_is_bitwise_identical(tmp_path, sample_dir):
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, sample_dir, reference_losses):
     steps = 8
-    reference = tmp_path / "reference"
-    ct("train", "--phase", "pretrain_phase1", f"run_dir={reference}", f"sample_data.dir={sample_dir}",
-       *TINY, f"trainer.max_steps={steps}")
-    expected = train_losses(reference)
+    expected = reference_losses
 
     # The killed run writes its checkpoints in the background: a kill mid-write must not leave a
     # checkpoint that counts, and the resume must still be bit for bit.
@@ -86,12 +83,9 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, sample_dir):
     assert all(e["async"] for e in records if e["event"] == "checkpoint")
 
 
-def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, sample_dir):
+def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, sample_dir, reference_losses):
     steps = 8
-    reference = tmp_path / "reference"
-    ct("train", "--phase", "pretrain_phase1", f"run_dir={reference}", f"sample_data.dir={sample_dir}",
-       *TINY, f"trainer.max_steps={steps}", "trainer.checkpoint_every=100")
-    expected = train_losses(reference)
+    expected = reference_losses  # checkpointed every 2 steps: saving changes no number
 
     run = tmp_path / "preempted"
     proc = _launch(run, sample_dir, steps, "trainer.checkpoint_every=100")
@@ -123,25 +117,42 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, sample_dir)
         (["--phase", "pretrain_phase1", "precision=bf16", "precision.param_dtype=float16"], "precision.param_dtype"),
     ],
 )
-def test_user_errors_exit_2_with_a_message_and_no_traceback(args, message):
-    result = ct("train", *args, check=False)
+def test_user_errors_exit_2_with_a_message_and_no_traceback(args, message, capsys):
+    # In process (main with argv): a fresh interpreter per case costs ~12 s of imports; the
+    # process-level exit status is tested once below.
+    from ct_cli import train as train_cli
+
+    status = train_cli.main(args)
+    err = capsys.readouterr().err
+    assert status == 2, err[-2000:]
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_a_user_error_ends_the_process_with_status_2_and_no_traceback():
+    result = ct("train", "--phase", "pretrain_phase1", "trainer.max_stepz=3", check=False)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "max_stepz" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_print_config_and_list_phases():
-    phases = ct("train", "--list-phases").stdout.split()
-    assert phases == sorted(["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_phase2",
-                             "posttrain_general", "posttrain_reasoning"])
+def test_print_config_and_list_phases(capsys):
     import yaml
 
-    cfg = yaml.safe_load(ct("train", "--phase", "posttrain_reasoning", "--print-config", "size=recipe").stdout)
+    from ct_cli import train as train_cli
+
+    def stdout(*args):  # in process: the printed text is the CLI's, without an interpreter per call
+        assert train_cli.main(list(args)) == 0
+        return capsys.readouterr().out
+
+    phases = stdout("--list-phases").split()
+    assert phases == sorted(["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_phase2",
+                             "posttrain_general", "posttrain_reasoning"])
+    cfg = yaml.safe_load(stdout("--phase", "posttrain_reasoning", "--print-config", "size=recipe"))
     assert cfg["optimizer"]["lr"] == 8.0e-5 and cfg["rope_theta_scale"] == 8.0
     assert cfg["trainer"]["global_batch_size"] == 1024 and cfg["seq_len"] == 32768
-    cpu = yaml.safe_load(ct("train", "--phase", "posttrain_reasoning", "--print-config").stdout)
+    cpu = yaml.safe_load(stdout("--phase", "posttrain_reasoning", "--print-config"))
     assert cpu["seq_len"] == 256 and cpu["model"]["from"] == cpu["init_from"]  # the model section is unused
-    fresh = yaml.safe_load(ct("train", "--phase", "pretrain_phase1", "--print-config", "optimizer=sgd").stdout)
+    fresh = yaml.safe_load(stdout("--phase", "pretrain_phase1", "--print-config", "optimizer=sgd"))
     assert fresh["model"]["preset"] == "mobilellm_tiny" and fresh["model"]["num_layers"] == 4
     assert fresh["optimizer"]["name"] == "sgd"  # the chosen group wins over the phase
 
