@@ -59,6 +59,23 @@ def test_mxfp8_needs_blackwell_and_names_both_keys(layout):
         assert key in str(err.value)
 
 
+def test_megatron_fp8_maps_to_transformer_engine_fields_or_names_what_is_missing():
+    from ct_parallel.precision import megatron_fp8_fields
+
+    fp8 = PrecisionConfig.from_dict(PRECISIONS["fp8"])
+    assert megatron_fp8_fields(PrecisionConfig.from_dict(PRECISIONS["bf16"])) == {}
+    assert megatron_fp8_fields(fp8) == {"fp8": "hybrid", "fp8_recipe": "tensorwise"}
+    mx = PrecisionConfig.from_dict({**PRECISIONS["fp8"], "fp8_recipe": "mxfp8"})
+    assert megatron_fp8_fields(mx)["fp8_recipe"] == "mxfp8"
+    megatron = DistributedConfig.from_dict(LAYOUTS["megatron_tp2"])
+    rowwise = PrecisionConfig.from_dict({**PRECISIONS["fp8"], "fp8_recipe": "rowwise"})
+    with pytest.raises(ValueError, match="precision.fp8_recipe=rowwise has no Transformer Engine recipe"):
+        check_combination(rowwise, megatron)
+    local = DistributedConfig.from_dict({**LAYOUTS["megatron_tp2"], "transformer_impl": "local"})
+    with pytest.raises(ValueError, match="distributed.transformer_impl=local"):
+        check_combination(fp8, local)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_single_process_runs_each_precision_against_a_hand_autocast_reference(precision):
     """The engine's loss and grads equal a plain loop under torch.autocast(compute_dtype)."""

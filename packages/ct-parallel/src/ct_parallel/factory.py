@@ -9,7 +9,7 @@ from torch import nn
 from .config import DistributedConfig
 from .engine import Engine
 from .native import build_native_engine
-from .precision import check_combination, fsdp_dtypes, native_autocast_dtype, prepare_native_model
+from .precision import check_combination, fsdp_dtypes, megatron_fp8_fields, native_autocast_dtype, prepare_native_model
 from .recompute import check_recompute_combination, megatron_recompute
 
 
@@ -35,7 +35,8 @@ def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
         from .megatron.engine import build_megatron_engine  # imports megatron-core (~20 s)
 
         return build_megatron_engine(model, dist_config, autocast_dtype=native_autocast_dtype(precision),
-                                     recompute=megatron_recompute(ac, model.config, dist_config))
+                                     recompute=megatron_recompute(ac, model.config, dist_config),
+                                     fp8=megatron_fp8_fields(precision))
     # Before the wrap, in torchtitan's order (FP8 layers, then checkpointing, then compile): FSDP2/DDP
     # then see the same parameters under the same names.
     model = prepare_native_model(model, precision)

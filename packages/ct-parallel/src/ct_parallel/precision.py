@@ -24,12 +24,35 @@ def check_combination(precision: PrecisionConfig, dist: DistributedConfig) -> No
     """Raise ValueError naming both keys for a precision x distributed pair that cannot run."""
     both = f"precision.dtype={precision.dtype} with {layout_name(dist)}"
     if dist.engine == "megatron":
-        if precision.fp8 and not (importlib.util.find_spec("transformer_engine") and torch.cuda.is_available()):
+        if not precision.fp8:
+            return
+        if precision.fp8_recipe not in MEGATRON_FP8_RECIPES:
+            raise ValueError(f"{both}: precision.fp8_recipe={precision.fp8_recipe} has no Transformer Engine "
+                             f"recipe; use one of {sorted(MEGATRON_FP8_RECIPES)}")
+        if dist.transformer_impl == "local":
+            raise ValueError(f"{both}: FP8 on the megatron engine runs in Transformer Engine layers; "
+                             "distributed.transformer_impl=local has none")
+        if not (importlib.util.find_spec("transformer_engine") and torch.cuda.is_available()):
             raise ValueError(f"{both}: FP8 on the megatron engine needs Transformer Engine and CUDA")
         return
     if precision.fp8 and precision.fp8_recipe == "mxfp8" and not _cuda_capability_at_least(MXFP8_MIN_CAPABILITY):
         raise ValueError(f"{both}: precision.fp8_recipe=mxfp8 needs a CUDA GPU with compute capability >= 10.0 "
                          "(Blackwell); use fp8_recipe=tensorwise or rowwise")
+
+
+# Our recipe names -> TransformerConfig.fp8_recipe (Transformer Engine's). torchao's rowwise scaling
+# has no Transformer Engine twin, so it is refused on the megatron engine rather than approximated.
+MEGATRON_FP8_RECIPES = {"tensorwise": "tensorwise", "mxfp8": "mxfp8"}
+
+
+def megatron_fp8_fields(precision: PrecisionConfig) -> dict:
+    """TransformerConfig's FP8 fields for ``precision`` (none unless dtype=fp8): "hybrid" is
+    e4m3 for activations and weights, e5m2 for gradients, as torchao's default on the native
+    engines. Megatron then runs each Transformer Engine layer under TE's FP8 autocast; the output
+    layer and embeddings stay in bf16 there too."""
+    if not precision.fp8:
+        return {}
+    return {"fp8": "hybrid", "fp8_recipe": MEGATRON_FP8_RECIPES[precision.fp8_recipe]}
 
 
 def _cuda_capability_at_least(need: tuple[int, int]) -> bool:

@@ -60,7 +60,7 @@ def _position_ids(mb: Microbatch) -> torch.Tensor:
 
 class MegatronEngine:
     def __init__(self, model: nn.Module, dist_config: DistributedConfig, *, autocast_dtype: torch.dtype | None = None,
-                 recompute: dict | None = None):
+                 recompute: dict | None = None, fp8: dict | None = None):
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("megatron parallel state is not initialised; call ct_parallel.init_distributed first")
         if autocast_dtype not in (None, torch.float32, torch.bfloat16):
@@ -69,7 +69,7 @@ class MegatronEngine:
         self.dist_config = dist_config
         self.bf16 = autocast_dtype == torch.bfloat16
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.config = transformer_config(self.model_config, dist_config, bf16=False, recompute=recompute)
+        self.config = transformer_config(self.model_config, dist_config, bf16=False, recompute=recompute, fp8=fp8)
         self.te = use_transformer_engine(dist_config)
         chunks = build_gpt_chunks(self.model_config, self.config, self.te)
         ct_state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
@@ -269,5 +269,6 @@ class MegatronEngine:
 
 
 def build_megatron_engine(model: nn.Module, dist_config: DistributedConfig, *,
-                          autocast_dtype: torch.dtype | None = None, recompute: dict | None = None) -> MegatronEngine:
-    return MegatronEngine(model, dist_config, autocast_dtype=autocast_dtype, recompute=recompute)
+                          autocast_dtype: torch.dtype | None = None, recompute: dict | None = None,
+                          fp8: dict | None = None) -> MegatronEngine:
+    return MegatronEngine(model, dist_config, autocast_dtype=autocast_dtype, recompute=recompute, fp8=fp8)

@@ -80,11 +80,12 @@ def check_supported(model_config: ModelConfig, dist_config: DistributedConfig) -
 
 
 def transformer_config(model_config: ModelConfig, dist_config: DistributedConfig, *,
-                       bf16: bool = False, recompute: dict | None = None) -> TransformerConfig:
+                       bf16: bool = False, recompute: dict | None = None, fp8: dict | None = None) -> TransformerConfig:
     """The one mapping ModelConfig -> TransformerConfig (field names are the same by design).
 
     ``recompute``: recompute_granularity / recompute_method / recompute_num_layers fields
-    (ct_parallel.recompute.megatron_recompute), none by default."""
+    (ct_parallel.recompute.megatron_recompute), none by default. ``fp8``: the fp8 / fp8_recipe
+    fields (ct_parallel.precision.megatron_fp8_fields), none by default."""
     check_supported(model_config, dist_config)
     c = model_config
     on_gpu = torch.cuda.is_available()
@@ -133,6 +134,7 @@ def transformer_config(model_config: ModelConfig, dist_config: DistributedConfig
         # Weights come from the ct-model through the bridge; megatron's init would be overwritten.
         perform_initialization=False,
         **(recompute or {}),
+        **(fp8 or {}),
     )
 
 
