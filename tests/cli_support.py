@@ -49,5 +49,29 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
         time.sleep(0.05)
 
 
+def wait_for_event(proc: subprocess.Popen, run_dir: Path, event: str, timeout: float = 300) -> None:
+    """Block until the run in ``proc`` has logged a record of kind ``event`` (fails if it ends first)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not (run_dir / "metrics.jsonl").is_file() or not any(e["event"] == event for e in _events_so_far(run_dir)):
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before a {event!r} record: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"no {event!r} record within {timeout} s")
+        time.sleep(0.05)
+
+
+def _events_so_far(run_dir: Path) -> list[dict]:
+    """The complete lines of a metrics file still being written (a torn last line is skipped)."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
 def events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

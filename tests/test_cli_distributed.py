@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cli_support import ROOT, TINY, ct, events, train_losses, wait_for_step
+from cli_support import ROOT, TINY, ct, events, train_losses, wait_for_event, wait_for_step
 
 SHIM_RUNNER = ROOT / "packages" / "ct-parallel" / "tests" / "megatron_cpu_run.py"
 
@@ -102,6 +102,9 @@ def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path, sample_dir, 
     proc = subprocess.Popen([*runner, *command], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     wait_for_step(proc, run, 3)
+    # A checkpoint must have completed (an async write may still be running on a loaded machine),
+    # so that the rerun has one to resume from; the kill still lands mid-run.
+    wait_for_event(proc, run, "checkpoint_complete")
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if p.environ().get("LOCAL_RANK") == "1"]
     assert workers, "no rank-1 worker found"

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ct_model import build_model, presets
+from ct_model.batch import next_token_cross_entropy
 
 STEPS = 3
 LR = 1e-3
@@ -43,8 +44,14 @@ def global_batch(config, n_micro: int = 4, b: int = 2, t: int = 16, seed: int = 
     return out
 
 
-def loss_fn(mb, logits):
+def gathered_loss_fn(mb, logits):
+    """Summed CE, unmarked: under megatron TP it receives the gathered full-vocabulary logits
+    (the path KD losses take)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), mb["labels"].flatten(), ignore_index=-100, reduction="sum")
+
+
+# The same loss, marked: under megatron TP it runs as vocab-parallel cross-entropy on the shards.
+loss_fn = next_token_cross_entropy(lambda mb, logits: gathered_loss_fn(mb, logits))
 
 
 def build_optimizer(named):
@@ -77,11 +84,11 @@ def shard_for_dp(batch, dp_rank: int, dp_size: int):
     return batch[dp_rank * per:(dp_rank + 1) * per]
 
 
-def run_engine(engine, batch, steps: int = STEPS, grads_fn=None):
+def run_engine(engine, batch, steps: int = STEPS, grads_fn=None, loss=None):
     engine.setup_optimizer(build_optimizer)
     losses, grads = [], None
     for step in range(steps):
-        result = engine.forward_backward(batch, loss_fn)
+        result = engine.forward_backward(batch, loss or loss_fn)
         losses.append(result.loss)
         if step == 0 and grads_fn is not None:
             grads = grads_fn()

@@ -60,6 +60,19 @@ def wants_model_output(loss_fn: Callable) -> bool:
     return bool(getattr(loss_fn, "takes_model_output", False))
 
 
+def next_token_cross_entropy(loss_fn: Callable) -> Callable:
+    """Mark ``loss_fn`` as exactly the summed cross-entropy of ``labels`` (IGNORE_INDEX unscored).
+    An engine whose logits are split over the vocabulary (megatron tensor parallelism) may then
+    compute that loss on its shards itself, never gathering [B, T, vocab]; any other loss gets the
+    gathered logits."""
+    loss_fn.next_token_cross_entropy = True
+    return loss_fn
+
+
+def is_next_token_cross_entropy(loss_fn: Callable) -> bool:
+    return bool(getattr(loss_fn, "next_token_cross_entropy", False))
+
+
 def scored_tokens(microbatch: Microbatch) -> torch.Tensor:
     """Number of positions whose label is scored (``labels != IGNORE_INDEX``)."""
     return (microbatch["labels"] != IGNORE_INDEX).sum()

@@ -8,6 +8,9 @@ Loss convention (Megatron's per-token loss): ``loss_fn(microbatch, output)`` ret
 the per-token loss over the microbatch's scored tokens. ``output`` is the logits, or, for a loss
 marked ``ct_model.batch.takes_model_output``, a ``ModelOutput`` (hidden states + output weight)
 from the native engines, which run such a loss inside the model's forward (megatron: logits).
+Under megatron tensor parallelism the logits are split over the vocabulary: a loss marked
+``ct_model.batch.next_token_cross_entropy`` is computed on the shards (megatron's vocab-parallel
+cross-entropy); any other loss (KD) receives the gathered full-vocabulary logits.
 The engine divides by the number of scored tokens (``labels != -100``) of the whole global
 batch, over all microbatches and all data-parallel ranks, so the loss and the gradients do not
 depend on how the global batch is split.
@@ -20,8 +23,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from ct_model.batch import (IGNORE_INDEX, LossFn, Microbatch, ModelOutput, scored_tokens,  # noqa: F401 (re-exported)
-                            wants_model_output)
+from ct_model.batch import (IGNORE_INDEX, LossFn, Microbatch, ModelOutput,  # noqa: F401 (re-exported)
+                            is_next_token_cross_entropy, scored_tokens, wants_model_output)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ct_model.batch import (IGNORE_INDEX, SEQUENCE_INDEX, LossFn, LossOutput, Microbatch, ModelOutput,
-                            takes_model_output)
+                            next_token_cross_entropy, takes_model_output)
 from ct_model.chunked_ce import linear_cross_entropy
 from ct_model.fused_ce import FUSED_CHOICES
 
@@ -59,6 +59,7 @@ class LossConfig:
 def make_ce_loss(config: LossConfig) -> LossFn:
     """Next-token CE from a ModelOutput (chunked per ``config``), or from logits (unchunked)."""
 
+    @next_token_cross_entropy  # megatron TP computes it on the vocabulary shards
     @takes_model_output
     def ce_loss(microbatch: Microbatch, output: LossOutput) -> torch.Tensor:
         if isinstance(output, ModelOutput):

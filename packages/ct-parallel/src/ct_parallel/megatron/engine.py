@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -31,7 +32,7 @@ from ct_model import ModelConfig
 from ct_model.masking import document_causal_mask
 
 from ..config import DistributedConfig
-from ..engine import LossFn, Microbatch, StepResult, scored_tokens
+from ..engine import IGNORE_INDEX, LossFn, Microbatch, StepResult, is_next_token_cross_entropy, scored_tokens
 from . import bridge
 from .model import build_gpt_chunks, transformer_config, use_transformer_engine
 
@@ -48,6 +49,22 @@ def _attention_mask(mb: Microbatch) -> torch.Tensor:
     if doc is None:
         doc = torch.zeros_like(ids)
     return ~document_causal_mask(doc)
+
+
+def _loss_on_vocab_shards(loss_fn: LossFn, mb: Microbatch, logits: torch.Tensor) -> torch.Tensor:
+    """``loss_fn`` on this rank's vocabulary shard of the logits [B, T, vocab / TP].
+
+    Cross-entropy (a loss marked ``next_token_cross_entropy``) runs as megatron's vocab-parallel
+    cross-entropy: each rank keeps its shard, only per-token max and sum-exp are all-reduced over
+    TP. Other losses get the full vocabulary, gathered (differentiably) over the TP group."""
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return loss_fn(mb, logits)
+    if is_next_token_cross_entropy(loss_fn):
+        labels = mb["labels"]
+        scored = labels != IGNORE_INDEX
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.masked_fill(~scored, 0))
+        return (per_token * scored).sum()
+    return loss_fn(mb, tensor_parallel.gather_from_tensor_model_parallel_region(logits))
 
 
 def _position_ids(mb: Microbatch) -> torch.Tensor:
@@ -166,7 +183,7 @@ class MegatronEngine:
         b, t = mbs[0]["input_ids"].shape
 
         def loss_func(mb, logits):
-            loss_sum = loss_fn(mb, logits.float() if self.bf16 else logits)
+            loss_sum = _loss_on_vocab_shards(loss_fn, mb, logits.float() if self.bf16 else logits)
             return loss_sum * scale, scored_tokens(mb).to(torch.int), {"loss_sum": loss_sum.detach().to(torch.float64)}
 
         def forward_step(data_iterator, model):

@@ -238,7 +238,9 @@ def build_gpt_chunks(model_config: ModelConfig, config: TransformerConfig, te: b
             max_sequence_length=model_config.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            parallel_output=False,  # loss functions see full-vocabulary logits
+            # Logits stay split over the vocabulary under TP: the engine computes cross-entropy on
+            # the shards and gathers the full vocabulary only for losses that need it (KD).
+            parallel_output=True,
             share_embeddings_and_output_weights=model_config.share_embeddings_and_output_weights,
             position_embedding_type="rope",
             rotary_base=model_config.rotary_base,
