@@ -265,3 +265,30 @@ def test_errors_are_clear():
     ids = torch.zeros(s.shape[0], 4, dtype=torch.long)
     with pytest.raises(ValueError, match="exceeds the cached teacher's k=4"):
         kd_loss(s, TopK(ids, torch.zeros(ids.shape, dtype=s.dtype)), top_k=5)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("teacher_form", ["logits", "topk", "cached"])
+def test_the_vocab_shard_loss_on_one_shard_equals_kd_loss_sum(kind, teacher_form):
+    """One shard holding the whole vocabulary (reductions are the identity): the split-logits
+    formulas equal kd_loss_sum; tests/test_vocab_parallel_kd.py splits over 2 real processes."""
+    from ct_distill import kd_loss_sum_on_shards
+    from ct_model.batch import VocabShard
+
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(3, 4, 16, generator=g, dtype=torch.float64)
+    teacher = torch.randn(3, 4, 16, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 16, (3, 4), generator=g)
+    labels[0, 0] = -100
+    top_k = 4 if teacher_form == "topk" else None
+    if teacher_form == "cached":
+        values, ids = torch.topk(torch.log_softmax(teacher, -1), 4, dim=-1)
+        teacher = TopK(ids, values)
+    options = dict(kind=kind, temperature=1.5, top_k=top_k, ce_weight=0.25, beta=0.4)
+    whole = VocabShard(0, 16, sum=lambda x: x, use_locally=lambda x: x, max=lambda x: x)
+    a, b = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    want, _ = kd_loss_sum(a, teacher, labels, **options)
+    got = kd_loss_sum_on_shards(b, teacher, labels, whole, **options)
+    want.backward()
+    got.backward()
+    assert torch.allclose(got, want, rtol=1e-12, atol=0) and torch.allclose(b.grad, a.grad, rtol=1e-9, atol=1e-12)

@@ -22,6 +22,8 @@ LAYOUTS = {
     # The same layout with a loss that is not marked as cross-entropy: it gets the logits gathered
     # over the vocabulary (the KD path), where "tp2" computes CE on the vocabulary shards.
     "tp2_gathered": dict(tensor_model_parallel_size=2),
+    # ... and with a loss that brings its own implementation on the vocabulary slices (the KD path).
+    "tp2_on_shards": dict(tensor_model_parallel_size=2),
     "tp2_sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2": dict(pipeline_model_parallel_size=2),
     "pp2_interleaved": dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
@@ -46,7 +48,7 @@ def check_layout(name, config, batch, ref, results):
     # The bridge round trip alone must be exact.
     lib.compare(f"{name} bridge", engine.full_model_state_dict(), model.state_dict(), tol=0.0)
     grads_fn = None if dcfg.use_distributed_optimizer else engine.full_grad_state_dict
-    loss = lib.gathered_loss_fn if name == "tp2_gathered" else lib.loss_fn
+    loss = {"tp2_gathered": lib.gathered_loss_fn, "tp2_on_shards": lib.shard_loss_fn}.get(name, lib.loss_fn)
     losses, grads, params = lib.run_engine(engine, lib.shard_for_dp(batch, info.dp_rank, info.dp_size),
                                            grads_fn=grads_fn, loss=loss)
     out = {"loss": lib.compare_losses(f"{name} loss", losses, losses_ref)}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ct_model import build_model, presets
-from ct_model.batch import next_token_cross_entropy
+from ct_model.batch import next_token_cross_entropy, on_vocab_shards
 
 STEPS = 3
 LR = 1e-3
@@ -52,6 +52,24 @@ def gathered_loss_fn(mb, logits):
 
 # The same loss, marked: under megatron TP it runs as vocab-parallel cross-entropy on the shards.
 loss_fn = next_token_cross_entropy(lambda mb, logits: gathered_loss_fn(mb, logits))
+
+
+def _ce_on_vocab_shards(mb, local, shard):
+    """Summed CE from this rank's vocabulary slice through the VocabShard operations (the path
+    ct-distill's KD losses take under megatron TP), written out independently of megatron's CE."""
+    local = local.float()
+    top = shard.max(local.max(-1, keepdim=True).values)
+    lse = shard.use_locally(top + shard.sum(torch.exp(local - top).sum(-1, keepdim=True)).log())
+    labels = mb["labels"]
+    scored = labels != -100
+    owned = scored & (labels >= shard.start) & (labels < shard.end)
+    index = (labels - shard.start).clamp(0, local.shape[-1] - 1).unsqueeze(-1)
+    picked = (local - lse).gather(-1, index).squeeze(-1)
+    target = shard.sum(torch.where(owned, picked, torch.zeros_like(picked)))
+    return -torch.where(scored, target, torch.zeros_like(target)).sum()
+
+
+shard_loss_fn = on_vocab_shards(_ce_on_vocab_shards)(lambda mb, logits: gathered_loss_fn(mb, logits))
 
 
 def build_optimizer(named):

@@ -131,7 +131,9 @@ def test_native_ddp_fsdp2_match_single_process_and_fsdp_checkpoint_loads_in_one_
 @pytest.mark.dist
 @pytest.mark.slow
 def test_megatron_layouts_match_single_process(tmp_path):
-    """TP=2 (cross-entropy on the vocabulary shards, and a loss given the gathered logits), TP=2+SP, PP=2 1F1B, PP=2 interleaved, megatron DDP=2, DDP=2 + distributed optimizer:
+    """TP=2 (cross-entropy on the vocabulary shards, a loss given the gathered logits, and a loss
+    with its own VocabShard implementation), TP=2+SP, PP=2 1F1B, PP=2 interleaved, megatron DDP=2,
+    DDP=2 + distributed optimizer:
     loss at 3 steps, step-0 gradients and weights after 3 AdamW steps equal ct-model single-process
     (fp32, <= 1e-5 relative); TP=2 checkpoint reloads at PP=2 and DP=2 with equal weights and loss.
     Also the canary: the shim installs against this megatron-core (a failure here after an
@@ -139,7 +141,7 @@ def test_megatron_layouts_match_single_process(tmp_path):
     out = tmp_path / "megatron.json"
     _torchrun("dist_megatron_checks.py", str(out), str(tmp_path / "tp2_ckpt"), shim=True)
     results = json.loads(out.read_text())
-    expected = {"tp2", "tp2_gathered", "tp2_sp", "pp2", "pp2_interleaved", "dp2", "dp2_distopt", "reload_tp2_pp2", "reload_tp2_dp2",
+    expected = {"tp2", "tp2_gathered", "tp2_on_shards", "tp2_sp", "pp2", "pp2_interleaved", "dp2", "dp2_distopt", "reload_tp2_pp2", "reload_tp2_dp2",
                 "pp2_llama", "layer_sharing_error"}
     assert expected <= set(results), sorted(results)
     assert "layer_sharing" in results["layer_sharing_error"]["message"]

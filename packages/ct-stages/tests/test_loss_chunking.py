@@ -110,6 +110,24 @@ def test_logits_engines_still_get_the_unchunked_loss(teacher):
         torch.testing.assert_close(got, want, rtol=TOL, atol=0)
 
 
+@pytest.mark.parametrize("variant, chunk", [("midtrain_online", 0), ("midtrain_online", lib.CHUNK),
+                                            ("midtrain_cached", 0)])
+def test_the_kd_stage_loss_runs_on_vocabulary_slices(teacher, variant, chunk):
+    """Megatron TP hands the KD loss its vocabulary slice: the stage's loss carries ct-distill's
+    slice implementation (for every teacher form), equal to the loss on the logits. One slice
+    holding the whole vocabulary here; tests/test_vocab_parallel_kd.py splits over 2 processes."""
+    from ct_model.batch import VocabShard, vocab_shard_impl
+
+    stage = lib.build_stage(variant, chunk, teacher)
+    on_shards = vocab_shard_impl(stage.loss_fn)
+    assert on_shards is not None
+    mb = lib.annotated(stage, lib.microbatches(variant, n_micro=1))[0]
+    with torch.no_grad():
+        logits = lib.build_student()(mb["input_ids"], mb["position_ids"], mb["document_ids"])
+    whole = VocabShard(0, logits.shape[-1], sum=lambda x: x, use_locally=lambda x: x, max=lambda x: x)
+    torch.testing.assert_close(on_shards(mb, logits, whole), stage.loss_fn(mb, logits), rtol=TOL, atol=0)
+
+
 @pytest.mark.parametrize("bad, field", [(dict(chunk_tokens=-1), "loss.chunk_tokens"),
                                         (dict(fused_kernel="triton"), "loss.fused_kernel")])
 def test_loss_config_errors_name_the_field(bad, field):

@@ -3,7 +3,8 @@
 Public API:
 - losses: ``kd_loss``, ``kd_loss_sum`` (forward_kl / reverse_kl / jsd, temperature, top-k,
   CE mix, ignore_index), ``chunked_kd_loss``, ``chunked_kd_loss_sum`` (from hidden states, in
-  chunks of positions), ``TopK``, ``StudentHidden``, ``TeacherHidden``;
+  chunks of positions), ``kd_loss_sum_on_shards`` (from vocabulary-split logits: megatron TP),
+  ``TopK``, ``StudentHidden``, ``TeacherHidden``;
 - teachers: ``OnlineTeacher`` (frozen ct-model / HF model), ``TeacherCacheWriter``,
   ``write_teacher_cache``, ``TeacherCacheReader``;
 - trainer glue: ``make_kd_loss_fn``.
@@ -18,13 +19,14 @@ from .losses import KINDS, TopK, VocabMismatchError, kd_loss, kd_loss_sum, token
 from .midtrain import make_kd_loss_fn, teacher_from_batch
 from .teacher import (TEACHER_HIDDEN, TEACHER_LOGITS, TEACHER_OUTPUT_WEIGHT, TEACHER_TOPK_IDS,
                       TEACHER_TOPK_LOGPROBS, OnlineTeacher, topk_logprobs)
+from .vocab_parallel import kd_loss_sum_on_shards
 
 __all__ = [
     "CacheError", "CacheMismatchError", "IncompleteCacheError", "KINDS", "OnlineTeacher",
     "StudentHidden", "TEACHER_HIDDEN", "TEACHER_LOGITS", "TEACHER_OUTPUT_WEIGHT", "TEACHER_TOPK_IDS",
     "TEACHER_TOPK_LOGPROBS",
     "TeacherCacheReader", "TeacherCacheWriter", "TeacherHidden", "TopK", "VocabMismatchError",
-    "chunked_kd_loss", "chunked_kd_loss_sum", "kd_loss", "kd_loss_sum", "make_kd_loss_fn",
+    "chunked_kd_loss", "chunked_kd_loss_sum", "kd_loss", "kd_loss_sum", "kd_loss_sum_on_shards", "make_kd_loss_fn",
     "sequence_hash", "teacher_from_batch", "token_divergence", "topk_logprobs",
     "write_teacher_cache",
 ]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .chunked import StudentHidden, TeacherHidden, chunked_kd_loss_sum
 from .losses import IGNORE_INDEX, TopK, check_options, kd_loss_sum
+from .vocab_parallel import kd_loss_sum_on_shards
 from .teacher import (TEACHER_HIDDEN, TEACHER_LOGITS, TEACHER_OUTPUT_WEIGHT, TEACHER_TOPK_IDS,
                       TEACHER_TOPK_LOGPROBS)
 
@@ -72,4 +73,12 @@ def make_kd_loss_fn(kind: str = "forward_kl", temperature: float = 1.0, top_k: i
             total, count = kd_loss_sum(output, teacher, labels, **options)
         return (total, count) if return_count else total
 
+    def on_vocab_shards(batch: Mapping[str, torch.Tensor], local_logits: torch.Tensor, shard) -> torch.Tensor:
+        """The loss sum from vocabulary-split student logits (megatron TP; ct_model.batch.VocabShard)."""
+        teacher = teacher_from_batch(batch)
+        if isinstance(teacher, TeacherHidden):
+            teacher = _full_teacher_logits(teacher, local_logits.device)
+        return kd_loss_sum_on_shards(local_logits, teacher, batch.get("labels"), shard, **options)
+
+    loss_fn.on_vocab_shards = on_vocab_shards  # what ct_model.batch.on_vocab_shards marks
     return loss_fn

@@ -73,6 +73,42 @@ def is_next_token_cross_entropy(loss_fn: Callable) -> bool:
     return bool(getattr(loss_fn, "next_token_cross_entropy", False))
 
 
+class VocabShard(NamedTuple):
+    """This rank's slice ``[start, end)`` of logits split over the vocabulary (megatron tensor
+    parallelism), with the operations that join it to the ranks holding the other slices:
+
+    - ``sum``: rank-local partials -> their sum over the ranks, the same on every rank (backward:
+      the identity, as the sum's consumers are then replicated);
+    - ``use_locally``: a replicated value (a ``sum`` result) entering rank-local computation on the
+      slice, e.g. the log-sum-exp subtracted from the slice's logits (forward: the identity;
+      backward: the gradients of every rank's local uses are summed);
+    - ``max``: the maximum over the ranks, without gradient (for a stable log-sum-exp).
+
+    Megatron's ``reduce_from_`` / ``copy_to_tensor_model_parallel_region`` are the same pair."""
+
+    start: int
+    end: int
+    sum: Callable[[torch.Tensor], torch.Tensor]
+    use_locally: Callable[[torch.Tensor], torch.Tensor]
+    max: Callable[[torch.Tensor], torch.Tensor]
+
+
+def on_vocab_shards(impl: Callable[[Microbatch, torch.Tensor, VocabShard], torch.Tensor]) -> Callable:
+    """Give a loss a way to run on vocabulary-split logits: ``impl(microbatch, local_logits, shard)``
+    returns the same loss sum as the loss on the full logits. Engines with split logits call it
+    instead of gathering [B, T, vocab]."""
+
+    def mark(loss_fn: Callable) -> Callable:
+        loss_fn.on_vocab_shards = impl
+        return loss_fn
+
+    return mark
+
+
+def vocab_shard_impl(loss_fn: Callable) -> Callable | None:
+    return getattr(loss_fn, "on_vocab_shards", None)
+
+
 def scored_tokens(microbatch: Microbatch) -> torch.Tensor:
     """Number of positions whose label is scored (``labels != IGNORE_INDEX``)."""
     return (microbatch["labels"] != IGNORE_INDEX).sum()

@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ct_model.batch import (IGNORE_INDEX, LossFn, Microbatch, ModelOutput,  # noqa: F401 (re-exported)
-                            is_next_token_cross_entropy, scored_tokens, wants_model_output)
+                            is_next_token_cross_entropy, scored_tokens, vocab_shard_impl, wants_model_output)
 
 
 @dataclass

@@ -85,6 +85,7 @@ def make_kd_loss(distill: "DistillConfig", config: LossConfig) -> LossFn:
             output = output.logits()
         return kd(microbatch, output)
 
+    kd_loss.on_vocab_shards = kd.on_vocab_shards  # megatron TP: the KD sum from the vocabulary slices
     return kd_loss
 
 

@@ -32,7 +32,9 @@ from ct_model import ModelConfig
 from ct_model.masking import document_causal_mask
 
 from ..config import DistributedConfig
-from ..engine import IGNORE_INDEX, LossFn, Microbatch, StepResult, is_next_token_cross_entropy, scored_tokens
+from ..engine import (IGNORE_INDEX, LossFn, Microbatch, StepResult, is_next_token_cross_entropy, scored_tokens,
+                      vocab_shard_impl)
+from ..vocab import vocab_shard
 from . import bridge
 from .model import build_gpt_chunks, transformer_config, use_transformer_engine
 
@@ -54,11 +56,17 @@ def _attention_mask(mb: Microbatch) -> torch.Tensor:
 def _loss_on_vocab_shards(loss_fn: LossFn, mb: Microbatch, logits: torch.Tensor) -> torch.Tensor:
     """``loss_fn`` on this rank's vocabulary shard of the logits [B, T, vocab / TP].
 
-    Cross-entropy (a loss marked ``next_token_cross_entropy``) runs as megatron's vocab-parallel
-    cross-entropy: each rank keeps its shard, only per-token max and sum-exp are all-reduced over
-    TP. Other losses get the full vocabulary, gathered (differentiably) over the TP group."""
+    A loss with its own shard implementation (``ct_model.batch.on_vocab_shards``: the KD losses)
+    runs it; cross-entropy (a loss marked ``next_token_cross_entropy``) runs as megatron's
+    vocab-parallel cross-entropy: each rank keeps its shard, only per-token max and sum-exp are
+    all-reduced over TP. Other losses get the full vocabulary, gathered (differentiably) over TP."""
     if ps.get_tensor_model_parallel_world_size() == 1:
         return loss_fn(mb, logits)
+    on_shards = vocab_shard_impl(loss_fn)
+    if on_shards is not None:  # e.g. ct-distill's KD losses
+        local = logits.shape[-1]
+        start = ps.get_tensor_model_parallel_rank() * local
+        return on_shards(mb, logits, vocab_shard(ps.get_tensor_model_parallel_group(), start, start + local))
     if is_next_token_cross_entropy(loss_fn):
         labels = mb["labels"]
         scored = labels != IGNORE_INDEX
