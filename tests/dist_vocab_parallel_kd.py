@@ -52,11 +52,12 @@ def _case(kind, teacher_form, top_k, ce_weight, temperature):
 def main():
     dist.init_process_group("gloo")
     results = {}
-    for kind, form, top_k, ce in itertools.product(("forward_kl", "reverse_kl", "jsd"),
-                                                    ("logits", "topk", "cached"), (None,), (0.0, 0.5)):
+    # teacher forms: full logits, the top-k of full logits, a cached top-k
+    for kind, form, ce in itertools.product(("forward_kl", "reverse_kl", "jsd"), ("logits", "topk", "cached"),
+                                            (0.0, 0.5)):
         top_k = K if form == "topk" else None
-        name = f"{kind}-{form}-ce{ce}"
-        results[name] = _case(kind, "cached" if form == "cached" else "logits", top_k, ce, temperature=2.0)
+        teacher_form = "cached" if form == "cached" else "logits"
+        results[f"{kind}-{form}-ce{ce}"] = _case(kind, teacher_form, top_k, ce, temperature=2.0)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)
