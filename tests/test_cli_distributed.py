@@ -74,8 +74,40 @@ KILL_LAYOUTS = {
     "ddp_async": ([sys.executable, "-m"], ["--nproc-per-node", "2", "distributed=ddp", "trainer.async_checkpoint=true"]),
     "fsdp2": ([sys.executable, "-m"], ["--nproc-per-node", "2", "distributed=fsdp2"]),
 }
-# megatron is left out: its kill-and-rerun under the CPU shim takes minutes more than the suite can
-# spend; its resume paths are tested by test_megatron_tp2_trains_exports_and_resumes_at_pp2.
+# megatron TP=2 is killed the same way in test_megatron_tp2_survives_a_killed_rank_and_resumes_at_pp2.
+
+
+def _kill_rank_one_mid_run(argv: list[str], run) -> None:
+    """Start ``argv`` (a 2-process run), SIGKILL its rank-1 worker once a checkpoint is complete,
+    and check every process exits non-zero within 60 s and what checkpoints remain verify."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from ct_stages import CheckpointManager
+
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, run, 1)
+    # A checkpoint must have completed (an async write may still be running on a loaded machine),
+    # so that the rerun has one to resume from; the kill still lands mid-run.
+    wait_for_event(proc, run, "checkpoint_complete")
+    # The rank-1 worker itself, not a process it forked (megatron's checkpoint writers inherit its
+    # environment): the one whose parent is not rank 1.
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if p.environ().get("LOCAL_RANK") == "1" and p.parent().environ().get("LOCAL_RANK") != "1"]
+    assert workers, "no rank-1 worker found"
+    descendants = psutil.Process(proc.pid).children(recursive=True)
+    killed_at = time.time()
+    os.kill(workers[0].pid, signal.SIGKILL)
+    proc.communicate(timeout=90)  # also waits for every holder of its stderr pipe
+    assert proc.returncode != 0 and time.time() - killed_at < 60
+    # Nothing the job started outlives it (ranks, their checkpoint writers and helpers).
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+    CheckpointManager(run / "checkpoints").latest_verified()  # whatever is there verifies
 
 
 @pytest.mark.dist
@@ -86,34 +118,13 @@ def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path, sample_dir, 
     agent stops the other rank; its collectives fail fast on the closed peer, and the collective
     timeout bounds any other wait), no partial checkpoint counts, and the rerun resumes with the
     uninterrupted run's losses."""
-    import os
-    import signal
     import subprocess
-    import time
-
-    import psutil
-
-    from ct_stages import CheckpointManager
 
     runner, overrides = KILL_LAYOUTS[layout]
     run = tmp_path / "killed"
     command = ["ct_cli.train", "--phase", "pretrain_phase1", f"run_dir={run}", f"sample_data.dir={sample_dir}",
                *TINY, *KILL_COMMON, *overrides]
-    proc = subprocess.Popen([*runner, *command], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    wait_for_step(proc, run, 3)
-    # A checkpoint must have completed (an async write may still be running on a loaded machine),
-    # so that the rerun has one to resume from; the kill still lands mid-run.
-    wait_for_event(proc, run, "checkpoint_complete")
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if p.environ().get("LOCAL_RANK") == "1"]
-    assert workers, "no rank-1 worker found"
-    killed_at = time.time()
-    os.kill(workers[0].pid, signal.SIGKILL)
-    proc.communicate(timeout=90)
-    assert proc.returncode != 0 and time.time() - killed_at < 60
-    assert not [p for p in psutil.Process().children(recursive=True) if "ct_cli.train" in " ".join(p.cmdline())]
-    CheckpointManager(run / "checkpoints").latest_verified()  # whatever is there verifies
+    _kill_rank_one_mid_run([*runner, *command], run)
 
     rerun = subprocess.run([*runner, *command], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -142,31 +153,35 @@ def test_fsdp2_bf16_two_processes_runs_the_readme_recipe_twin(tmp_path, sample_d
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_megatron_tp2_trains_exports_and_resumes_at_pp2(tmp_path, sample_dir, single_losses):
-    """megatron TP=2 through the CLI gives the single-process losses; ct-export reads its checkpoint
-    into the run's own HF export; the checkpoint (model and plain optimizer) resumes under PP=2 at
-    the same world size (dist_checkpointing reshards both, the trainer state of the one
-    data-parallel rank is used) and the later losses still equal the single-process run's."""
+def test_megatron_tp2_survives_a_killed_rank_and_resumes_at_pp2(tmp_path, sample_dir, single_losses):
+    """megatron TP=2 through the CLI (the test-only CPU shim): kill -9 of rank 1 mid-run ends the
+    job within 60 s leaving only checkpoints that verify; the same command resumes and gives the
+    single-process losses; ct-export reads its checkpoint into the run's own HF export; and the
+    checkpoint (model and plain optimizer) resumes under PP=2 at the same world size
+    (dist_checkpointing reshards both, the trainer state of the one data-parallel rank is used)
+    with the later losses still equal to the single-process run's."""
     # megatron-core calls CUDA unconditionally in places: the test-only shim redirects those on CPU.
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
               str(SHIM_RUNNER)]
-    common = [f"sample_data.dir={sample_dir}", *TINY]
+    common = [f"sample_data.dir={sample_dir}", *TINY, "distributed.timeout_minutes=1"]
     run = tmp_path / "tp2_then_pp2"
-    ct("train", "--phase", "pretrain_phase1", "distributed=megatron_tp2", f"run_dir={run}", *common,
-       "trainer.max_steps=2", module_runner=runner)
+    tp2 = ["--phase", "pretrain_phase1", "distributed=megatron_tp2", f"run_dir={run}", *common, "trainer.max_steps=7"]
+    _kill_rank_one_mid_run([*runner, "ct_cli.train", *tp2], run)
+    ct("train", *tp2, module_runner=runner)  # the same command resumes
+    assert [e for e in events(run) if e["event"] == "resume"]
     losses = train_losses(run)
-    assert sorted(losses) == [1, 2]
+    assert sorted(losses) == list(range(1, 8))
     assert all(losses[s] == pytest.approx(single_losses[s], rel=1e-5) for s in losses), (losses, single_losses)
-    meta = json.loads((run / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    meta = json.loads((run / "checkpoints" / "step_00000007" / "meta.json").read_text())
     assert meta["engine"] == "megatron" and meta["layout"]["tensor_model_parallel_size"] == 2
     _export_reads_the_megatron_checkpoint(tmp_path, run)
 
     ct("train", "--phase", "pretrain_phase1", "distributed=megatron_pp2", f"run_dir={run}", *common,
-       "trainer.max_steps=3", module_runner=runner)
+       "trainer.max_steps=8", module_runner=runner)
     resumed = [e for e in events(run) if e["event"] == "resume"]
-    assert resumed and resumed[0]["step"] == 2
+    assert resumed[-1]["step"] == 7
     losses = train_losses(run)
-    assert sorted(losses) == [1, 2, 3]
+    assert sorted(losses) == list(range(1, 9))
     assert all(losses[s] == pytest.approx(single_losses[s], rel=1e-5) for s in losses), (losses, single_losses)
 
 

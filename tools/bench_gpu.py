@@ -1,19 +1,25 @@
-"""Precision x activation checkpointing x compile on one device: tokens/s, MFU and peak memory of
-the same model and batch, one table (ratios against the bf16 / AC none / eager cell of this run).
+"""CheaperTraining against the public recipe's stack on one GPU: tokens/s, MFU and peak memory.
 
-    python tools/bench_gpu.py            # one GPU: mobilellm_950m at seq 4096 (2048 under 80 GiB), < 8 min
-    python tools/bench_gpu.py --smoke    # CPU, seconds: tiny model, 2 steps per cell (CI keeps it alive)
+    python tools/bench_gpu.py            # one H100/H200-class GPU, under 8 minutes, one table (+ --json)
+    python tools/bench_gpu.py --smoke    # CPU, seconds: tiny shapes, every row (CI keeps it alive)
 
-Cells: precision fp32 | bf16 | fp8 (configs/precision/, fp8 = torchao tensorwise; emulated on
-CPU) x AC none | selective | full, eager; plus torch.compile with AC none for each precision.
-Each cell builds a fresh model and engine (ct_parallel.build_engine, native single process), runs
-one warm-up step and ``--steps`` timed AdamW steps on one fixed random batch. MFU uses
-ct_stages.metrics (flops_per_token / the device's data-sheet bf16 peak, so an fp32 cell's MFU is
-against the bf16 peak). Peak memory: torch.cuda.max_memory_allocated per cell (CPU: the process's
-max RSS so far, which only grows). A cell that runs out of memory is reported, not fatal.
+Workloads (same random tokens for every row of a workload; warm-up step excluded; 3 timed steps):
+mobilellm_950m at seq 2048 and 4096, mobilellm_360m and mobilellm_140m at 2048, 16,384 tokens per
+step; and mobilellm_950m at 32,768 tokens, micro-batch 1, eight packed documents (issue 11's
+reasoning-phase shape: flex/varlen attention, chunked loss).
 
-Activation checkpointing and compile come from ct_precision (ActivationCheckpointConfig,
-CompileConfig) through build_engine's ``activation_checkpointing=`` / ``compile=`` keywords.
+Rows, each on top of the one before (issue 10's a-f):
+  a hf        transformers Llama4ForCausalLM of the same shape: fp32 weights, bf16 autocast, SDPA,
+              full logits, torch AdamW (what HF Trainer runs with bf16=True)
+  b bf16      CheaperTraining native engine, bf16 (configs/precision/bf16), chunked CE loss
+  c compile   + per-block torch.compile
+  d fp8       + FP8 linears (torchao tensorwise, configs/precision/fp8)
+  e sac-max   + selective activation checkpointing, at the largest micro-batch that fits (x2, x4)
+  f megatron  the megatron engine, bf16 (Transformer Engine layers when installed)
+Smaller workloads run a, b, d only; the grid is ordered by importance and a row that would pass
+the time budget (--budget-min, default 7.5) is reported as skipped rather than run. MFU is against
+the card's data-sheet dense bf16 peak (ct_stages.metrics), for every row. Peak memory is
+torch.cuda.max_memory_allocated per row; "80G" says whether it fits an 80 GB card.
 """
 
 from __future__ import annotations
@@ -22,150 +28,255 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import yaml
-from ct_precision import ActivationCheckpointConfig, CompileConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = ("fp32", "bf16", "fp8")
-AC_MODES = ("none", "selective", "full")
-# Rough seconds per cell on an H200 for the estimate: build + warm-up + steps; compile adds its trace.
-EST_EAGER_S, EST_COMPILE_S = 15.0, 60.0
-
+ROWS = ("a hf", "b bf16", "c compile", "d fp8", "e sac-max", "f megatron")
+SMALL_ROWS = ("a hf", "b bf16", "d fp8")
+# Seconds per row on an H200 for the budget: build + warm-up + 3 steps; compile adds its trace.
+EST_S = {"a hf": 15, "b bf16": 12, "c compile": 40, "d fp8": 40, "e sac-max": 80, "f megatron": 35}
+STEP_TOKENS = 16_384
+CARD_80GB_GIB = 79.0  # what an "80 GB" H100 offers to the allocator, with a little headroom
 
 
 @dataclass(frozen=True)
-class Cell:
-    precision: str
-    ac: str = "none"
-    compile: bool = False
+class Workload:
+    preset: str
+    seq: int
+    micro: int
+    documents: int = 1  # documents packed per row (1: plain causal attention)
+    rows: tuple[str, ...] = ROWS
 
     @property
     def name(self) -> str:
-        return f"{self.precision:<5} ac={self.ac:<9} compile={'on' if self.compile else 'off'}"
+        docs = f", {self.documents} docs/row" if self.documents > 1 else ""
+        return f"{self.preset} seq {self.seq} x {self.micro}{docs}"
 
 
 @dataclass
 class Result:
-    cell: Cell
+    workload: str
+    row: str
     status: str = "ok"
+    micro: int = 0
     tokens_per_s: float = float("nan")
     mfu: float | None = None
     memory_gib: float = float("nan")
     step_s: list[float] = field(default_factory=list)
 
 
-def cells() -> list[Cell]:
-    grid = [Cell(p, ac) for p in PRECISIONS for ac in AC_MODES]
-    return grid + [Cell(p, "none", compile=True) for p in PRECISIONS]
+def workloads(smoke: bool) -> list[Workload]:
+    if smoke:
+        return [Workload("smoke", 32, 2), Workload("smoke", 64, 1, documents=4, rows=("b bf16", "e sac-max"))]
+    per = lambda seq: STEP_TOKENS // seq  # noqa: E731
+    return [Workload("mobilellm_950m", 2048, per(2048)),
+            Workload("mobilellm_140m", 2048, per(2048), rows=SMALL_ROWS),
+            Workload("mobilellm_360m", 2048, per(2048), rows=SMALL_ROWS),
+            Workload("mobilellm_950m", 4096, per(4096), rows=SMALL_ROWS),
+            Workload("mobilellm_950m", 32_768, 1, documents=8, rows=("a hf", "b bf16", "e sac-max"))]
+
+
+def model_config(workload: Workload):
+    from ct_model import presets
+
+    if workload.preset == "smoke":
+        return presets.get("mobilellm_tiny", num_layers=2, hidden_size=64, num_attention_heads=4,
+                           num_query_groups=2, kv_channels=16, ffn_hidden_size=128, vocab_size=256,
+                           max_position_embeddings=64)
+    return presets.get(workload.preset, max_position_embeddings=max(workload.seq, 2048))
 
 
 def precision_config(name: str, smoke: bool):
     from ct_precision import PrecisionConfig
 
-    values = yaml.safe_load((ROOT / "configs" / "precision" / f"{name}.yaml").read_text())
-    config = PrecisionConfig.from_dict(values)
+    config = PrecisionConfig.from_dict(yaml.safe_load((ROOT / "configs" / "precision" / f"{name}.yaml").read_text()))
     # The tiny model's matmuls are all below the preset's size rule: convert them anyway.
     return replace(config, fp8_min_matmul_elements=0) if smoke and config.fp8 else config
 
 
-def engine_options(cell: Cell) -> dict:
-    """build_engine keywords for AC/compile."""
-    return {"activation_checkpointing": ActivationCheckpointConfig(mode=cell.ac),
-            "compile": CompileConfig(enabled=cell.compile)}
-
-
-def model_config(smoke: bool, device: torch.device, seq: int | None):
-    from ct_model import presets
-
-    if smoke:
-        config = presets.get("mobilellm_tiny", num_layers=2, hidden_size=64, num_attention_heads=4,
-                             num_query_groups=2, kv_channels=16, ffn_hidden_size=128, vocab_size=256,
-                             max_position_embeddings=64)
-        return config, seq or 32, 2
-    if seq is None:  # 4096 where the memory allows the fp32 no-AC cell, else 2048
-        big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 80 * 2**30
-        seq = 4096 if big else 2048
-    return presets.get("mobilellm_950m"), seq, 1
-
-
-def make_batch(config, micro: int, seq: int, device: torch.device) -> list[dict]:
+def make_batch(config, workload: Workload, micro: int, device: torch.device) -> list[dict]:
+    """Random tokens (seeded: every row sees the same ones), ``workload.documents`` equal documents
+    per row with positions restarting at each."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (micro, seq + 1), generator=g)
-    pos = torch.arange(seq).expand(micro, seq).contiguous()
-    return [{"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device), "position_ids": pos.to(device),
-             "document_ids": torch.zeros(micro, seq, dtype=torch.long, device=device)}]
+    ids = torch.randint(0, config.vocab_size, (micro, workload.seq + 1), generator=g)
+    doc_len = workload.seq // workload.documents
+    position = torch.arange(workload.seq)
+    document = torch.clamp(position // doc_len, max=workload.documents - 1)
+    pos = position - document * doc_len
+    return [{"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device),
+             "position_ids": pos.expand(micro, -1).contiguous().to(device),
+             "document_ids": document.expand(micro, -1).contiguous().to(device)}]
 
 
-def make_loss_fn():
-    """The pretraining stage's own loss: chunked CE from the hidden states (loss.chunk_tokens=1024,
-    the fused kernel where installed), so no cell holds [tokens x vocab] logits."""
+def timed_steps(step, steps: int, device: torch.device) -> list[float]:
+    """Run ``step`` once to warm up (compile, allocator, caches), then ``steps`` timed times."""
+    times = []
+    for i in range(1 + steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def hf_step(config, batch, device: torch.device):
+    """The public recipe's stack: a transformers model of the same shape and a plain AdamW loop.
+    Packed rows use HF's own position_ids but plain causal attention (no document mask), as
+    HF Trainer does with SDPA."""
+    import transformers
+    from ct_model.hf import default_arch, hf_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(hf_config(config, default_arch(config))))
+        hf_cfg = transformers.AutoConfig.from_pretrained(tmp)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    mb = batch[0]
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], labels=mb["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step.loss = float(loss)
+
+    return step
+
+
+def ct_step(config, batch, row: str, smoke: bool, device: torch.device):
+    """CheaperTraining's engine for ``row`` (the rows are cumulative, see the module docstring)."""
+    from ct_model import build_model
+    from ct_parallel import DistributedConfig, build_engine, init_distributed
+    from ct_precision import ActivationCheckpointConfig, CompileConfig
     from ct_stages.stages import LossConfig, make_ce_loss
 
-    return make_ce_loss(LossConfig())
+    rank = ROWS.index(row)
+    dist = DistributedConfig(engine="megatron") if row == "f megatron" else DistributedConfig()
+    if row == "f megatron":
+        init_distributed(dist)
+    precision = precision_config("fp8" if rank in (3, 4) else "bf16", smoke)
+    compiled = rank in (2, 3, 4) and not smoke  # inductor on CPU takes minutes
+    engine = build_engine(build_model(config, seed=0).to(device), dist, precision=precision,
+                          activation_checkpointing=ActivationCheckpointConfig(mode="selective" if rank == 4 else "none"),
+                          compile=CompileConfig(enabled=compiled))
+    engine.setup_optimizer(lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4))
+    loss_fn = make_ce_loss(LossConfig())
+
+    def step():
+        out = engine.forward_backward(batch, loss_fn)
+        engine.optimizer_step()
+        engine.zero_grad()
+        step.loss = out.loss
+
+    return step
 
 
-def run_cell(cell: Cell, args, device: torch.device, throughput) -> Result:
-    from ct_model import build_model
-    from ct_parallel import DistributedConfig, build_engine
+def run_row(workload: Workload, row: str, micro: int, args, device, throughput) -> Result:
     from ct_stages.metrics import memory_gib
 
-    options = engine_options(cell)
-    if cell.compile and args.smoke:
-        return Result(cell, status="skipped (smoke)")  # inductor on CPU: minutes, not seconds
-    config, seq, micro = model_config(args.smoke, device, args.seq)
+    result = Result(workload.name, row, micro=micro)
+    if row == "f megatron" and device.type != "cuda" and not _megatron_shim():
+        result.status = "skipped (no CUDA)"
+        return result
+    config = model_config(workload)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    result = Result(cell)
+    step = None
     try:
-        model = build_model(config, seed=0).to(device)
-        engine = build_engine(model, DistributedConfig(), precision=precision_config(cell.precision, args.smoke),
-                              **options)
-        engine.setup_optimizer(lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4))
-        batch = make_batch(config, micro, seq, device)
-        for step in range(1 + args.steps):  # step 0: warm-up (compile, allocator, caches)
-            start = time.perf_counter()
-            out = engine.forward_backward(batch, make_loss_fn())
-            engine.optimizer_step()
-            engine.zero_grad()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if step:
-                result.step_s.append(time.perf_counter() - start)
-        if not math.isfinite(out.loss):
-            result.status = f"loss {out.loss}"
-        seconds = sorted(result.step_s)[len(result.step_s) // 2]
-        record = throughput(config, seq).measure(out.input_tokens, seconds)
+        batch = make_batch(config, workload, micro, device)
+        step = hf_step(config, batch, device) if row == "a hf" else ct_step(config, batch, row, args.smoke, device)
+        result.step_s = timed_steps(step, args.steps, device)
+        if not math.isfinite(step.loss):
+            result.status = f"loss {step.loss}"
+        record = throughput(config, workload.seq).measure(micro * workload.seq, sorted(result.step_s)[len(result.step_s) // 2])
         result.tokens_per_s, result.mfu = record["tokens_per_s"], record["mfu"]
         result.memory_gib = memory_gib(device)
     except torch.cuda.OutOfMemoryError:
         result.status = "OOM"
     finally:
-        engine = model = None  # noqa: F841 (free the cell before the next one)
+        step = None  # noqa: F841 (free the row's model before the next one)
+        _teardown(row)
     return result
 
 
+def run_largest_batch(workload: Workload, args, device, throughput) -> Result:
+    """Row e: double the micro-batch while it fits (at most x4); the largest that ran counts."""
+    best = None
+    for factor in (2, 4) if not args.smoke else (2,):
+        result = run_row(workload, "e sac-max", workload.micro * factor, args, device, throughput)
+        if result.status != "ok":
+            break
+        best = result
+    return best or result
+
+
+def _megatron_shim() -> bool:
+    import os
+
+    from ct_parallel.distributed import MEGATRON_CPU_SHIM_ENV
+
+    return bool(os.environ.get(MEGATRON_CPU_SHIM_ENV))
+
+
+def _teardown(row: str) -> None:
+    if row == "f megatron":
+        from ct_parallel import DistributedConfig
+        from ct_parallel.distributed import shutdown_distributed
+
+        shutdown_distributed(DistributedConfig(engine="megatron"))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def table(results: list[Result]) -> str:
-    base = next((r for r in results if r.cell == Cell("bf16") and r.status == "ok"), None)
-    lines = [f"{'cell':<34} {'status':<16} {'tokens/s':>11} {'vs bf16':>8} {'MFU':>7} {'peak GiB':>9}"]
+    lines = [f"{'workload':<42} {'row':<11} {'status':<18} {'micro':>5} {'tokens/s':>10} {'vs hf':>6} "
+             f"{'vs b':>6} {'MFU':>7} {'peak GiB':>9} {'80G':>4}"]
     for r in results:
-        ratio = r.tokens_per_s / base.tokens_per_s if base and r.status == "ok" else float("nan")
+        base = {row: x for x in results if x.workload == r.workload and x.status == "ok" for row in [x.row]}
+        ratio = lambda ref: (r.tokens_per_s / base[ref].tokens_per_s if ref in base and r.status == "ok"  # noqa: E731
+                             else float("nan"))
         mfu = f"{100 * r.mfu:6.1f}%" if r.mfu is not None else "    n/a"
-        lines.append(f"{r.cell.name:<34} {r.status:<16} {r.tokens_per_s:>11.1f} {ratio:>8.2f} {mfu:>7} "
-                     f"{r.memory_gib:>9.2f}")
+        fits = ("yes" if r.memory_gib < CARD_80GB_GIB else "no") if r.status == "ok" else ""
+        lines.append(f"{r.workload:<42} {r.row:<11} {r.status:<18} {r.micro:>5} {r.tokens_per_s:>10.0f} "
+                     f"{ratio('a hf'):>6.2f} {ratio('b bf16'):>6.2f} {mfu:>7} {r.memory_gib:>9.2f} {fits:>4}")
     return "\n".join(lines)
+
+
+def goals(results: list[Result]) -> str:
+    """Issue 10's goals, reported (never asserted): 950M bf16 MFU >= 45%, fp8 >= 1.2x bf16 tokens/s,
+    >= 2x the public recipe's stack at equal batch."""
+    rows = {r.row: r for r in results if r.workload.startswith("mobilellm_950m seq 2048") and r.status == "ok"}
+    out = []
+    if "b bf16" in rows and rows["b bf16"].mfu is not None:
+        best = max((rows[k] for k in ("b bf16", "c compile") if k in rows), key=lambda r: r.tokens_per_s)
+        out.append(f"950M bf16 MFU {100 * best.mfu:.1f}% (goal >= 45%), row {best.row}")
+    if "d fp8" in rows and "c compile" in rows:
+        out.append(f"fp8 / bf16 tokens/s {rows['d fp8'].tokens_per_s / rows['c compile'].tokens_per_s:.2f}x "
+                   "(goal >= 1.2x; both compiled)")
+    if "a hf" in rows:
+        best = max((r for r in rows.values() if r.row != "e sac-max"), key=lambda r: r.tokens_per_s)
+        out.append(f"best equal-batch row ({best.row}) / hf {best.tokens_per_s / rows['a hf'].tokens_per_s:.2f}x "
+                   "(goal >= 2x)")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, 2 steps per cell (seconds)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per cell (default 3; smoke 1)")
-    parser.add_argument("--seq", type=int, default=None, help="sequence length (default 4096 / 2048; smoke 32)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, 1 timed step per row (seconds)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 3; smoke 1)")
+    parser.add_argument("--rows", default=None, help="comma-separated row letters to run (default all), e.g. a,b,f")
+    parser.add_argument("--budget-min", type=float, default=7.5, help="skip rows that would pass this many minutes")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     args.steps = args.steps or (1 if args.smoke else 3)
@@ -176,27 +287,32 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_gpu: no CUDA device; run with --smoke on CPU", file=sys.stderr)
         return 2
     peak = PeakFlops.for_device(device)
-
+    chosen = set(args.rows.split(",")) if args.rows else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"bench_gpu: {name}, bf16 peak {peak.value / 1e12:.1f} TFLOP/s ({peak.source}), "
+          f"torch {torch.__version__}, budget {args.budget_min} min", flush=True)
     def throughput(config, seq):
         return Throughput(flops_per_token(config, seq), peak)
 
-    grid = cells()
-    compiled = sum(c.compile for c in grid)
-    if not args.smoke:
-        estimate = (len(grid) - compiled) * EST_EAGER_S + compiled * EST_COMPILE_S
-        print(f"bench_gpu: {len(grid)} cells, about {estimate / 60:.1f} min on one H200-class GPU", flush=True)
-    config, seq, micro = model_config(args.smoke, device, args.seq)
-    print(f"model {config.name} seq {seq} micro-batch {micro}, {args.steps} timed steps per cell, "
-          f"device {device} (peak {peak.value / 1e12:.1f} TFLOP/s, {peak.source})", flush=True)
-    results = []
-    for cell in grid:
-        start = time.perf_counter()
-        results.append(run_cell(cell, args, device, throughput))
-        print(f"  {cell.name}: {results[-1].status} in {time.perf_counter() - start:.1f} s", flush=True)
+    started, results = time.perf_counter(), []
+    for workload in workloads(args.smoke):
+        for row in workload.rows:
+            if chosen and row[0] not in chosen:
+                continue
+            if not args.smoke and time.perf_counter() - started + EST_S[row] > 60 * args.budget_min:
+                results.append(Result(workload.name, row, "skipped (time budget)", workload.micro))
+                continue
+            t0 = time.perf_counter()
+            results.append(run_largest_batch(workload, args, device, throughput) if row == "e sac-max"
+                           else run_row(workload, row, workload.micro, args, device, throughput))
+            print(f"  {workload.name} {row}: {results[-1].status} in {time.perf_counter() - t0:.1f} s", flush=True)
     print(table(results))
+    print(goals(results))
+    print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps([{**r.__dict__, "cell": r.cell.__dict__} for r in results], indent=1))
-    return 0 if all(r.status == "ok" or r.status.startswith(("n/a", "skipped", "OOM")) for r in results) else 1
+        args.json.write_text(json.dumps({"device": name, "results": [asdict(r) for r in results]}, indent=1))
+    bad = [r for r in results if not (r.status == "ok" or r.status.startswith(("skipped", "OOM")))]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from ..engine import (IGNORE_INDEX, LossFn, Microbatch, StepResult, is_next_toke
 from ..vocab import vocab_shard
 from . import bridge
 from .model import build_gpt_chunks, transformer_config, use_transformer_engine
+from .write_queue import install_write_results_queue
 
 
 def _init_state(optimizer: torch.optim.Optimizer, config=None) -> None:
@@ -273,6 +274,7 @@ class MegatronEngine:
         if asynchronous:
             raise ValueError("the megatron engine writes checkpoints synchronously (trainer.async_checkpoint=false)")
         os.makedirs(path, exist_ok=True)
+        install_write_results_queue()  # its writer process must not outlive a killed rank
         dist.barrier()
         dist_checkpointing.save(self._sharded_state(True, False), str(path))
 
