@@ -55,6 +55,17 @@ def test_mobilellm_950m_on_8_gpus_with_the_distributed_optimizer(capsys):
     assert out["fits"] is True and out["capacity_bytes"] == 80e9
 
 
+def test_mobilellm_950m_under_fsdp2_shards_everything(capsys):
+    out = ct_plan_json(capsys, "model=mobilellm_950m", "distributed=fsdp2", "--world-size", "8", "seq_len=2048",
+                       "trainer.micro_batch_size=4", "activation_checkpointing.mode=selective")
+    (stage,) = out["stages"]
+    assert out["layout"]["zero"] == 3
+    # fp32 sharded params, grads and moments (4 + 4 + 8 over 8), plus two gathered bf16 blocks.
+    assert stage["parameter_bytes"] == pytest.approx(4 * PARAMS_950M / 8 + 2 * 2 * LAYER_950M)
+    assert stage["gradient_bytes"] == pytest.approx(4 * PARAMS_950M / 8)
+    assert stage["optimizer_bytes"] == pytest.approx(8 * PARAMS_950M / 8)
+
+
 # ---------------------------------------------------------------------------- deepseek_v3_671b
 # 61 layers (3 dense), hidden 7168, 128 heads, MLA (q_lora 1536, kv_lora 512, qk 128 + rope 64,
 # v 128), dense MLP 18432, 256 routed experts of 2048 + one shared of 2048, top-8, vocab 129280.
@@ -211,5 +222,5 @@ def test_the_table_names_the_worst_stage_and_the_verdict(capsys):
     assert plan_cli.main(["model=deepseek_v3_671b", "distributed=deepseek_v3_671b", "--world-size", "2048",
                           "activation_checkpointing.mode=full", "--min-gpus"]) == 0
     text = capsys.readouterr().out
-    assert "worst stage 0: 29.12 GiB per GPU; a 80 GB card (74.51 GiB): fits" in text
+    assert "worst stage 0: 29.12 GiB per GPU; an 80 GB card (74.51 GiB): fits" in text
     assert "smallest GPU count that fits on 80 GB cards (over DP at TP 1, PP 16, EP 64, expert-TP 1): 1024" in text

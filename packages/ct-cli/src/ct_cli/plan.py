@@ -184,11 +184,15 @@ def render(p) -> str:
     verdict = "fits" if p.fits else f"does NOT fit (over by {gib(worst.total_bytes - p.capacity_bytes)} GiB)"
     lines += [
         "",
-        f"worst stage {worst.stage}: {gib(worst.total_bytes)} GiB per GPU; a {p.capacity_bytes / 1e9:g} GB card "
+        f"worst stage {worst.stage}: {gib(worst.total_bytes)} GiB per GPU; an {p.capacity_bytes / 1e9:g} GB card "
         f"({cap_gib:.2f} GiB): {verdict}",
         f"stage {worst.stage} activations by recompute: none {gib(by['none'])}, selective {gib(by['selective'])}, "
         f"full {gib(by['full'])} GiB",
     ]
+    if p.virtual_stages > 1:
+        lines.append(f"note: interleaved 1F1B ({p.virtual_stages} virtual stages) is planned as plain 1F1B; its first "
+                     f"stage holds about {1 + (lay.pp - 1) / (lay.pp * p.virtual_stages):.2f}x the activations "
+                     "(Korthikanti et al. 2022, sec. 4.2.3)")
     if lay.tp > p.gpus_per_node:
         lines.append(f"note: TP {lay.tp} spans nodes ({p.gpus_per_node} GPUs each); tensor parallelism wants NVLink")
     return "\n".join(lines)

@@ -354,6 +354,8 @@ class Plan:
     stages: list[StageMemory]
     capacity_bytes: float
     gpus_per_node: int
+    # Interleaved 1F1B's model chunks per rank; planned as plain 1F1B, reported so the CLI can say so.
+    virtual_stages: int = 1
 
     @property
     def worst(self) -> StageMemory:
@@ -376,7 +378,7 @@ class Plan:
             "stages": [{**asdict(s), "total_bytes": s.total_bytes} for s in self.stages],
             "worst_stage": worst.stage, "worst_total_bytes": worst.total_bytes,
             "capacity_bytes": self.capacity_bytes, "fits": self.fits,
-            "gpus_per_node": self.gpus_per_node, "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node, "nodes": self.nodes, "virtual_stages": self.virtual_stages,
         }
 
 
@@ -393,7 +395,7 @@ def plan(c: ModelConfig, d: DistributedConfig, world_size: int, work: Workload, 
     stages = [stage_memory(c, lay, work, s, r) for s, r in enumerate(stage_layer_ranges(c, lay))]
     return Plan(model=c.name, total_parameters=count_parameters(c), active_parameters=count_active_parameters(c),
                 layout=lay, workload=work, stages=stages, capacity_bytes=gpu_memory_gb * 1e9,
-                gpus_per_node=gpus_per_node)
+                gpus_per_node=gpus_per_node, virtual_stages=d.virtual_pipeline_model_parallel_size or 1)
 
 
 def data_parallel_step(d: DistributedConfig) -> int:
