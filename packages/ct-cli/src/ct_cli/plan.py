@@ -151,6 +151,8 @@ ZERO_NAMES = {0: "off (optimizer state replicated)", 1: "ZeRO-1 (megatron distri
 
 def layer_split(p) -> str:
     counts = [len(range(s.layers[0], s.layers[1] + 1)) if s.layers else 0 for s in p.stages]
+    if len(counts) == 1:
+        return f"{counts[0]} layers"
     if len(set(counts)) == 1:
         return f"{counts[0]} layers each"
     middle = counts[1:-1]
