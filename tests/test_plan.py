@@ -143,17 +143,17 @@ def test_without_recompute_the_published_layout_does_not_fit(capsys):
 
 def test_smallest_world_size_searches_data_parallelism():
     model = ct_model.presets.get("deepseek_v3_671b")
-    full = Workload(seq_length=4096, recompute="full")
+    full = Workload(seq_len=4096, recompute="full")
     found = smallest_fitting(model, deepseek_layout(), full)
     # DP must be a multiple of EP 64 (TP 1): 16 x 64 = 1024 GPUs, expert-DP 1, and that fits.
     assert found.layout.world_size == 1024 and found.layout.edp == 1 and found.fits
-    selective = Workload(seq_length=4096, recompute="selective")
+    selective = Workload(seq_len=4096, recompute="selective")
     assert smallest_fitting(model, deepseek_layout(), selective) is None  # activations alone exceed 80 GB
     # A search that has to climb: the 950M model fp32 on one GPU of 16 GB, ZeRO-1; DP grows until
     # the optimizer share fits, and one step less does not.
     small = ct_model.presets.get("mobilellm_950m")
     distopt = DistributedConfig(engine="megatron", use_distributed_optimizer=True)
-    work = Workload(seq_length=256, precision="fp32", recompute="full")
+    work = Workload(seq_len=256, precision="fp32", recompute="full")
     found = smallest_fitting(small, distopt, work, gpu_memory_gb=9)
     n = found.layout.world_size
     assert n > 1 and found.fits
@@ -200,6 +200,8 @@ def test_dense_model_errors_name_the_field():
     (["model=mobilellm_950m", "precision=fp8"], "precision must be one of"),
     (["model=mobilellm_950m", "distributed.bogus=1"], "bogus"),
     (["model=mobilellm_950m", "trainer.max_steps=3"], "trainer.max_steps: unknown key for ct-plan"),
+    (["model=mobilellm_950m", "seq_len=long"], "seq_len must be an integer >= 1, got 'long'"),
+    (["model=mobilellm_950m", "trainer.micro_batch_size=0"], "trainer.micro_batch_size must be an integer >= 1"),
 ])
 def test_the_cli_exits_2_with_one_line(capsys, args, needle):
     assert plan_cli.main(args) == 2

@@ -25,7 +25,7 @@ from ct_model.errors import UserError
 
 from .common import EXIT_USER_ERROR, UserFacingError, config_dir
 
-WORKLOAD_KEYS = {"trainer.micro_batch_size": "micro_batch_size", "seq_len": "seq_length",
+WORKLOAD_KEYS = {"trainer.micro_batch_size": "micro_batch_size", "seq_len": "seq_len",
                  "precision": "precision", "activation_checkpointing.mode": "recompute"}
 
 
@@ -116,7 +116,7 @@ def workload(overrides: dict[str, Any], model, num_microbatches: int | None):
     from ct_parallel.plan import Workload
 
     # The context defaults to the model's (4096 for both MobileLLM-R1 and DeepSeek-V3 pretraining).
-    values = {"seq_length": model.max_position_embeddings, "num_microbatches": num_microbatches}
+    values = {"seq_len": model.max_position_embeddings, "num_microbatches": num_microbatches}
     values.update({WORKLOAD_KEYS[k]: v for k, v in overrides.items() if k in WORKLOAD_KEYS})
     return Workload(**values)
 
@@ -170,7 +170,7 @@ def render(p) -> str:
         f"layout    {lay.world_size} GPUs ({p.nodes} node{"s" if p.nodes > 1 else ""} x {p.gpus_per_node}): TP {lay.tp}, PP {lay.pp} "
         f"({layer_split(p)}), EP {lay.ep}, expert-TP {lay.etp}, DP {lay.dp}, expert-DP {lay.edp}, "
         f"sequence parallel {'on' if lay.sequence_parallel else 'off'}, {ZERO_NAMES[lay.zero]}",
-        f"workload  micro-batch {w.micro_batch_size} x {w.seq_length} tokens, "
+        f"workload  micro-batch {w.micro_batch_size} x {w.seq_len} tokens, "
         + ("bf16 params + fp32 grads, master and AdamW moments" if w.precision == "bf16" else "fp32 params, grads, AdamW moments")
         + f", recompute {w.recompute}, 1F1B: stage 0 holds {_in_flight(p, 0)} microbatch{"es" if _in_flight(p, 0) > 1 else ""} in flight",
         "",

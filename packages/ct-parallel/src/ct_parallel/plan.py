@@ -51,17 +51,18 @@ class Workload:
     """What one optimizer step asks of each GPU, besides the layout."""
 
     micro_batch_size: int = 1
-    seq_length: int = 4096
+    seq_len: int = 4096
     precision: str = "bf16"
     recompute: str = "none"
     # Microbatches per step per data-parallel replica; None: at least PP (the 1F1B steady state).
     num_microbatches: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "seq_length"):
-            _positive(getattr(self, name), name)
+        # Named as ct-train and ct-plan's command line name them.
+        _positive(self.micro_batch_size, "trainer.micro_batch_size")
+        _positive(self.seq_len, "seq_len")
         if self.num_microbatches is not None:
-            _positive(self.num_microbatches, "num_microbatches")
+            _positive(self.num_microbatches, "--num-microbatches")
         if self.precision not in PRECISIONS:
             raise PlanError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.recompute not in RECOMPUTE_MODES:
@@ -138,8 +139,8 @@ def check_divides(c: ModelConfig, lay: Layout, work: Workload) -> None:
         if c.moe_ffn_hidden_size % lay.etp:
             raise PlanError(f"model.moe_ffn_hidden_size={c.moe_ffn_hidden_size} is not divisible by "
                             f"distributed.expert_tensor_parallel_size={lay.etp}")
-    if lay.sequence_parallel and work.seq_length % lay.tp:
-        raise PlanError(f"seq_len={work.seq_length} is not divisible by distributed.tensor_model_parallel_size="
+    if lay.sequence_parallel and work.seq_len % lay.tp:
+        raise PlanError(f"seq_len={work.seq_len} is not divisible by distributed.tensor_model_parallel_size="
                         f"{lay.tp} (sequence parallelism splits it)")
     stage_layer_counts(c, lay)  # raises on a pipeline split that does not add up
 
@@ -252,7 +253,7 @@ def layer_activation_bytes(c: ModelConfig, index: int, lay: Layout, work: Worklo
     For the paper's GPT block (MHA, GeLU 4h MLP, two dropouts) the same bookkeeping gives its 34 s b h.
     """
     t, h, a = lay.tp, c.hidden_size, c.num_attention_heads
-    tokens = work.seq_length * work.micro_batch_size
+    tokens = work.seq_len * work.micro_batch_size
     tokens_whole = tokens / t if lay.sequence_parallel else tokens
     whole = 4 * 2 * h
     if c.multi_latent_attention:
@@ -269,14 +270,14 @@ def layer_activation_bytes(c: ModelConfig, index: int, lay: Layout, work: Worklo
     else:
         split += 3 * 2 * c.ffn_hidden_size
     if core_attention:
-        split += 5 * a * work.seq_length
+        split += 5 * a * work.seq_len
     return tokens_whole * whole + tokens * split / t + routed
 
 
 def output_activation_bytes(c: ModelConfig, lay: Layout, work: Workload) -> float:
     """The last stage's extra (Korthikanti sec. 4.3): final-norm and output-layer inputs 2 x 2h and
     the fp32 logits of the cross-entropy, 4 V / TP, per token."""
-    tokens = work.seq_length * work.micro_batch_size
+    tokens = work.seq_len * work.micro_batch_size
     tokens_whole = tokens / lay.tp if lay.sequence_parallel else tokens
     return tokens_whole * 4 * c.hidden_size + tokens * 4 * c.vocab_size / lay.tp
 
@@ -294,7 +295,7 @@ def stage_activation_bytes(c: ModelConfig, lay: Layout, work: Workload, stage: i
     if recompute == "full":
         # Each block keeps only its input (2h per token); in backward one block at a time is
         # recomputed whole, so the largest block's activations come on top, once.
-        tokens_whole = work.seq_length * work.micro_batch_size / (lay.tp if lay.sequence_parallel else 1)
+        tokens_whole = work.seq_len * work.micro_batch_size / (lay.tp if lay.sequence_parallel else 1)
         kept = n * len(layers) * tokens_whole * 2 * c.hidden_size
         kept += max((layer_activation_bytes(c, i, lay, work, True) for i in layers), default=0.0)
     else:
