@@ -200,6 +200,8 @@ def test_dense_model_errors_name_the_field():
     (["model=mobilellm_950m", "precision=fp8"], "precision must be one of"),
     (["model=mobilellm_950m", "distributed.bogus=1"], "bogus"),
     (["model=mobilellm_950m", "trainer.max_steps=3"], "trainer.max_steps: unknown key for ct-plan"),
+    (["model=mobilellm_950m", "model.bogus=1"], "model: unknown field(s) bogus"),
+    (["model=mobilellm_950m", "model.num_attention_heads=5"], "model: num_attention_heads=5"),
     (["model=mobilellm_950m", "seq_len=long"], "seq_len must be an integer >= 1, got 'long'"),
     (["model=mobilellm_950m", "trainer.micro_batch_size=0"], "trainer.micro_batch_size must be an integer >= 1"),
 ])

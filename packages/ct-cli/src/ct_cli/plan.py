@@ -16,6 +16,7 @@ Bad input exits 2 with one line naming the key.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -96,9 +97,18 @@ def model_config(overrides: dict[str, Any], directory: Path):
     values = {**read_group_file("model", overrides["model"], directory), **fields_of("model", overrides)}
     preset = values.pop("preset", None)
     values = {k: v for k, v in values.items() if v is not None}  # null keeps the preset's value
-    if preset is not None:
-        return ct_model.presets.get(preset, **values)
-    return ct_model.ModelConfig.from_dict(values)
+    known = {f.name for f in dataclasses.fields(ct_model.ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserFacingError(f"model: unknown field(s) {', '.join(unknown)}")
+    try:
+        if preset is not None:
+            return ct_model.presets.get(preset, **values)
+        return ct_model.ModelConfig.from_dict(values)
+    except TypeError as err:  # a required field missing (a YAML without a preset)
+        raise UserFacingError(f"model: {err}") from None
+    except UserError as err:  # ModelConfig's messages name the field; say which group it is
+        raise UserFacingError(f"model: {err}") from None
 
 
 def distributed_config(overrides: dict[str, Any], directory: Path):
@@ -145,7 +155,7 @@ def billions(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.1f} M"
 
 
-ZERO_NAMES = {0: "off (optimizer state replicated)", 1: "ZeRO-1 (megatron distributed optimizer)",
+ZERO_NAMES = {0: "no ZeRO (optimizer state replicated)", 1: "ZeRO-1 (megatron distributed optimizer)",
               3: "ZeRO-3 (FSDP2)"}
 
 
