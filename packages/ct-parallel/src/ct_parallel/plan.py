@@ -5,7 +5,8 @@ not imported. Every figure is per GPU, for the pipeline stage that GPU holds; th
 what must fit. The rules, and where they come from (docs/ct-parallel.md, "Planning a layout"):
 
 Parameters. Dense weights (attention, dense MLP, shared expert) divide over tensor parallelism;
-norms, the MoE router and MLA's down-projections (megatron builds q_down/kv_down "duplicated")
+norms, the MoE router and MLA's down-projections (megatron's Transformer Engine spec builds
+q_down/kv_down "duplicated")
 are replicated over TP; routed experts divide over expert parallelism x expert-TP. The embedding
 is on the first stage, the output layer on the last (with tied embeddings and PP > 1 megatron
 keeps a copy of the embedding there), the final norm on the last. Vocabulary splits over TP.
@@ -83,6 +84,14 @@ class Layout:
     zero: int  # 0: replicated optimizer, 1: megatron's distributed optimizer, 3: FSDP2
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "ep", "etp", "dp", "world_size"):
+            _positive(getattr(self, name), f"layout.{name}")
+        if self.zero not in (0, 1, 3):
+            raise PlanError(f"layout.zero must be 0, 1 or 3, got {self.zero!r}")
+        if self.world_size != self.tp * self.pp * self.dp:
+            raise PlanError(f"layout.world_size={self.world_size} must be tp x pp x dp = {self.tp * self.pp * self.dp}")
 
     @property
     def edp(self) -> int:
