@@ -65,11 +65,29 @@ def test_expected_layouts_exist():
     (dict(strategy="zero9"), "strategy"),
     (dict(fsdp_param_dtype="bfloat16"), "fsdp_param_dtype"),  # moved to precision=
     (dict(expert_model_parallel_size=2), "expert"),
+    (dict(engine="megatron", tensor_model_parallel_size=2, expert_model_parallel_size=2), "sequence_parallel"),
+    (dict(engine="megatron", expert_tensor_parallel_size=0), "expert_tensor_parallel_size"),
+    (dict(engine="megatron", num_layers_in_first_pipeline_stage=3), "pipeline_model_parallel_size >= 2"),
+    (dict(engine="megatron", pipeline_model_parallel_size=2, num_layers_in_last_pipeline_stage=-1),
+     "num_layers_in_last_pipeline_stage"),
     (dict(bogus=1), "bogus"),
 ])
 def test_config_errors_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         DistributedConfig.from_dict(bad)
+
+
+def test_expert_and_uneven_layouts_are_described_but_refused_by_the_engines():
+    """DeepSeek-V3's layout is a valid description (ct-plan plans it); the engines refuse it, naming keys."""
+    cfg = DistributedConfig.from_dict(yaml.safe_load((ROOT / "configs/distributed/deepseek_v3_671b.yaml").read_text()))
+    assert (cfg.expert_model_parallel_size, cfg.pipeline_model_parallel_size) == (64, 16)
+    errors = cfg.engine_support_errors()
+    assert len(errors) == 3 and "expert_model_parallel_size=64" in errors[0]
+    assert "num_layers_in_first_pipeline_stage=3" in errors[1] and "num_layers_in_last_pipeline_stage=2" in errors[2]
+    assert DistributedConfig(engine="megatron", tensor_model_parallel_size=2).engine_support_errors() == []
+    with pytest.raises(ValueError, match="expert_model_parallel_size=64"):
+        from ct_parallel import build_engine
+        build_engine(None, cfg)
 
 
 def test_data_parallel_size():

@@ -29,8 +29,16 @@ class DistributedConfig:
     # "1f1b" or "interleaved" (the latter needs virtual_pipeline_model_parallel_size >= 2).
     pipeline_schedule: str = "1f1b"
     sequence_parallel: bool = False
-    # Reserved for MoE models (a later issue); must stay 1 for dense models.
+    # MoE: routed experts split over this many ranks (megatron's expert_model_parallel_size).
+    # Accepted here so that layouts can be described and planned (ct-plan); the engines do not run
+    # EP > 1 yet, which engine_support_errors() reports before any work.
     expert_model_parallel_size: int = 1
+    # MoE: tensor parallelism inside each expert; None means tensor_model_parallel_size, as in megatron.
+    expert_tensor_parallel_size: int | None = None
+    # Uneven pipeline split (megatron TransformerConfig's names): layers on the first and the last
+    # stage; the rest divide evenly over the middle stages. None: an even split of num_layers.
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
     # megatron engine: shard optimizer state over data-parallel ranks (ZeRO-1).
     use_distributed_optimizer: bool = False
     # megatron engine: overlap the data-parallel gradient reduction with the backward pass.
@@ -55,10 +63,26 @@ class DistributedConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"distributed.{name} must be an integer >= 1, got {value!r}")
-        if self.expert_model_parallel_size != 1:
-            raise ValueError("distributed.expert_model_parallel_size > 1 is not supported yet (dense models only)")
+        for name in ("expert_tensor_parallel_size", "num_layers_in_first_pipeline_stage",
+                     "num_layers_in_last_pipeline_stage"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"distributed.{name} must be null or an integer >= 1, got {value!r}")
         if self.engine == "native" and (self.tensor_model_parallel_size > 1 or self.pipeline_model_parallel_size > 1):
             raise ValueError("distributed.tensor/pipeline_model_parallel_size > 1 needs distributed.engine=megatron")
+        if self.engine == "native" and (self.expert_model_parallel_size > 1 or self.expert_tensor_parallel_size not in (None, 1)):
+            raise ValueError("distributed.expert_model_parallel_size/expert_tensor_parallel_size need "
+                             "distributed.engine=megatron")
+        if (self.expert_model_parallel_size > 1 and self.tensor_model_parallel_size > 1
+                and not self.sequence_parallel):
+            # megatron-core: "When using expert parallelism and tensor parallelism for training,
+            # sequence parallelism must be used" (ModelParallelConfig).
+            raise ValueError("distributed.expert_model_parallel_size > 1 with tensor_model_parallel_size > 1 "
+                             "needs distributed.sequence_parallel=true (megatron's rule)")
+        uneven = (self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage)
+        if any(v is not None for v in uneven) and self.pipeline_model_parallel_size < 2:
+            raise ValueError("distributed.num_layers_in_first/last_pipeline_stage need "
+                             "pipeline_model_parallel_size >= 2")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("distributed.sequence_parallel needs tensor_model_parallel_size > 1")
         if self.pipeline_schedule not in PIPELINE_SCHEDULES:
@@ -82,6 +106,24 @@ class DistributedConfig:
             raise ValueError(f"distributed.timeout_minutes must be > 0, got {self.timeout_minutes!r}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"distributed.backend must be auto, gloo or nccl, got {self.backend!r}")
+
+    def engine_support_errors(self) -> list[str]:
+        """What this layout asks of the engines that they cannot do yet (empty: it can run).
+
+        Kept apart from validation: ct-plan describes such layouts (DeepSeek-V3's EP 64), while
+        ct-train and build_engine refuse them with this message before any work."""
+        errors = []
+        if self.expert_model_parallel_size > 1:
+            errors.append(f"distributed.expert_model_parallel_size={self.expert_model_parallel_size}: the engines "
+                          "do not run expert parallelism yet (ct-plan can plan such a layout); use 1")
+        if self.expert_tensor_parallel_size not in (None, self.tensor_model_parallel_size):
+            errors.append(f"distributed.expert_tensor_parallel_size={self.expert_tensor_parallel_size}: the "
+                          "engines do not run an expert TP different from tensor_model_parallel_size yet; use null")
+        for name in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+            if getattr(self, name) is not None:
+                errors.append(f"distributed.{name}={getattr(self, name)}: the megatron engine splits layers "
+                              "evenly over pipeline stages for now; use null")
+        return errors
 
     @property
     def model_parallel_size(self) -> int:

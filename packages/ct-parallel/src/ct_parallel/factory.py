@@ -29,6 +29,9 @@ def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
     precision = precision if precision is not None else PrecisionConfig()
     ac = activation_checkpointing if activation_checkpointing is not None else ActivationCheckpointConfig()
     compile_config = compile if compile is not None else CompileConfig()
+    unsupported = dist_config.engine_support_errors()
+    if unsupported:
+        raise ValueError(unsupported[0])
     check_combination(precision, dist_config)
     check_recompute_combination(ac, compile_config, dist_config)
     if dist_config.engine == "megatron":

@@ -73,6 +73,9 @@ def run_phase(config: RunConfig | Mapping[str, Any]) -> PhaseResult:
 def check_supported(run: RunConfig) -> None:
     """Refuse, before any work, layouts this machine or this version cannot run."""
     d = run.distributed
+    unsupported = d.engine_support_errors()
+    if unsupported:  # before the CUDA check: the answer does not depend on the machine
+        raise UserError(unsupported[0])
     if d.engine == "megatron" and not megatron_can_run():
         raise UserError("distributed.engine=megatron needs CUDA (megatron-core calls it unconditionally) and "
                         "this machine has none; on CPU use distributed=single, ddp or fsdp2 (the native engine)")

@@ -1,0 +1,230 @@
+"""ct-plan against hand computations: every number below is worked out here from the published
+shapes (MobileLLM-R1 950M, DeepSeek-V3 671B), not by calling the planner's helpers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ct_model
+from ct_cli import plan as plan_cli
+from ct_parallel import DistributedConfig
+from ct_parallel.plan import PlanError, Workload, plan, smallest_fitting
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ct_plan_json(capsys, *args: str) -> dict:
+    assert plan_cli.main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# ------------------------------------------------------------------------------ mobilellm_950m
+# 22 layers, hidden 1536, 24 heads, 6 KV groups of head dim 64, SwiGLU 6144, vocab 128256, tied.
+EMBEDDING_950M = 128_256 * 1536
+LAYER_950M = (1536 * 1536 + 2 * 1536 * 384 + 1536 * 1536) + 3 * 1536 * 6144 + 2 * 1536  # attn + MLP + norms
+PARAMS_950M = EMBEDDING_950M + 22 * LAYER_950M + 1536  # + final norm
+TOKENS_950M = 4 * 2048  # micro-batch 4 x 2048
+
+
+def test_mobilellm_950m_on_8_gpus_with_the_distributed_optimizer(capsys):
+    assert PARAMS_950M == 949_685_760 == ct_model.count_parameters(ct_model.presets.get("mobilellm_950m"))
+    out = ct_plan_json(capsys, "model=mobilellm_950m", "distributed=megatron_dp_distopt", "--world-size", "8",
+                       "seq_len=2048", "trainer.micro_batch_size=4")
+    (stage,) = out["stages"]
+    assert out["layout"]["dp"] == 8 and stage["parameters"] == PARAMS_950M
+    # bf16 params (2 bytes), fp32 main grads (4), fp32 master + two moments (12) over DP 8.
+    assert stage["parameter_bytes"] == 2 * PARAMS_950M
+    assert stage["gradient_bytes"] == 4 * PARAMS_950M
+    assert stage["optimizer_bytes"] == pytest.approx(12 * PARAMS_950M / 8)
+    # Activations per token of one layer: norm and sublayer inputs 4 x 2h; Q, O 2 x 2 x 24 x 64 and
+    # K, V 2 x 2 x 6 x 64; SwiGLU gate, up, product 3 x 2 x 6144; the paper's 5 a s softmax term.
+    whole, split, softmax = 8 * 1536, 2 * 2 * 24 * 64 + 2 * 2 * 6 * 64 + 6 * 6144, 5 * 24 * 2048
+    assert (whole, split, softmax) == (12_288, 44_544, 245_760)
+    output = TOKENS_950M * (4 * 1536 + 4 * 128_256)  # final-norm/output inputs, fp32 logits
+    none = 22 * TOKENS_950M * (whole + split + softmax) + output
+    selective = 22 * TOKENS_950M * (whole + split) + output
+    full = 22 * TOKENS_950M * 2 * 1536 + TOKENS_950M * (whole + split + softmax) + output
+    assert stage["activation_bytes_by_recompute"] == pytest.approx({"none": none, "selective": selective, "full": full})
+    assert none == 58_787_364_864  # 54.75 GiB: with 2 + 4 + 1.5 bytes/param, 61.4 GiB in all
+    assert stage["total_bytes"] == pytest.approx(7.5 * PARAMS_950M + none)
+    assert out["fits"] is True and out["capacity_bytes"] == 80e9
+
+
+def test_mobilellm_950m_under_fsdp2_shards_everything(capsys):
+    out = ct_plan_json(capsys, "model=mobilellm_950m", "distributed=fsdp2", "--world-size", "8", "seq_len=2048",
+                       "trainer.micro_batch_size=4", "activation_checkpointing.mode=selective")
+    (stage,) = out["stages"]
+    assert out["layout"]["zero"] == 3
+    # fp32 sharded params, grads and moments (4 + 4 + 8 over 8), plus two gathered bf16 blocks.
+    assert stage["parameter_bytes"] == pytest.approx(4 * PARAMS_950M / 8 + 2 * 2 * LAYER_950M)
+    assert stage["gradient_bytes"] == pytest.approx(4 * PARAMS_950M / 8)
+    assert stage["optimizer_bytes"] == pytest.approx(8 * PARAMS_950M / 8)
+
+
+# ---------------------------------------------------------------------------- deepseek_v3_671b
+# 61 layers (3 dense), hidden 7168, 128 heads, MLA (q_lora 1536, kv_lora 512, qk 128 + rope 64,
+# v 128), dense MLP 18432, 256 routed experts of 2048 + one shared of 2048, top-8, vocab 129280.
+MLA_REPLICATED = 7168 * 1536 + 7168 * (512 + 64)  # q_down, kv_down: whole on every TP rank
+MLA_SPLIT = 1536 * 128 * (128 + 64) + 512 * 128 * (128 + 128) + 128 * 128 * 7168  # q_up, kv_up, o
+NORMS = 2 * 7168 + 1536 + 512
+DENSE_LAYER = MLA_REPLICATED + MLA_SPLIT + NORMS + 3 * 7168 * 18_432
+MOE_LAYER_NON_EXPERT = MLA_REPLICATED + MLA_SPLIT + NORMS + 7168 * 256 + 3 * 7168 * 2048  # + router, shared
+EXPERTS_PER_GPU = 256 * 3 * 7168 * 2048 // 64  # EP 64: 4 experts per GPU per layer
+EMBEDDING_671B = 129_280 * 7168
+TOKENS_671B = 4096  # micro-batch 1 x 4096
+
+
+def deepseek_layout(**fields) -> DistributedConfig:
+    import yaml
+
+    values = yaml.safe_load((ROOT / "configs/distributed/deepseek_v3_671b.yaml").read_text())
+    return DistributedConfig.from_dict({**values, **fields})
+
+
+def test_the_hand_count_is_the_released_671b():
+    total = 3 * DENSE_LAYER + 58 * (MOE_LAYER_NON_EXPERT + 64 * EXPERTS_PER_GPU) + 2 * EMBEDDING_671B + 7168
+    assert total == 671_026_404_352
+
+
+def test_deepseek_v3_on_the_published_layout(capsys):
+    out = ct_plan_json(capsys, "model=deepseek_v3_671b", "distributed=deepseek_v3_671b", "--world-size", "2048",
+                       "activation_checkpointing.mode=full")
+    lay = out["layout"]
+    assert (lay["tp"], lay["pp"], lay["ep"], lay["dp"], lay["edp"], lay["zero"]) == (1, 16, 64, 128, 2, 1)
+    stages = out["stages"]
+    assert [s["layers"] for s in (stages[0], stages[1], stages[15])] == [[0, 2], [3, 6], [59, 60]]
+
+    # Stage 0: embedding + the 3 dense layers, all data-parallel over 128; 16 microbatches in flight.
+    s0_params = EMBEDDING_671B + 3 * DENSE_LAYER
+    assert s0_params == 2_677_129_216 and stages[0]["parameters"] == s0_params
+    # Stage 1: 4 MoE layers; experts' optimizer state over expert-DP 2 = 2048 / (64 x 16).
+    s1_dense, s1_experts = 4 * MOE_LAYER_NON_EXPERT, 4 * EXPERTS_PER_GPU
+    assert stages[1]["parameters"] == s1_dense + s1_experts == 1_636_630_528
+    assert stages[1]["optimizer_bytes"] == pytest.approx(12 * s1_dense / 128 + 12 * s1_experts / 2)
+    assert stages[0]["optimizer_bytes"] == pytest.approx(12 * s0_params / 128)
+    # Last stage: 2 MoE layers + output layer + final norm.
+    assert stages[15]["parameters"] == 2 * (MOE_LAYER_NON_EXPERT + EXPERTS_PER_GPU) + EMBEDDING_671B + 7168
+
+    # Activations per token of one layer (16-bit): norm/sublayer inputs 8h, MLA latents
+    # 2 x 2 x 1536 + 2 x (512 + 64) + 2 x 512, Q and K 2 x 2 x 128 x 192, V and O 2 x 2 x 128 x 128,
+    # softmax 5 x 128 x 4096; dense SwiGLU 6 x 18432; MoE: router fp32 4 x 256, shared 6 x 2048,
+    # 8 routed copies of (2h in + 6 x 2048 + 2h out).
+    attn_whole = 8 * 7168 + 4 * 1536 + 2 * 576 + 2 * 512
+    attn_split = 4 * 128 * 192 + 4 * 128 * 128
+    softmax = 5 * 128 * 4096
+    dense_layer = TOKENS_671B * (attn_whole + attn_split + 6 * 18_432 + softmax)
+    moe_layer_selective = TOKENS_671B * (attn_whole + 4 * 256 + attn_split + 6 * 2048 + 8 * (4 * 7168 + 6 * 2048))
+    moe_layer = moe_layer_selective + TOKENS_671B * softmax
+    layer_input = TOKENS_671B * 2 * 7168
+    # Full recompute: each layer keeps its input, one layer is recomputed at a time (its full set).
+    s0_act = 16 * 3 * layer_input + dense_layer
+    s1_act = 15 * 4 * layer_input + moe_layer
+    s15_act = 1 * 2 * layer_input + moe_layer + TOKENS_671B * (4 * 7168 + 4 * 129_280)
+    assert stages[0]["activation_bytes"] == pytest.approx(s0_act)
+    assert stages[1]["activation_bytes"] == pytest.approx(s1_act)
+    assert stages[15]["activation_bytes"] == pytest.approx(s15_act)
+    assert stages[1]["activation_bytes_by_recompute"]["selective"] == pytest.approx(15 * 4 * moe_layer_selective)
+
+    s0_total = 6 * s0_params + 12 * s0_params / 128 + s0_act
+    assert s0_total == pytest.approx(31_262_779_904)  # 29.12 GiB: the worst stage, it fits 80 GB
+    assert out["worst_stage"] == 0 and out["worst_total_bytes"] == pytest.approx(s0_total)
+    assert out["fits"] is True and out["nodes"] == 256
+
+
+def test_without_recompute_the_published_layout_does_not_fit(capsys):
+    out = ct_plan_json(capsys, "model=deepseek_v3_671b", "distributed=deepseek_v3_671b", "--world-size", "2048")
+    assert out["fits"] is False and out["worst_stage"] == 1  # 15 microbatches x 4 MoE layers
+
+
+def test_smallest_world_size_searches_data_parallelism():
+    model = ct_model.presets.get("deepseek_v3_671b")
+    full = Workload(seq_len=4096, recompute="full")
+    found = smallest_fitting(model, deepseek_layout(), full)
+    # DP must be a multiple of EP 64 (TP 1): 16 x 64 = 1024 GPUs, expert-DP 1, and that fits.
+    assert found.layout.world_size == 1024 and found.layout.edp == 1 and found.fits
+    selective = Workload(seq_len=4096, recompute="selective")
+    assert smallest_fitting(model, deepseek_layout(), selective) is None  # activations alone exceed 80 GB
+    # A search that has to climb: the 950M model fp32 on one GPU of 16 GB, ZeRO-1; DP grows until
+    # the optimizer share fits, and one step less does not.
+    small = ct_model.presets.get("mobilellm_950m")
+    distopt = DistributedConfig(engine="megatron", use_distributed_optimizer=True)
+    work = Workload(seq_len=256, precision="fp32", recompute="full")
+    found = smallest_fitting(small, distopt, work, gpu_memory_gb=9)
+    n = found.layout.world_size
+    assert n > 1 and found.fits
+    assert not plan(small, distopt, n - 1, work, gpu_memory_gb=9).fits
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("fields, world, needle", [
+    (dict(num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None), 2048,
+     "model.num_layers=61 is not divisible by distributed.pipeline_model_parallel_size=16"),
+    (dict(num_layers_in_last_pipeline_stage=3), 2048, "leaves 55 layers"),
+    (dict(expert_model_parallel_size=48), 16 * 48, "model.num_moe_experts=256 is not divisible by "
+     "distributed.expert_model_parallel_size=48"),
+    (dict(), 16 * 96, "expert_model_parallel_size x pipeline_model_parallel_size"),
+    (dict(tensor_model_parallel_size=3, sequence_parallel=True), 16 * 192,
+     "model.num_attention_heads=128 is not divisible by distributed.tensor_model_parallel_size=3"),
+    (dict(), 2047, "world_size=2047"),
+])
+def test_layouts_that_do_not_divide_the_model_name_the_field(fields, world, needle):
+    with pytest.raises(PlanError, match=needle.replace("(", r"\(")):
+        plan(ct_model.presets.get("deepseek_v3_671b"), deepseek_layout(**fields), world, Workload())
+
+
+def test_dense_model_errors_name_the_field():
+    small = ct_model.presets.get("mobilellm_950m")
+    with pytest.raises(PlanError, match="model.num_query_groups=6 is not divisible by "
+                                        "distributed.tensor_model_parallel_size=4"):
+        plan(small, DistributedConfig(engine="megatron", tensor_model_parallel_size=4), 4, Workload())
+    with pytest.raises(PlanError, match="needs a MoE model"):
+        plan(small, DistributedConfig(engine="megatron", expert_model_parallel_size=2), 2, Workload())
+    with pytest.raises(PlanError, match="activation_checkpointing.mode"):
+        Workload(recompute="some")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["model=deepseek_v3_671b", "distributed=deepseek_v3_671b",
+      "distributed.num_layers_in_first_pipeline_stage=null", "distributed.num_layers_in_last_pipeline_stage=null"],
+     "model.num_layers=61 is not divisible by distributed.pipeline_model_parallel_size=16"),
+    (["model=mobilellm_950m", "distributed.engine=megatron", "distributed.tensor_model_parallel_size=5"],
+     "model.num_attention_heads=24 is not divisible by distributed.tensor_model_parallel_size=5"),
+    (["model=gpt5"], "model=gpt5: no such file"),
+    (["model=mobilellm_950m", "precision=fp8"], "precision must be one of"),
+    (["model=mobilellm_950m", "distributed.bogus=1"], "bogus"),
+    (["model=mobilellm_950m", "trainer.max_steps=3"], "trainer.max_steps: unknown key for ct-plan"),
+    (["model=mobilellm_950m", "model.bogus=1"], "model: unknown field(s) bogus"),
+    (["model=mobilellm_950m", "model.num_attention_heads=5"], "model: num_attention_heads=5"),
+    (["model=mobilellm_950m", "seq_len=long"], "seq_len must be an integer >= 1, got 'long'"),
+    (["model=mobilellm_950m", "trainer.micro_batch_size=0"], "trainer.micro_batch_size must be an integer >= 1"),
+])
+def test_the_cli_exits_2_with_one_line(capsys, args, needle):
+    assert plan_cli.main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+def test_the_console_script_is_installed():
+    """Through the installed entry point (uv sync registers it): bad input is one line, exit 2."""
+    script = Path(sys.executable).parent / "ct-plan"
+    proc = subprocess.run([str(script), "model=mobilellm_950m", "distributed.engine=megatron",
+                           "distributed.pipeline_model_parallel_size=4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("error: model.num_layers=22 is not divisible by distributed.pipeline_model_parallel_size=4; "
+                                   "set distributed.num_layers_in_first_pipeline_stage and/or "
+                                   "num_layers_in_last_pipeline_stage for an uneven split"), proc.stderr
+
+
+def test_the_table_names_the_worst_stage_and_the_verdict(capsys):
+    assert plan_cli.main(["model=deepseek_v3_671b", "distributed=deepseek_v3_671b", "--world-size", "2048",
+                          "activation_checkpointing.mode=full", "--min-gpus"]) == 0
+    text = capsys.readouterr().out
+    assert "worst stage 0: 29.12 GiB per GPU; an 80 GB card (74.51 GiB): fits" in text
+    assert "smallest GPU count that fits on 80 GB cards (over DP at TP 1, PP 16, EP 64, expert-TP 1): 1024" in text
