@@ -75,3 +75,36 @@ def _events_so_far(run_dir: Path) -> list[dict]:
 
 def events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_rank_one_mid_run(argv: list[str], run: Path) -> None:
+    """Start ``argv`` (a 2-process run), SIGKILL its rank-1 worker once a checkpoint is complete,
+    and check every process exits non-zero within 60 s and what checkpoints remain verify."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from ct_stages import CheckpointManager
+
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, run, 1)
+    # A checkpoint must have completed (an async write may still be running on a loaded machine),
+    # so that the rerun has one to resume from; the kill still lands mid-run.
+    wait_for_event(proc, run, "checkpoint_complete")
+    # The rank-1 worker itself, not a process it forked (megatron's checkpoint writers inherit its
+    # environment): the one whose parent is not rank 1.
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if p.environ().get("LOCAL_RANK") == "1" and p.parent().environ().get("LOCAL_RANK") != "1"]
+    assert workers, "no rank-1 worker found"
+    descendants = psutil.Process(proc.pid).children(recursive=True)
+    killed_at = time.time()
+    os.kill(workers[0].pid, signal.SIGKILL)
+    proc.communicate(timeout=90)  # also waits for every holder of its stderr pipe
+    assert proc.returncode != 0 and time.time() - killed_at < 60
+    # Nothing the job started outlives it (ranks, their checkpoint writers and helpers).
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+    CheckpointManager(run / "checkpoints").latest_verified()  # whatever is there verifies

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cli_support import ROOT, TINY, ct, events, train_losses, wait_for_event, wait_for_step
+from cli_support import ROOT, TINY, ct, events, kill_rank_one_mid_run, train_losses
 
 SHIM_RUNNER = ROOT / "packages" / "ct-parallel" / "tests" / "megatron_cpu_run.py"
 
@@ -67,73 +67,6 @@ def test_resume_at_another_world_size_continues_the_same_run(tmp_path, sample_di
             assert losses[step] == pytest.approx(expected[step], rel=1e-6), (run.name, step)
 
 
-KILL_COMMON = ["trainer.max_steps=8", "distributed.timeout_minutes=1"]
-# layout -> (how ct-train is launched, its overrides)
-KILL_LAYOUTS = {
-    # background checkpoint writes on their own gloo group: a kill mid-write leaves nothing that counts
-    "ddp_async": ([sys.executable, "-m"], ["--nproc-per-node", "2", "distributed=ddp", "trainer.async_checkpoint=true"]),
-    "fsdp2": ([sys.executable, "-m"], ["--nproc-per-node", "2", "distributed=fsdp2"]),
-}
-# megatron TP=2 is killed the same way in test_megatron_tp2_survives_a_killed_rank_and_resumes_at_pp2.
-
-
-def _kill_rank_one_mid_run(argv: list[str], run) -> None:
-    """Start ``argv`` (a 2-process run), SIGKILL its rank-1 worker once a checkpoint is complete,
-    and check every process exits non-zero within 60 s and what checkpoints remain verify."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    import psutil
-
-    from ct_stages import CheckpointManager
-
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_step(proc, run, 1)
-    # A checkpoint must have completed (an async write may still be running on a loaded machine),
-    # so that the rerun has one to resume from; the kill still lands mid-run.
-    wait_for_event(proc, run, "checkpoint_complete")
-    # The rank-1 worker itself, not a process it forked (megatron's checkpoint writers inherit its
-    # environment): the one whose parent is not rank 1.
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if p.environ().get("LOCAL_RANK") == "1" and p.parent().environ().get("LOCAL_RANK") != "1"]
-    assert workers, "no rank-1 worker found"
-    descendants = psutil.Process(proc.pid).children(recursive=True)
-    killed_at = time.time()
-    os.kill(workers[0].pid, signal.SIGKILL)
-    proc.communicate(timeout=90)  # also waits for every holder of its stderr pipe
-    assert proc.returncode != 0 and time.time() - killed_at < 60
-    # Nothing the job started outlives it (ranks, their checkpoint writers and helpers).
-    _, alive = psutil.wait_procs(descendants, timeout=10)
-    assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
-    CheckpointManager(run / "checkpoints").latest_verified()  # whatever is there verifies
-
-
-@pytest.mark.dist
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", sorted(KILL_LAYOUTS))
-def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path, sample_dir, single_losses, layout):
-    """kill -9 of one rank mid-run: every process exits non-zero well within 60 s (torchrun's
-    agent stops the other rank; its collectives fail fast on the closed peer, and the collective
-    timeout bounds any other wait), no partial checkpoint counts, and the rerun resumes with the
-    uninterrupted run's losses."""
-    import subprocess
-
-    runner, overrides = KILL_LAYOUTS[layout]
-    run = tmp_path / "killed"
-    command = ["ct_cli.train", "--phase", "pretrain_phase1", f"run_dir={run}", f"sample_data.dir={sample_dir}",
-               *TINY, *KILL_COMMON, *overrides]
-    _kill_rank_one_mid_run([*runner, *command], run)
-
-    rerun = subprocess.run([*runner, *command], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert [e for e in events(run) if e["event"] == "resume"]
-    losses = train_losses(run)
-    assert sorted(losses) == list(range(1, 9))
-    assert all(losses[s] == pytest.approx(single_losses[s], rel=1e-5) for s in losses)
-
-
 @pytest.mark.dist
 @pytest.mark.slow
 def test_fsdp2_bf16_two_processes_runs_the_readme_recipe_twin(tmp_path, sample_dir, single_losses):
@@ -166,7 +99,7 @@ def test_megatron_tp2_survives_a_killed_rank_and_resumes_at_pp2(tmp_path, sample
     common = [f"sample_data.dir={sample_dir}", *TINY, "distributed.timeout_minutes=1"]
     run = tmp_path / "tp2_then_pp2"
     tp2 = ["--phase", "pretrain_phase1", "distributed=megatron_tp2", f"run_dir={run}", *common, "trainer.max_steps=7"]
-    _kill_rank_one_mid_run([*runner, "ct_cli.train", *tp2], run)
+    kill_rank_one_mid_run([*runner, "ct_cli.train", *tp2], run)
     ct("train", *tp2, module_runner=runner)  # the same command resumes
     assert [e for e in events(run) if e["event"] == "resume"]
     losses = train_losses(run)
