@@ -69,11 +69,18 @@ class MoE(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         shared = config.moe_shared_expert_intermediate_size
         self.shared_experts = None if shared is None else SwiGLU(config.replace(ffn_hidden_size=shared))
+        # Weighted sequence-wise balance terms of the forwards since the last take_aux_loss
+        # (training with moe_aux_loss_coeff > 0 only); a list because a shared block runs twice.
+        self.aux_losses: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        weights, indices, _ = self.gate(tokens)
+        weights, indices, scores = self.gate(tokens)
+        if self.training and self.config.moe_aux_loss_coeff > 0:
+            rows = shape[0] if x.dim() == 3 else 1
+            self.aux_losses.append(self.config.moe_aux_loss_coeff
+                                   * sequence_balance_loss(scores, indices, rows))
         out = self._routed(tokens, weights.to(x.dtype), indices)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
@@ -90,6 +97,44 @@ class MoE(nn.Module):
         return out
 
 
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, rows: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (eqs. 17-20), unweighted.
+
+    Per sequence of T tokens: sum_i f_i P_i with f_i = E / (k T) * (tokens that chose expert i)
+    and P_i = mean over the tokens of s_i / sum_j s_j (scores normalised over all experts). A
+    sequence is one row of the batch (packed documents share their row's term); rows averaged.
+    ``scores`` [rows * T, E], ``indices`` [rows * T, k].
+    """
+    n, e = scores.shape
+    t, k = n // rows, indices.shape[-1]
+    probs = (scores / scores.sum(-1, keepdim=True)).view(rows, t, e).mean(1)
+    counts = torch.zeros(rows, e, device=scores.device, dtype=scores.dtype)
+    counts.scatter_add_(1, indices.view(rows, t * k), torch.ones_like(counts[:, :1]).expand(rows, t * k))
+    return ((counts * e / (k * t)) * probs).sum(-1).mean()
+
+
+def take_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the weighted balance terms recorded since the last call (None when there are none),
+    and forget them. Engines add it to the loss of the microbatch whose forward recorded it."""
+    terms = []
+    for module in model.modules():
+        if isinstance(module, MoE) and module.aux_losses:
+            terms.extend(module.aux_losses)
+            module.aux_losses = []
+    return torch.stack(terms).sum() if terms else None
+
+
+def routers(model: nn.Module) -> list[tuple[str, Router]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Router)]
+
+
+@torch.no_grad()
+def reset_router_load(model: nn.Module) -> None:
+    """Zero every router's token counts (they are not in the state dict)."""
+    for _, router in routers(model):
+        router.load.zero_()
+
+
 @torch.no_grad()
 def update_expert_bias(model: nn.Module) -> dict[str, float]:
     """Aux-loss-free balancing step; call once after each optimizer step.
@@ -101,8 +146,7 @@ def update_expert_bias(model: nn.Module) -> dict[str, float]:
     all-reduced before this call so every rank applies the same update.
     """
     metrics: dict[str, float] = {}
-    routers = [(name, m) for name, m in model.named_modules() if isinstance(m, Router)]
-    for name, router in routers:
+    for name, router in routers(model):
         load = router.load
         if router.config.moe_router_enable_expert_bias and load.sum() > 0:
             router.expert_bias += router.config.moe_router_bias_update_rate * torch.sign(load.mean() - load)
