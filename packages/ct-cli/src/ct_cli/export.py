@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--arch", choices=["llama4", "llama", "deepseek_v3"],
-                   help="default: llama4 for MobileLLM-style models (QK-norm, interleaved RoPE), else llama")
+                   help="default: deepseek_v3 for MLA/MoE models, llama4 for MobileLLM-style models "
+                        "(QK-norm, interleaved RoPE), else llama")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
 
