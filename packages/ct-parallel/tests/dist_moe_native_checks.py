@@ -32,14 +32,14 @@ def moe_config():
                        moe_router_bias_update_rate=0.05, moe_aux_loss_coeff=0.01, max_position_embeddings=64)
 
 
-def reference(config, batch):
+def reference(config, batch, steps: int = STEPS):
     """One process, every microbatch: (CE sum + aux x scored tokens) / global tokens, AdamW,
     then the bias update from all the microbatches' loads."""
     model = build_model(config, seed=0).train()
     opt = lib.build_optimizer(list(model.named_parameters()))
     tokens = sum(int((mb["labels"] != -100).sum()) for mb in batch)
     losses, biases = [], []
-    for _ in range(STEPS):
+    for _ in range(steps):
         total = 0.0
         for mb in batch:
             ce = lib.loss_fn(mb, model(mb["input_ids"], mb["position_ids"], mb["document_ids"]))
