@@ -47,3 +47,30 @@ def test_single_process_moe_engine_equals_the_reference(reference, ac):
         assert 0 < result.aux_loss < 0.01 * config.num_moe_experts
     lib.compare_losses("loss", losses, losses_ref)
     lib.compare("params", engine.full_model_state_dict(), params_ref, tol=lib.PARAM_TOL)
+
+
+def test_moe_checkpoint_restores_the_expert_bias_and_continues_identically(reference, tmp_path):
+    config, batch, _ = reference
+
+    def engine_from(seed):
+        engine = build_engine(build_model(config, seed=seed), DistributedConfig())
+        engine.setup_optimizer(lib.build_optimizer)
+        return engine
+
+    def step(engine):
+        engine.forward_backward(batch, lib.loss_fn)
+        engine.optimizer_step()
+        engine.zero_grad()
+        engine.update_expert_bias()
+
+    trained = engine_from(0)
+    step(trained)
+    step(trained)
+    assert any(float(b.abs().sum()) > 0 for b in moe_checks._biases(trained.model).values())
+    trained.save_checkpoint(str(tmp_path / "ckpt"))
+    fresh = engine_from(1)
+    fresh.load_checkpoint(str(tmp_path / "ckpt"))
+    lib.compare("bias after load", moe_checks._biases(fresh.model), moe_checks._biases(trained.model), tol=0.0)
+    step(trained)
+    step(fresh)
+    lib.compare("next step", fresh.full_model_state_dict(), trained.full_model_state_dict(), tol=0.0)
