@@ -113,3 +113,14 @@ def test_gpu_auto_uses_grouped_gemm_in_bf16_close_to_fp32_loop(implementation):
             assert moe_mod.use_grouped_gemm(xb.view(-1, 64), bf16)
         got = bf16(xb).float()
     assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_router_scores_stay_fp32_under_autocast():
+    ours, _ = _pair(seed=6)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = ours.gate(x)[2]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours.gate(x)[2]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -34,7 +34,10 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights [N, k], expert indices [N, k], scores [N, E]) for tokens x [N, H]."""
         c = self.config
-        logits = F.linear(x.float(), self.weight.float())
+        # Gating in fp32 even under autocast (DeepSeek-V3 keeps MoE gating in high precision,
+        # sec. 3.3.1): bf16 scores would tie and flip top-k choices.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if c.moe_router_score_function == "sigmoid" else logits.softmax(-1)
         choice = scores.detach()
         if c.moe_router_enable_expert_bias:
