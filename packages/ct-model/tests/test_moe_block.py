@@ -52,3 +52,75 @@ def test_bias_update_follows_the_sign_rule_and_resets_load():
     assert metrics["gate.load_min"] == pytest.approx((load.min() / load.sum()).item())
     # Bias is a buffer: the optimizer never sees it.
     assert all(p is not ours.gate.expert_bias for p in ours.parameters())
+
+
+@pytest.fixture
+def implementation(monkeypatch):
+    import ct_model.moe as moe_mod
+
+    def use(name):
+        monkeypatch.setattr(moe_mod, "expert_implementation", name)
+
+    return use
+
+
+def _run(module, x, implementation, name):
+    implementation(name)
+    module.zero_grad()
+    x = x.clone().requires_grad_(True)
+    out = module(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+def test_grouped_gemm_equals_the_per_expert_loop_with_gradients(implementation):
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    ours, _ = _pair(seed=3)
+    x = torch.randn(3, 20, 64, generator=torch.Generator().manual_seed(4))
+    loop = _run(ours, x, implementation, "loop")
+    grouped = _run(ours, x, implementation, "grouped")
+    torch.testing.assert_close(grouped[0], loop[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped[1], loop[1], atol=1e-5, rtol=1e-5)
+    for name, grad in loop[2].items():
+        torch.testing.assert_close(grouped[2][name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    # An expert no token chooses (its selection bias far down) is an empty range in the grouped call.
+    with torch.no_grad():
+        ours.gate.expert_bias[0] = -10.0
+    assert 0 not in ours.gate(x.view(-1, 64))[1]
+    loop = _run(ours, x, implementation, "loop")
+    grouped = _run(ours, x, implementation, "grouped")
+    torch.testing.assert_close(grouped[0], loop[0], atol=1e-5, rtol=1e-5)
+    assert grouped[2]["gate_up_proj"][0].abs().sum() == 0
+    torch.testing.assert_close(grouped[2]["gate_up_proj"], loop[2]["gate_up_proj"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_auto_uses_grouped_gemm_in_bf16_close_to_fp32_loop(implementation):
+    import ct_model.moe as moe_mod
+
+    ours, _ = _pair(seed=5)
+    ours = ours.cuda()
+    x = torch.randn(4, 64, 64, device="cuda")
+    implementation("loop")
+    with torch.no_grad():
+        want = ours(x)
+        implementation("auto")
+        bf16 = ours.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        if torch.cuda.get_device_capability() >= (9, 0):
+            assert moe_mod.use_grouped_gemm(xb.view(-1, 64), bf16)
+        got = bf16(xb).float()
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_router_scores_stay_fp32_under_autocast():
+    ours, _ = _pair(seed=6)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = ours.gate(x)[2]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours.gate(x)[2]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--arch", choices=["llama4", "llama"],
-                   help="default: llama4 for MobileLLM-style models (QK-norm, interleaved RoPE), else llama")
+    p.add_argument("--arch", choices=["llama4", "llama", "deepseek_v3"],
+                   help="default: deepseek_v3 for MLA/MoE models, llama4 for MobileLLM-style models "
+                        "(QK-norm, interleaved RoPE), else llama")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
 

@@ -94,7 +94,8 @@ def build_mask_info(document_ids: torch.Tensor | None, backend: str = "auto") ->
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            mask_info: MaskInfo | torch.Tensor | None) -> torch.Tensor:
-    """Attention of q [B, H, T, D] over k, v [B, G, Tk, D] (GQA when G < H) -> [B, H, T, D].
+    """Attention of q [B, H, T, D] over k [B, G, Tk, D], v [B, G, Tk, Dv] (GQA when G < H)
+    -> [B, H, T, Dv]. The softmax scale is D ** -0.5 (SDPA's default).
 
     ``mask_info`` may also be a dense boolean mask tensor (generation with padded prompts) or
     None (plain causal).
@@ -131,8 +132,9 @@ def _flex(on_cuda: bool):
 def _varlen(q, k, v, info: MaskInfo, gqa: bool) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    b, h, t, d = q.shape
-    flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # noqa: E731
+    b, h, t, _ = q.shape
+    # Each tensor keeps its own last dim: MLA's values are narrower than its queries and keys.
+    flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[-1])  # noqa: E731
     out = varlen_attn(flat(q), flat(k), flat(v), info.cu_seqlens, info.cu_seqlens,
                       info.max_seqlen, info.max_seqlen, window_size=(-1, 0), enable_gqa=gqa)
-    return out.reshape(b, t, h, d).transpose(1, 2)
+    return out.reshape(b, t, h, -1).transpose(1, 2)

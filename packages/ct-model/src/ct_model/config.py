@@ -192,6 +192,11 @@ class ModelConfig:
         return self.kv_channels
 
     @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates per head: MLA's decoupled qk_pos_emb_head_dim, else head_dim."""
+        return self.qk_pos_emb_head_dim if self.multi_latent_attention else self.kv_channels
+
+    @property
     def effective_depth(self) -> int:
         """Blocks run per forward (twice num_layers with immediate layer sharing)."""
         return self.num_layers * (2 if self.layer_sharing else 1)

@@ -1,4 +1,5 @@
-"""HF-format import and export (config.json + safetensors), both Llama-4-text and Llama layouts.
+"""HF-format import and export (config.json + safetensors): Llama-4-text, Llama and DeepSeek-V3
+(``deepseek_v3``: MLA + MoE, mapped in hf_deepseek.py).
 
 No dependency on ``transformers``: the files are written and read directly, and tests check that
 ``transformers.AutoModelForCausalLM`` loads what we write with identical logits (and vice versa).
@@ -28,7 +29,10 @@ ARCHS = {
     "llama4": ("Llama4ForCausalLM", "llama4_text", "feed_forward"),
     "llama": ("LlamaForCausalLM", "llama", "mlp"),
 }
-_MODEL_TYPES = {"llama4_text": "llama4", "llama": "llama"}
+_MODEL_TYPES = {"llama4_text": "llama4", "llama": "llama", "deepseek_v3": "deepseek_v3"}
+# DeepseekV3ForCausalLM: its mapping lives in hf_deepseek.py (imported lazily, it imports this).
+DEEPSEEK = "deepseek_v3"
+ALL_ARCHS = sorted([*ARCHS, DEEPSEEK])
 
 
 class HFFormatError(UserError):
@@ -93,23 +97,34 @@ def hf_config(config: ModelConfig, arch: str, dtype: torch.dtype = torch.float32
 
 
 def default_arch(config: ModelConfig) -> str:
-    """The HF architecture that holds ``config`` without conversion: Llama-4's text model for the
-    MobileLLM-R1 features (QK-norm, interleaved RoPE), plain Llama otherwise."""
+    """The HF architecture that holds ``config`` without conversion: DeepSeek-V3 for MLA / MoE,
+    Llama-4's text model for the MobileLLM-R1 features (QK-norm, interleaved RoPE), plain Llama
+    otherwise."""
+    if config.multi_latent_attention or config.is_moe:
+        return DEEPSEEK
     return "llama4" if config.qk_layernorm or config.rope_style == "interleaved" else "llama"
 
 
 def save_hf(model: Decoder, path: str | os.PathLike, arch: str | None = None) -> Path:
     """Write ``model`` as an HF checkpoint directory that ``transformers`` loads (``arch``:
-    llama4 | llama; None picks ``default_arch``)."""
+    llama4 | llama | deepseek_v3; None picks ``default_arch``)."""
     arch = arch or default_arch(model.config)
-    if arch not in ARCHS:
-        raise ConfigError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    if arch not in ALL_ARCHS:
+        raise ConfigError(f"arch must be one of {ALL_ARCHS}, got {arch!r}")
     config = model.config
-    target_style = "interleaved" if arch == "llama4" else "rotate_half"
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     dtype = state["embed_tokens.weight"].dtype
-    meta = hf_config(config, arch, dtype)
-    tensors = _to_hf_names(state, config, arch, config.rope_style != target_style)
+    if arch == DEEPSEEK:
+        from . import hf_deepseek
+
+        meta = hf_deepseek.hf_config(config, dtype)
+        tensors = hf_deepseek.to_hf_names(state, config)
+    else:
+        if config.multi_latent_attention or config.is_moe:
+            raise ConfigError(f"an MLA/MoE model cannot be exported as arch={arch!r}; use 'deepseek_v3'")
+        target_style = "interleaved" if arch == "llama4" else "rotate_half"
+        meta = hf_config(config, arch, dtype)
+        tensors = _to_hf_names(state, config, arch, config.rope_style != target_style)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     # Write under temporary names and rename, so an interrupted export never looks complete.
@@ -150,7 +165,7 @@ def _to_hf_names(state: dict, config: ModelConfig, arch: str, permute: bool) -> 
 
 
 def config_from_hf(meta: dict, source: str = "config.json") -> tuple[ModelConfig, str]:
-    """ModelConfig and arch ('llama4' | 'llama') for an HF config dict."""
+    """ModelConfig and arch ('llama4' | 'llama' | 'deepseek_v3') for an HF config dict."""
     if meta.get("model_type") == "llama4" and "text_config" in meta:
         meta = meta["text_config"]
     model_type = meta.get("model_type")
@@ -159,6 +174,10 @@ def config_from_hf(meta: dict, source: str = "config.json") -> tuple[ModelConfig
             f"{source}: model_type {model_type!r} is not supported; expected one of {sorted(_MODEL_TYPES)}"
         )
     arch = _MODEL_TYPES[model_type]
+    if arch == DEEPSEEK:
+        from . import hf_deepseek
+
+        return hf_deepseek.config_from_hf(meta, source), arch
 
     def need(key):
         if key not in meta:
@@ -211,7 +230,8 @@ def _check_llama4_dense(meta: dict, source: str) -> None:
 
 def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu",
             dtype: torch.dtype | None = None) -> tuple[Decoder, ModelConfig]:
-    """Load an HF ``Llama4ForCausalLM`` or ``LlamaForCausalLM`` directory into a Decoder."""
+    """Load an HF ``Llama4ForCausalLM``, ``LlamaForCausalLM`` or ``DeepseekV3ForCausalLM``
+    directory into a Decoder."""
     root = Path(path)
     config_path = root / "config.json"
     if not config_path.is_file():
@@ -242,6 +262,10 @@ def _read_safetensors(root: Path) -> dict[str, torch.Tensor]:
 
 
 def _from_hf_names(tensors: dict, config: ModelConfig, arch: str, root: Path) -> dict:
+    if arch == DEEPSEEK:
+        from . import hf_deepseek
+
+        return hf_deepseek.from_hf_names(tensors, config, root)
     mlp_name = ARCHS[arch][2]
     state = {}
     for key, value in tensors.items():

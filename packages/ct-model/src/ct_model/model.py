@@ -12,23 +12,19 @@ from .batch import ModelOutput
 from .config import ModelConfig
 from .layers import DecoderBlock, KVCache, RMSNorm
 from .attention import build_mask_info
+from .moe import MoE, Router, reset_router_load
 from .rope import rope_angles
 
 
 class Decoder(nn.Module):
-    """MobileLLM / Llama decoder. Knows nothing of parallelism or precision."""
+    """MobileLLM / Llama / DeepSeek-V3 (MLA + MoE) decoder. Knows nothing of parallelism or
+    precision."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.is_moe or config.multi_latent_attention:
-            # The MLA/MoE blocks (issue 12, step 1b) are not built yet; configs and parameter
-            # counts for them are. Fail loudly rather than silently build a dense model.
-            raise NotImplementedError(
-                f"model {config.name!r}: MLA/MoE blocks are not implemented yet; only "
-                "ModelConfig validation and parameter counting support DeepSeek-V3 shapes")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.lm_head = (
             None
@@ -71,7 +67,7 @@ class Decoder(nn.Module):
         if mask is None:
             # Built once per microbatch and shared by every layer (flex block mask, cu_seqlens).
             mask = build_mask_info(document_ids, self.config.attention_backend)
-        rope = rope_angles(position_ids, self.config.kv_channels, self.config.rotary_base)
+        rope = rope_angles(position_ids, self.config.rope_dim, self.config.rotary_base)
         x = self.embed_tokens(input_ids)
         repeats = 2 if self.config.layer_sharing else 1
         for i, block in enumerate(self.layers):
@@ -85,13 +81,20 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> "Decoder":
-        """Materialise every parameter: normal(0, init_method_std) for matrices, ones for norms."""
+        """Materialise every parameter: normal(0, init_method_std) for matrices (expert tensors and
+        the router included), ones for norms; the routers' bias and load counters start at zero."""
         std = self.config.init_method_std
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, Router)):
                 nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std, generator=generator)
+                nn.init.normal_(module.down_proj, mean=0.0, std=std, generator=generator)
+            if isinstance(module, Router):
+                module.expert_bias.zero_()
+        reset_router_load(self)
         return self
 
 
@@ -118,6 +121,7 @@ def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device
     model = build_model(config, device="meta")
     model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=strict)
+    reset_router_load(model)  # not in the state dict: to_empty left it uninitialised
     return model, list(missing), list(unexpected)
 
 

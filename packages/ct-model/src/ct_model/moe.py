@@ -5,7 +5,9 @@ for *selection only*; tokens first pick ``moe_router_group_topk`` groups (a grou
 of its two best experts), then top-k experts inside them; the weights are the unbiased scores of
 the chosen experts, normalised to sum 1 and multiplied by ``moe_router_topk_scaling_factor``.
 Dropless: every token reaches all its k experts. Expert weights are stored as 3D tensors in HF's
-layout (gate_up_proj [E, 2I, H], down_proj [E, H, I]) so import/export is a copy.
+layout (gate_up_proj [E, 2I, H], down_proj [E, H, I]). Experts run as a per-expert loop (CPU) or
+as grouped GEMMs (``torch._grouped_mm``; CUDA bf16 on Hopper+ by default, see
+``expert_implementation``), tested equal.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights [N, k], expert indices [N, k], scores [N, E]) for tokens x [N, H]."""
         c = self.config
-        logits = F.linear(x.float(), self.weight.float())
+        # Gating in fp32 even under autocast (DeepSeek-V3 keeps MoE gating in high precision,
+        # sec. 3.3.1): bf16 scores would tie and flip top-k choices.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if c.moe_router_score_function == "sigmoid" else logits.softmax(-1)
         choice = scores.detach()
         if c.moe_router_enable_expert_bias:
@@ -69,12 +74,20 @@ class MoE(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         shared = config.moe_shared_expert_intermediate_size
         self.shared_experts = None if shared is None else SwiGLU(config.replace(ffn_hidden_size=shared))
+        # Weighted sequence-wise balance terms of the forwards since the last take_aux_loss
+        # (training with moe_aux_loss_coeff > 0 only); a list because a shared block runs twice.
+        self.aux_losses: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        weights, indices, _ = self.gate(tokens)
-        out = self._routed(tokens, weights.to(x.dtype), indices)
+        weights, indices, scores = self.gate(tokens)
+        if self.training and self.config.moe_aux_loss_coeff > 0:
+            rows = shape[0] if x.dim() == 3 else 1
+            self.aux_losses.append(self.config.moe_aux_loss_coeff
+                                   * sequence_balance_loss(scores, indices, rows))
+        routed = self._routed_grouped if use_grouped_gemm(tokens, self) else self._routed
+        out = routed(tokens, weights.to(x.dtype), indices)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         return out.view(shape)
@@ -89,6 +102,74 @@ class MoE(nn.Module):
             out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
         return out
 
+    def _routed_grouped(self, tokens, weights, indices) -> torch.Tensor:
+        """Grouped GEMM: the (token, slot) pairs sorted by expert, two ``torch._grouped_mm`` calls
+        over per-expert row ranges (``offs``: cumulative counts; empty experts are empty ranges),
+        weighted outputs scattered back. No host sync (no ``.tolist()``), one kernel per matrix."""
+        k = indices.shape[-1]
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        token_idx = order // k
+        offs = torch.bincount(flat, minlength=self.config.num_moe_experts).cumsum(0).to(torch.int32)
+        x = tokens[token_idx]
+        gate, up = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+        y = y * weights.flatten()[order, None]
+        return torch.zeros_like(tokens).index_add(0, token_idx, y)
+
+
+# "auto": grouped GEMM where it is fast (CUDA, bf16, Hopper or newer, 16-byte-aligned widths),
+# the per-expert loop elsewhere; "grouped" / "loop" force one (tests compare the two).
+EXPERT_IMPLEMENTATIONS = ("auto", "grouped", "loop")
+expert_implementation = "auto"
+
+
+def use_grouped_gemm(tokens: torch.Tensor, moe: MoE) -> bool:
+    if expert_implementation != "auto":
+        return expert_implementation == "grouped"
+    if not (tokens.is_cuda and hasattr(torch, "_grouped_mm") and tokens.dtype == torch.bfloat16):
+        return False
+    aligned = moe.config.hidden_size % 8 == 0 and moe.config.moe_ffn_hidden_size % 8 == 0
+    return aligned and torch.cuda.get_device_capability(tokens.device) >= (9, 0)
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, rows: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (eqs. 17-20), unweighted.
+
+    Per sequence of T tokens: sum_i f_i P_i with f_i = E / (k T) * (tokens that chose expert i)
+    and P_i = mean over the tokens of s_i / sum_j s_j (scores normalised over all experts). A
+    sequence is one row of the batch (packed documents share their row's term); rows averaged.
+    ``scores`` [rows * T, E], ``indices`` [rows * T, k].
+    """
+    n, e = scores.shape
+    t, k = n // rows, indices.shape[-1]
+    probs = (scores / scores.sum(-1, keepdim=True)).view(rows, t, e).mean(1)
+    counts = torch.zeros(rows, e, device=scores.device, dtype=scores.dtype)
+    counts.scatter_add_(1, indices.view(rows, t * k), torch.ones_like(counts[:, :1]).expand(rows, t * k))
+    return ((counts * e / (k * t)) * probs).sum(-1).mean()
+
+
+def take_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the weighted balance terms recorded since the last call (None when there are none),
+    and forget them. Engines add it to the loss of the microbatch whose forward recorded it."""
+    terms = []
+    for module in model.modules():
+        if isinstance(module, MoE) and module.aux_losses:
+            terms.extend(module.aux_losses)
+            module.aux_losses = []
+    return torch.stack(terms).sum() if terms else None
+
+
+def routers(model: nn.Module) -> list[tuple[str, Router]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Router)]
+
+
+@torch.no_grad()
+def reset_router_load(model: nn.Module) -> None:
+    """Zero every router's token counts (they are not in the state dict)."""
+    for _, router in routers(model):
+        router.load.zero_()
+
 
 @torch.no_grad()
 def update_expert_bias(model: nn.Module) -> dict[str, float]:
@@ -101,8 +182,7 @@ def update_expert_bias(model: nn.Module) -> dict[str, float]:
     all-reduced before this call so every rank applies the same update.
     """
     metrics: dict[str, float] = {}
-    routers = [(name, m) for name, m in model.named_modules() if isinstance(m, Router)]
-    for name, router in routers:
+    for name, router in routers(model):
         load = router.load
         if router.config.moe_router_enable_expert_bias and load.sum() > 0:
             router.expert_bias += router.config.moe_router_bias_update_rate * torch.sign(load.mean() - load)

@@ -32,6 +32,9 @@ class StepResult:
     loss: float  # mean per-token loss over the global batch
     tokens: int  # scored tokens in the global batch (labels != -100)
     input_tokens: int  # all input positions in the global batch (for throughput)
+    # MoE sequence-wise balance term (coeff x loss, per-token mean) when moe_aux_loss_coeff > 0;
+    # trained on together with ``loss`` but not part of it.
+    aux_loss: float | None = None
 
 
 class Engine(Protocol):
@@ -58,3 +61,7 @@ class Engine(Protocol):
     def load_checkpoint(self, path: str, *, load_optimizer: bool = True) -> None: ...
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor] | None: ...
+
+    # Optional (native engines): MoE expert-bias update after each optimizer step, returning the
+    # per-layer load metrics; the trainer calls it when the engine has it.
+    # def update_expert_bias(self) -> dict[str, float]: ...

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from ct_model import moe as ct_moe
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -70,6 +71,17 @@ class NativeEngine:
             logits = self.wrapped(*args)
         return loss_fn(mb, logits)
 
+    def _loss_and_aux(self, mb: Microbatch, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stage loss and, for MoE models with moe_aux_loss_coeff > 0, the balance term this
+        microbatch's forward recorded, scaled to the loss's per-token-sum convention (x scored
+        tokens), so after the engine's division it weighs as coeff x the balance loss."""
+        ct_moe.take_aux_loss(self.model)  # drop terms left by a checkpointed block's recompute
+        loss_sum = self._loss(mb, loss_fn)
+        aux = ct_moe.take_aux_loss(self.model)
+        if aux is not None:
+            aux = aux * scored_tokens(mb).to(aux.dtype)
+        return loss_sum, aux
+
     def _totals(self, microbatches: list[Microbatch]) -> tuple[torch.Tensor, torch.Tensor]:
         scored = sum(scored_tokens(mb) for mb in microbatches).to(torch.float64)
         inputs = torch.tensor(float(sum(mb["input_ids"].numel() for mb in microbatches)), dtype=torch.float64)
@@ -88,13 +100,36 @@ class NativeEngine:
         # the result is the gradient of (sum of token losses) / (global scored tokens).
         scale = self.dp_size / global_tokens.clamp(min=1).item()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_total = None
         for i, mb in enumerate(microbatches):
             with self._no_sync(i == len(microbatches) - 1):
-                loss_sum = self._loss(mb, loss_fn)
-                (loss_sum * scale).backward()
+                loss_sum, aux = self._loss_and_aux(mb, loss_fn)
+                ((loss_sum if aux is None else loss_sum + aux) * scale).backward()
             total += loss_sum.detach().to(torch.float64)
+            if aux is not None:
+                aux_total = aux.detach().to(torch.float64) + (0 if aux_total is None else aux_total)
         loss = self._global_sum(total) / global_tokens.clamp(min=1)
-        return StepResult(loss.item(), int(global_tokens.item()), int(input_tokens.item()))
+        result = StepResult(loss.item(), int(global_tokens.item()), int(input_tokens.item()))
+        if aux_total is not None:  # the reported loss stays the stage's; the balance term on its own
+            result.aux_loss = (self._global_sum(aux_total) / global_tokens.clamp(min=1)).item()
+        return result
+
+    # -- MoE balancing ---------------------------------------------------------------------------
+    def update_expert_bias(self) -> dict[str, float]:
+        """Aux-loss-free balancing after an optimizer step: every router's token counts are
+        summed over the data-parallel ranks first, so all ranks move the (replicated) bias buffers
+        the same way; then ct_model.moe.update_expert_bias. Returns per-layer load metrics,
+        ``moe/layers.{i}.load_max`` / ``load_min`` / ``bias_range`` (empty for dense models)."""
+        routers = ct_moe.routers(self.model)
+        if not routers:
+            return {}
+        if self.dp_size > 1:
+            loads = torch.stack([r.load for _, r in routers])  # one collective for all layers
+            dist.all_reduce(loads, group=self.dp_group)
+            for (_, router), load in zip(routers, loads):
+                router.load.copy_(load)
+        metrics = ct_moe.update_expert_bias(self.model)
+        return {"moe/" + name.replace(".mlp.gate.", "."): value for name, value in metrics.items()}
 
     @torch.no_grad()
     def forward_only(self, microbatches: list[Microbatch], loss_fn: LossFn) -> StepResult:
@@ -182,6 +217,8 @@ def build_native_engine(model: nn.Module, *, strategy: str = "single",
         if not _dist_ready():
             raise RuntimeError("strategy 'ddp' needs torch.distributed initialised (launch with torchrun)")
         device_ids = [model_device.index] if (model_device := next(model.parameters()).device).type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # No buffer broadcast: the only buffers are MoE routers' (a bias kept equal on every rank
+        # by update_expert_bias, and per-rank token counts that rank 0's copy must not overwrite).
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
         return NativeEngine(model, wrapped, autocast_dtype=autocast_dtype)
     raise ValueError(f"unknown native strategy {strategy!r}; expected 'single' or 'ddp'")

@@ -137,10 +137,7 @@ def build_phase_model(run: RunConfig, init_from: Path | None):
         log.info("initialised from %s", init_from)
     else:
         config = run.model.resolve()
-        try:
-            model = ct_model.build_model(config, seed=run.trainer.seed)
-        except NotImplementedError as err:  # a shape ct-model can describe but not yet build
-            raise UserError(f"model={run.model.preset}: {err}") from err
+        model = ct_model.build_model(config, seed=run.trainer.seed)
     changes = {}
     if run.seq_len > config.max_position_embeddings:
         changes["max_position_embeddings"] = run.seq_len

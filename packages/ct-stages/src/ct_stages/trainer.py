@@ -233,8 +233,10 @@ class Trainer:
         grad_norm = self.engine.clip_grad_norm(self.clip_grad)
         finite = math.isfinite(result.loss) and math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
+        moe: dict[str, float] = {}
         if finite:
             self.engine.optimizer_step()
+            moe = self._balance_experts()
         else:
             self._skip(result.loss, grad_norm)
         # The schedule is a function of the step count, skipped steps included.
@@ -250,10 +252,19 @@ class Trainer:
             "grad_norm": grad_norm, **self.reporter.throughput.measure(result.input_tokens, seconds),
             "step_time_s": seconds, "consumed_tokens": self.state.consumed_tokens,
             "memory_gib": memory_gib(self.reporter.device), "skipped_steps": self.state.skipped_steps,
+            **({} if result.aux_loss is None else {"aux_loss": result.aux_loss}), **moe,
         }
         self.metrics.write(record)
         self._watch(seconds)
         return record
+
+    def _balance_experts(self) -> dict[str, float]:
+        """MoE models: the expert-bias update (aux-loss-free balancing, outside the optimizer) and
+        its per-layer load figures for the log. Engines without it (dense models' engines, or
+        megatron, whose routers update their own bias) give nothing. A skipped step's token
+        counts roll into the next update."""
+        update = getattr(self.engine, "update_expert_bias", None)
+        return update() if update is not None else {}
 
     def _watch(self, seconds: float) -> None:
         """Warn about a step far slower than the recent median (a straggler, a stalled disk)."""
