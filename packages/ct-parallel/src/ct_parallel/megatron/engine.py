@@ -37,6 +37,7 @@ from ..engine import (IGNORE_INDEX, LossFn, Microbatch, StepResult, is_next_toke
 from ..vocab import vocab_shard
 from . import bridge
 from .model import build_gpt_chunks, transformer_config, use_transformer_engine
+from .packed import flatten_rows, packed_seq_params, unflatten_rows
 
 
 def _init_state(optimizer: torch.optim.Optimizer, config=None) -> None:
@@ -83,6 +84,29 @@ def _position_ids(mb: Microbatch) -> torch.Tensor:
     return pos
 
 
+def use_thd(te: bool) -> bool:
+    """Packed documents as THD (cu_seqlens, no T x T mask) where attention can take it: with TE.
+    megatron's local DotProductAttention asserts ``packed_seq_params is None``
+    (megatron/core/transformer/dot_product_attention.py: "Packed sequence is not supported by
+    DotProductAttention. Please use TEDotProductAttention instead."), so the local spec (CPU)
+    keeps the dense [B, 1, T, T] mask."""
+    return te
+
+
+def model_inputs(mb: Microbatch, thd: bool) -> tuple[tuple, dict]:
+    """GPTModel's (args, kwargs) for a microbatch [B, T]: the dense document mask, or (``thd``)
+    the batch flattened to one packed row [1, B * T] with its ``PackedSeqParams`` and no mask."""
+    ids, pos = mb["input_ids"], _position_ids(mb)
+    if not thd:
+        return (ids, pos, _attention_mask(mb)), {}
+    return (flatten_rows(ids), flatten_rows(pos), None), {"packed_seq_params": packed_seq_params(mb)}
+
+
+def model_logits(logits: torch.Tensor, batch_size: int, thd: bool) -> torch.Tensor:
+    """The loss's [B, T, V] logits from GPTModel's output (THD: the packed row unflattened)."""
+    return unflatten_rows(logits, batch_size) if thd else logits
+
+
 class MegatronEngine:
     def __init__(self, model: nn.Module, dist_config: DistributedConfig, *, autocast_dtype: torch.dtype | None = None,
                  recompute: dict | None = None, fp8: dict | None = None):
@@ -96,7 +120,8 @@ class MegatronEngine:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.config = transformer_config(self.model_config, dist_config, bf16=False, recompute=recompute, fp8=fp8)
         self.te = use_transformer_engine(dist_config)
-        chunks = build_gpt_chunks(self.model_config, self.config, self.te)
+        self.thd = use_thd(self.te)
+        chunks = build_gpt_chunks(self.model_config, self.config, self.te, thd=self.thd)
         ct_state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
         bridge.load_ct_state_dict(chunks, ct_state, self.model_config)
         chunks = [c.to(self.device) for c in chunks]
@@ -191,13 +216,14 @@ class MegatronEngine:
         b, t = mbs[0]["input_ids"].shape
 
         def loss_func(mb, logits):
+            logits = model_logits(logits, b, self.thd)
             loss_sum = _loss_on_vocab_shards(loss_fn, mb, logits.float() if self.bf16 else logits)
             return loss_sum * scale, scored_tokens(mb).to(torch.int), {"loss_sum": loss_sum.detach().to(torch.float64)}
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            logits = model(mb["input_ids"], _position_ids(mb), _attention_mask(mb))
-            return logits, partial(loss_func, mb)
+            args, kwargs = model_inputs(mb, self.thd)
+            return model(*args, **kwargs), partial(loss_func, mb)
 
         for chunk in self.chunks:
             chunk.train(not forward_only)
@@ -207,8 +233,9 @@ class MegatronEngine:
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(mbs),
-            seq_length=t,
-            micro_batch_size=b,
+            # Pipeline messages are [seq, micro batch, hidden]: THD sends one packed row.
+            seq_length=b * t if self.thd else t,
+            micro_batch_size=1 if self.thd else b,
             forward_only=forward_only,
         )
         total = torch.zeros((), dtype=torch.float64, device=self.device)
