@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -26,7 +27,6 @@ needs_modelopt = pytest.mark.skipif(importlib.util.find_spec("modelopt") is None
     (["stage.distill.kind=jsd"], ["stage.distill.backend=modelopt", "stage.distill.kind=jsd"]),
     (["stage.distill.top_k=8"], ["stage.distill.backend=modelopt", "stage.distill.top_k=8"]),
     (["stage.distill.backend=nemo"], ["stage.distill.backend must be one of"]),
-    (["distributed=megatron_tp2"], ["stage.distill.backend=modelopt", "distributed.tensor_model_parallel_size=1"]),
     (["distributed=megatron_pp2"], ["stage.distill.backend=modelopt", "distributed.pipeline_model_parallel_size=1"]),
 ])
 def test_what_modelopt_cannot_run_is_refused_naming_both_keys(capsys, monkeypatch, tmp_path, args, needles):
@@ -46,19 +46,28 @@ def test_modelopt_is_not_imported_by_the_default_backend():
 
 
 @needs_modelopt
+@pytest.mark.dist
 @pytest.mark.slow
 def test_modelopt_loss_equals_ct_distill_forward_kl(tmp_path):
-    """Megatron engine (1 process, CPU shim) with the student converted by mtd.convert around a
-    teacher of another shape: loss at 3 AdamW steps, step-0 gradients and weights after 3 steps
-    equal ct-distill's kd_loss_sum (forward KL, autograd path) on ct-model logits, at T=1 and at
-    T=2 with ce_weight=0.5 (fp32, 1e-5 relative); the evaluation CE runs the student alone."""
+    """Megatron engine (2 gloo processes, CPU shim) with the student converted by mtd.convert around
+    a teacher of another shape, at DP=2 (modelopt's LogitsDistillationLoss), TP=2 and TP=2+SP (its
+    Megatron LogitsKLLoss on vocabulary slices): loss at 3 AdamW steps, step-0 gradients and
+    weights after 3 steps equal ct-distill's kd_loss_sum (forward KL, autograd path) on
+    single-process ct-model logits, at T=1 and at T=2 with ce_weight=0.5 (fp32, 1e-5 relative);
+    the evaluation CE runs the student alone and equals ct-model's."""
     out = tmp_path / "modelopt.json"
-    proc = subprocess.run([sys.executable, str(SHIM_RUNNER), str(ROOT / "tests" / "modelopt_kd_checks.py"), str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    here = ROOT / "packages" / "ct-parallel" / "tests"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(29400 + os.getpid() % 1000 + 7), str(SHIM_RUNNER),
+           str(ROOT / "tests" / "modelopt_kd_checks.py"), str(out), "dp2", "tp2", "tp2_sp"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads(out.read_text())
-    for case in ("T1", "T2_ce0.5"):
+    cases = [f"{layout}_{case}" for layout in ("dp2", "tp2", "tp2_sp") for case in ("T1", "T2_ce0.5")]
+    assert set(cases) <= set(results), sorted(results)
+    for case in cases:
         r = results[case]
         assert r["loss"] <= 1e-5 and r["grad"] <= 1e-5 and r["param"] <= 3e-5 and r["eval_ce"] <= 1e-5, (case, r)
     print("modelopt import seconds:", results["import_seconds"])

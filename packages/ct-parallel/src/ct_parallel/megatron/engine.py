@@ -176,6 +176,7 @@ class MegatronEngine:
         bridge.load_ct_state_dict([teacher_chunk], teacher_state, teacher_config)
         (student,) = chunks
         self.kd_model = modelopt_kd.convert(student, teacher_chunk, temperature)
+        self.kd_temperature = temperature
         return self.kd_model
 
     def _student_only(self):
@@ -195,16 +196,17 @@ class MegatronEngine:
     def _student_forward(self):
         with self.kd_model.only_student_forward():
             yield
-        # modelopt's capture hook (on the DistillationModel itself, layer "") kept the student's
-        # logits for a KD loss that will not come; drop them so the next KD step starts clean.
-        self.kd_model._intermediate_output = None
+        # modelopt's capture hooks (on the model itself, or its output_layer under TP) kept the
+        # student's logits for a KD loss that will not come; drop them so the next KD step starts clean.
+        for student_layer, _ in self.kd_model._layers_to_loss:
+            student_layer._intermediate_output = None
 
     def _loss_sum(self, loss_fn: LossFn, mb: Microbatch, logits: torch.Tensor) -> torch.Tensor:
         loss_sum = _loss_on_vocab_shards(loss_fn, mb, logits)
         if self.kd_model is not None and is_modelopt_kd(loss_fn):
             from .modelopt_kd import kd_loss_sum
 
-            loss_sum = loss_sum + kd_loss_sum(self.kd_model, mb["labels"])
+            loss_sum = loss_sum + kd_loss_sum(self.kd_model, mb["labels"], self.kd_temperature)
         return loss_sum
 
     # -- optimizer -------------------------------------------------------------------------------
