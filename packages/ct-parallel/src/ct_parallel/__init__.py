@@ -10,7 +10,7 @@ does not import megatron-core; only ``engine: megatron`` does.
 from .config import DistributedConfig
 from .distributed import (DistInfo, barrier, global_rank, init_distributed, is_distributed, main_first,
                           megatron_can_run, shutdown_distributed, world_size)
-from .engine import IGNORE_INDEX, Engine, LossFn, Microbatch, StepResult, scored_tokens
+from .engine import IGNORE_INDEX, Engine, LossFn, Microbatch, StepResult, is_modelopt_kd, modelopt_kd, scored_tokens
 from .factory import build_engine
 from .native import NativeEngine, build_native_engine
 from .precision import check_combination
@@ -19,7 +19,7 @@ from .recompute import check_recompute_combination
 __all__ = [
     "IGNORE_INDEX", "DistInfo", "DistributedConfig", "Engine", "LossFn", "Microbatch", "NativeEngine",
     "StepResult", "barrier", "build_engine", "build_native_engine", "check_combination", "check_recompute_combination",
-    "global_rank",
+    "global_rank", "is_modelopt_kd", "modelopt_kd",
     "init_distributed",
     "is_distributed", "main_first", "megatron_can_run", "scored_tokens", "shutdown_distributed", "world_size",
 ]

@@ -27,6 +27,21 @@ from ct_model.batch import (IGNORE_INDEX, LossFn, Microbatch, ModelOutput,  # no
                             is_next_token_cross_entropy, scored_tokens, vocab_shard_impl, wants_model_output)
 
 
+MODELOPT_KD = "modelopt_kd"
+
+
+def modelopt_kd(loss_fn: LossFn) -> LossFn:
+    """Mark a loss as the non-KD part of a modelopt distillation loss: an engine built with a
+    modelopt teacher (the megatron engine, ``distill_teacher=``) adds modelopt's KD term to it.
+    ct-stages marks its midtrain loss so when ``stage.distill.backend=modelopt``."""
+    setattr(loss_fn, MODELOPT_KD, True)
+    return loss_fn
+
+
+def is_modelopt_kd(loss_fn: LossFn) -> bool:
+    return bool(getattr(loss_fn, MODELOPT_KD, False))
+
+
 @dataclass
 class StepResult:
     loss: float  # mean per-token loss over the global batch

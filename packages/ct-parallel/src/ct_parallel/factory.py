@@ -16,7 +16,8 @@ from .recompute import check_recompute_combination, megatron_recompute
 def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
                  precision: PrecisionConfig | None = None,
                  activation_checkpointing: ActivationCheckpointConfig | None = None,
-                 compile: CompileConfig | None = None) -> Engine:  # noqa: A002 - the config key's name
+                 compile: CompileConfig | None = None,  # noqa: A002 - the config key's name
+                 distill_teacher: nn.Module | None = None, distill_temperature: float = 1.0) -> Engine:
     """Wrap (native) or rebuild (megatron) a ct-model Decoder for the configured layout and precision.
 
     Call ``init_distributed(dist_config)`` first, and build the model with the same seed on every
@@ -24,7 +25,8 @@ def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
     in place, then single, DDP (autocast) or FSDP2 (MixedPrecisionPolicy) around ``model`` itself.
     Megatron: a GPTModel per rank (TP shard of its PP stage's layers) with weights copied from
     ``model`` by the bridge, with megatron's own recompute (see recompute.py). A pair of settings
-    that cannot run raises ValueError naming both keys.
+    that cannot run raises ValueError naming both keys. ``distill_teacher`` (megatron only): KD
+    through nvidia-modelopt (``stage.distill.backend=modelopt``; megatron/modelopt_kd.py).
     """
     precision = precision if precision is not None else PrecisionConfig()
     ac = activation_checkpointing if activation_checkpointing is not None else ActivationCheckpointConfig()
@@ -39,7 +41,11 @@ def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
 
         return build_megatron_engine(model, dist_config, autocast_dtype=native_autocast_dtype(precision),
                                      recompute=megatron_recompute(ac, model.config, dist_config),
-                                     fp8=megatron_fp8_fields(precision))
+                                     fp8=megatron_fp8_fields(precision), distill_teacher=distill_teacher,
+                                     distill_temperature=distill_temperature)
+    if distill_teacher is not None:
+        raise ValueError(f"stage.distill.backend=modelopt needs distributed.engine=megatron, got "
+                         f"distributed.engine={dist_config.engine!r}")
     # Before the wrap, in torchtitan's order (FP8 layers, then checkpointing, then compile): FSDP2/DDP
     # then see the same parameters under the same names.
     model = prepare_native_model(model, precision)

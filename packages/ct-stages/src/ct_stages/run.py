@@ -79,6 +79,16 @@ def check_supported(run: RunConfig) -> None:
     if d.engine == "megatron" and not megatron_can_run():
         raise UserError("distributed.engine=megatron needs CUDA (megatron-core calls it unconditionally) and "
                         "this machine has none; on CPU use distributed=single, ddp or fsdp2 (the native engine)")
+    if run.stage.kind == "midtrain" and run.stage.distill.backend == "modelopt":
+        if d.engine != "megatron":
+            raise UserError(f"stage.distill.backend=modelopt with distributed.engine={d.engine}: modelopt distils "
+                            "megatron GPTModels; use distributed.engine=megatron or stage.distill.backend=ct")
+        from ct_parallel.megatron.modelopt_kd import check_layout  # megatron is about to be imported anyway
+
+        try:
+            check_layout(d)
+        except ValueError as err:
+            raise UserError(str(err)) from None
     if d.engine == "megatron" and run.trainer.async_checkpoint:
         raise UserError("trainer.async_checkpoint=true with distributed.engine=megatron: the megatron engine "
                         "writes checkpoints synchronously; set trainer.async_checkpoint=false")
@@ -153,8 +163,8 @@ def build_phase_model(run: RunConfig, init_from: Path | None):
 
 
 def build_stage(run: RunConfig, model_config, device: torch.device, cache_loader_factory) -> Stage:
-    if run.stage.kind != "midtrain":
-        return Stage(run.stage, loss=run.loss)
+    if run.stage.kind != "midtrain" or run.stage.distill.backend == "modelopt":
+        return Stage(run.stage, loss=run.loss)  # modelopt: the teacher runs inside the engine's model
     from .distill import build_teacher_annotator
 
     total_sequences = run.trainer.max_steps * run.trainer.global_batch_size
@@ -163,6 +173,20 @@ def build_stage(run: RunConfig, model_config, device: torch.device, cache_loader
                                        total_sequences, cache_loader_factory,
                                        hidden=run.loss.chunk_tokens > 0)
     return Stage(run.stage, annotate, loss=run.loss)
+
+
+def modelopt_teacher(run: RunConfig, model_config, device: torch.device) -> dict[str, Any]:
+    """backend=modelopt: the teacher ct-model the megatron engine converts the student around."""
+    d = run.stage.distill
+    if run.stage.kind != "midtrain" or d.backend != "modelopt":
+        return {}
+    from .distill import load_teacher
+
+    try:
+        teacher = load_teacher(d, model_config, device).model
+    except ValueError as err:  # e.g. a vocabulary that differs from the student's
+        raise UserError(str(err)) from err
+    return {"distill_teacher": teacher, "distill_temperature": d.temperature}
 
 
 def fixed_batch_evaluator(engine, mixture, tokenizer, run: RunConfig, info: DistInfo):
@@ -243,7 +267,8 @@ def _build(run: RunConfig, info: DistInfo, init_from: Path | None, peak: PeakFlo
     # The teacher cache is written in the global order: a 1-process loader yields it.
     stage = build_stage(run, model_config, info.device, lambda: loader_factory(0, 1))
     engine = build_engine(model, run.distributed, precision=run.precision,
-                          activation_checkpointing=run.activation_checkpointing, compile=run.compile)
+                          activation_checkpointing=run.activation_checkpointing, compile=run.compile,
+                          **modelopt_teacher(run, model_config, info.device))
     engine.setup_optimizer(lambda named: build_optimizer(named, run.optimizer))
     scheduler = build_scheduler(engine.optimizer, t.max_steps, run.schedule)
     loader = loader_factory()

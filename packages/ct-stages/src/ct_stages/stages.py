@@ -26,6 +26,7 @@ from ct_model.fused_ce import FUSED_CHOICES
 
 STAGES = ("pretrain", "midtrain", "posttrain")
 TEACHER_KINDS = ("online", "cached")
+KD_BACKENDS = ("ct", "modelopt")
 
 
 def cross_entropy_sum(microbatch: Microbatch, logits: torch.Tensor) -> torch.Tensor:
@@ -70,8 +71,26 @@ def make_ce_loss(config: LossConfig) -> LossFn:
     return ce_loss
 
 
+def make_modelopt_ce_term(distill: "DistillConfig") -> LossFn:
+    """backend=modelopt: the midtrain loss's CE part, ``ce_weight`` x summed CE (ct-distill's
+    definition: temperature 1, scored positions); the megatron engine adds modelopt's KD term."""
+    from ct_parallel import modelopt_kd
+
+    weight = distill.ce_weight
+
+    @modelopt_kd
+    def ce_term(microbatch: Microbatch, logits: torch.Tensor) -> torch.Tensor:
+        if weight == 0:
+            return logits.sum() * 0.0  # keeps the graph (and the dtype/device) without a CE
+        return weight * cross_entropy_sum(microbatch, logits)
+
+    return ce_term
+
+
 def make_kd_loss(distill: "DistillConfig", config: LossConfig) -> LossFn:
     """The midtrain KD loss (ct_distill), chunked from a ModelOutput when ``chunk_tokens > 0``."""
+    if distill.backend == "modelopt":
+        return make_modelopt_ce_term(distill)
     from ct_distill import make_kd_loss_fn
 
     d = distill
@@ -102,12 +121,31 @@ class DistillConfig:
     ce_weight: float = 0.0
     cache_dir: str | None = None  # cached teacher: where the top-k cache lives (default: run_dir/teacher_cache)
     teacher_dtype: str | None = None
+    # ct: ct-distill's losses, every engine; modelopt: nvidia-modelopt's logits distillation
+    # (megatron engine, online teacher, forward KL over the full vocabulary; ct_parallel.megatron.modelopt_kd)
+    backend: str = "ct"
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHER_KINDS:
             raise ValueError(f"stage.distill.teacher must be one of {TEACHER_KINDS}, got {self.teacher!r}")
         if self.teacher == "cached" and not self.top_k:
             raise ValueError("stage.distill.top_k must be set when stage.distill.teacher=cached")
+        if self.backend not in KD_BACKENDS:
+            raise ValueError(f"stage.distill.backend must be one of {KD_BACKENDS}, got {self.backend!r}")
+        if self.backend == "modelopt":
+            self._check_modelopt()
+
+    def _check_modelopt(self) -> None:
+        """What modelopt's LogitsDistillationLoss cannot express is refused naming both keys."""
+        if self.teacher != "online":
+            raise ValueError(f"stage.distill.backend=modelopt with stage.distill.teacher={self.teacher}: modelopt "
+                             "distils from an online teacher only; use stage.distill.teacher=online or backend=ct")
+        if self.kind != "forward_kl":
+            raise ValueError(f"stage.distill.backend=modelopt with stage.distill.kind={self.kind}: modelopt's "
+                             "logits loss is forward KL; use kind=forward_kl or backend=ct")
+        if self.top_k:
+            raise ValueError(f"stage.distill.backend=modelopt with stage.distill.top_k={self.top_k}: modelopt's "
+                             "logits loss uses the full vocabulary; set top_k=null or use backend=ct")
 
 
 @dataclass(frozen=True)

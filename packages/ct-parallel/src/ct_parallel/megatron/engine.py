@@ -10,6 +10,7 @@ microbatches and data-parallel ranks (``calculate_per_token_loss`` + ``average_i
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import partial
 from typing import Any, Callable
@@ -32,11 +33,12 @@ from ct_model import ModelConfig
 from ct_model.masking import document_causal_mask
 
 from ..config import DistributedConfig
-from ..engine import (IGNORE_INDEX, LossFn, Microbatch, StepResult, is_next_token_cross_entropy, scored_tokens,
-                      vocab_shard_impl)
+from ..engine import (IGNORE_INDEX, LossFn, Microbatch, StepResult, is_modelopt_kd, is_next_token_cross_entropy,
+                      scored_tokens, vocab_shard_impl)
 from ..vocab import vocab_shard
 from . import bridge
 from .model import build_gpt_chunks, transformer_config, use_transformer_engine
+from .packed import flatten_rows, packed_seq_params, unflatten_rows
 from .write_queue import install_write_results_queue
 
 
@@ -84,9 +86,36 @@ def _position_ids(mb: Microbatch) -> torch.Tensor:
     return pos
 
 
+def use_thd(te: bool) -> bool:
+    """Packed documents as THD (cu_seqlens, no T x T mask) where attention can take it: with TE.
+    megatron's local DotProductAttention asserts ``packed_seq_params is None``
+    (megatron/core/transformer/dot_product_attention.py: "Packed sequence is not supported by
+    DotProductAttention. Please use TEDotProductAttention instead."), so the local spec (CPU)
+    keeps the dense [B, 1, T, T] mask."""
+    return te
+
+
+def model_inputs(mb: Microbatch, thd: bool) -> tuple[tuple, dict]:
+    """GPTModel's (args, kwargs) for a microbatch [B, T]: the dense document mask, or (``thd``)
+    the batch flattened to one packed row [1, B * T] with its ``PackedSeqParams`` and no mask."""
+    ids, pos = mb["input_ids"], _position_ids(mb)
+    if not thd:
+        return (ids, pos, _attention_mask(mb)), {}
+    return (flatten_rows(ids), flatten_rows(pos), None), {"packed_seq_params": packed_seq_params(mb)}
+
+
+def model_logits(logits: torch.Tensor, batch_size: int, thd: bool) -> torch.Tensor:
+    """The loss's [B, T, V] logits from GPTModel's output (THD: the packed row unflattened)."""
+    return unflatten_rows(logits, batch_size) if thd else logits
+
+
 class MegatronEngine:
     def __init__(self, model: nn.Module, dist_config: DistributedConfig, *, autocast_dtype: torch.dtype | None = None,
-                 recompute: dict | None = None, fp8: dict | None = None):
+                 recompute: dict | None = None, fp8: dict | None = None,
+                 distill_teacher: nn.Module | None = None, distill_temperature: float = 1.0):
+        """``distill_teacher``: a ct-model Decoder; the student is converted into nvidia-modelopt's
+        DistillationModel around it (modelopt_kd.py), and a loss marked ``modelopt_kd`` gets
+        modelopt's KD term (at ``distill_temperature``) added."""
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("megatron parallel state is not initialised; call ct_parallel.init_distributed first")
         if autocast_dtype not in (None, torch.float32, torch.bfloat16):
@@ -97,9 +126,13 @@ class MegatronEngine:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.config = transformer_config(self.model_config, dist_config, bf16=False, recompute=recompute, fp8=fp8)
         self.te = use_transformer_engine(dist_config)
-        chunks = build_gpt_chunks(self.model_config, self.config, self.te)
+        self.thd = use_thd(self.te)
+        chunks = build_gpt_chunks(self.model_config, self.config, self.te, thd=self.thd)
         ct_state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
         bridge.load_ct_state_dict(chunks, ct_state, self.model_config)
+        self.kd_model = None  # modelopt's DistillationModel (the student chunk itself, converted)
+        if distill_teacher is not None:
+            chunks = [self._convert_for_modelopt(chunks, distill_teacher, distill_temperature, recompute)]
         chunks = [c.to(self.device) for c in chunks]
         if self.bf16:
             from megatron.core.transformer.module import Float16Module
@@ -129,6 +162,53 @@ class MegatronEngine:
         self.megatron_optimizer = None
         self._grads_ready = False
         self.model = model  # the ct-model the weights came from (not trained by this engine)
+
+    def _convert_for_modelopt(self, chunks, teacher: nn.Module, temperature: float, recompute) -> nn.Module:
+        from . import modelopt_kd
+
+        modelopt_kd.check_layout(self.dist_config)
+        teacher_config: ModelConfig = teacher.config
+        if teacher_config.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"stage.distill.backend=modelopt: the teacher's vocab_size {teacher_config.vocab_size} "
+                             f"differs from the student's {self.model_config.vocab_size} (model.vocab_size)")
+        tconfig = transformer_config(teacher_config, self.dist_config, bf16=False, recompute=recompute)
+        (teacher_chunk,) = build_gpt_chunks(teacher_config, tconfig, self.te, thd=self.thd)
+        teacher_state = {k: v.detach().to("cpu", torch.float32) for k, v in teacher.state_dict().items()}
+        bridge.load_ct_state_dict([teacher_chunk], teacher_state, teacher_config)
+        (student,) = chunks
+        self.kd_model = modelopt_kd.convert(student, teacher_chunk, temperature)
+        self.kd_temperature = temperature
+        return self.kd_model
+
+    def _student_only(self):
+        """Hide the teacher from state dicts, checkpoints and exports (the student is what trains)."""
+        return self.kd_model.hide_teacher_model() if self.kd_model is not None else contextlib.nullcontext()
+
+    def _forward_context(self, loss_fn: LossFn):
+        """A loss without the modelopt KD mark (the evaluation CE) runs the student alone."""
+        if self.kd_model is None:
+            if is_modelopt_kd(loss_fn):
+                raise ValueError("a loss marked modelopt_kd needs the megatron engine built with a distill_teacher "
+                                 "(stage.distill.backend=modelopt)")
+            return contextlib.nullcontext
+        return contextlib.nullcontext if is_modelopt_kd(loss_fn) else self._student_forward
+
+    @contextlib.contextmanager
+    def _student_forward(self):
+        with self.kd_model.only_student_forward():
+            yield
+        # modelopt's capture hooks (on the model itself, or its output_layer under TP) kept the
+        # student's logits for a KD loss that will not come; drop them so the next KD step starts clean.
+        for student_layer, _ in self.kd_model._layers_to_loss:
+            student_layer._intermediate_output = None
+
+    def _loss_sum(self, loss_fn: LossFn, mb: Microbatch, logits: torch.Tensor) -> torch.Tensor:
+        loss_sum = _loss_on_vocab_shards(loss_fn, mb, logits)
+        if self.kd_model is not None and is_modelopt_kd(loss_fn):
+            from .modelopt_kd import kd_loss_sum
+
+            loss_sum = loss_sum + kd_loss_sum(self.kd_model, mb["labels"], self.kd_temperature)
+        return loss_sum
 
     # -- optimizer -------------------------------------------------------------------------------
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -191,14 +271,18 @@ class MegatronEngine:
         mbs = [{k: v.to(self.device) for k, v in mb.items()} for mb in microbatches]
         b, t = mbs[0]["input_ids"].shape
 
+        forward_context = self._forward_context(loss_fn)
+
         def loss_func(mb, logits):
-            loss_sum = _loss_on_vocab_shards(loss_fn, mb, logits.float() if self.bf16 else logits)
+            logits = model_logits(logits, b, self.thd)
+            loss_sum = self._loss_sum(loss_fn, mb, logits.float() if self.bf16 else logits)
             return loss_sum * scale, scored_tokens(mb).to(torch.int), {"loss_sum": loss_sum.detach().to(torch.float64)}
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            logits = model(mb["input_ids"], _position_ids(mb), _attention_mask(mb))
-            return logits, partial(loss_func, mb)
+            args, kwargs = model_inputs(mb, self.thd)
+            with forward_context():
+                return model(*args, **kwargs), partial(loss_func, mb)
 
         for chunk in self.chunks:
             chunk.train(not forward_only)
@@ -208,8 +292,9 @@ class MegatronEngine:
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(mbs),
-            seq_length=t,
-            micro_batch_size=b,
+            # Pipeline messages are [seq, micro batch, hidden]: THD sends one packed row.
+            seq_length=b * t if self.thd else t,
+            micro_batch_size=1 if self.thd else b,
             forward_only=forward_only,
         )
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -262,7 +347,8 @@ class MegatronEngine:
     def _sharded_state(self, with_optimizer: bool, is_loading: bool) -> dict[str, Any]:
         state: dict[str, Any] = {}
         for i, chunk in enumerate(self.chunks):
-            state[f"model{i}" if len(self.chunks) > 1 else "model"] = bridge.unwrap(chunk).sharded_state_dict()
+            with self._student_only():
+                state[f"model{i}" if len(self.chunks) > 1 else "model"] = bridge.unwrap(chunk).sharded_state_dict()
         if with_optimizer and self.megatron_optimizer is not None:
             state["optimizer"] = self.megatron_optimizer.sharded_state_dict(state, is_loading=is_loading)
         return state
@@ -281,21 +367,27 @@ class MegatronEngine:
     def load_checkpoint(self, path: str, *, load_optimizer: bool = True) -> None:
         state = dist_checkpointing.load(self._sharded_state(load_optimizer, True), str(path))
         for i, chunk in enumerate(self.chunks):
-            bridge.unwrap(chunk).load_state_dict(state[f"model{i}" if len(self.chunks) > 1 else "model"])
+            with self._student_only():
+                bridge.unwrap(chunk).load_state_dict(state[f"model{i}" if len(self.chunks) > 1 else "model"])
         if load_optimizer and "optimizer" in state:
             self.megatron_optimizer.load_state_dict(state["optimizer"])
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full ct-model state dict (TP gathered, PP stages joined) on global rank 0, else None."""
-        return bridge.export_ct_state_dict(self.chunks, self.model_config)
+        with self._student_only():
+            return bridge.export_ct_state_dict(self.chunks, self.model_config)
 
     def full_grad_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Gradients in ct-model names on rank 0 (after forward_backward; not with the
         distributed optimizer, whose buffers hold only this rank's reduced shard)."""
-        return bridge.export_ct_state_dict(self.chunks, self.model_config, get=lambda p: getattr(p, "main_grad", p.grad))
+        with self._student_only():
+            return bridge.export_ct_state_dict(self.chunks, self.model_config,
+                                               get=lambda p: getattr(p, "main_grad", p.grad))
 
 
 def build_megatron_engine(model: nn.Module, dist_config: DistributedConfig, *,
                           autocast_dtype: torch.dtype | None = None, recompute: dict | None = None,
-                          fp8: dict | None = None) -> MegatronEngine:
-    return MegatronEngine(model, dist_config, autocast_dtype=autocast_dtype, recompute=recompute, fp8=fp8)
+                          fp8: dict | None = None, distill_teacher: nn.Module | None = None,
+                          distill_temperature: float = 1.0) -> MegatronEngine:
+    return MegatronEngine(model, dist_config, autocast_dtype=autocast_dtype, recompute=recompute, fp8=fp8,
+                          distill_teacher=distill_teacher, distill_temperature=distill_temperature)

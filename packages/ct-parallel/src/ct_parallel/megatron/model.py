@@ -11,7 +11,9 @@ Numerics are matched to ct-model, not approximated:
 - QK-norm: ct-model's is a parameter-free RMS over head_dim applied AFTER RoPE; megatron's
   ``qk_layernorm`` is learnable and applied before RoPE. We do not use megatron's: the core
   attention in the spec is wrapped so that q and k are RMS-normalised after RoPE, as in ct-model.
-- Document masking: the boolean mask from ct-model's predicate is passed to attention.
+- Document masking: with Transformer Engine, packed documents go to attention as THD
+  (``packed.py``: cu_seqlens, causal within each document); with the local spec (CPU), whose
+  attention takes no THD, the boolean mask from ct-model's predicate is passed instead.
 Anything ct-model has that this mapping cannot express raises ``UnsupportedModelError`` naming
 the field.
 """
@@ -168,8 +170,13 @@ def post_rope_qk_norm(core_attention_cls: type, eps: float) -> type:
     return PostRopeQKNormAttention
 
 
-def layer_spec(model_config: ModelConfig, te: bool) -> ModuleSpec:
-    """The TransformerLayer spec: megatron's local (or TE) GPT layer with our norm and QK-norm."""
+def layer_spec(model_config: ModelConfig, te: bool, thd: bool | None = None) -> ModuleSpec:
+    """The TransformerLayer spec: megatron's local (or TE) GPT layer with our norm and QK-norm.
+
+    ``thd`` (default: with TE): documents arrive as THD segments, attended causally (TE turns
+    ``causal`` into ``padding_causal`` for THD); otherwise TE needs the ``arbitrary`` mask type
+    to apply the dense document mask. The local attention applies a passed mask under ``causal``."""
+    thd = te if thd is None else thd
     if te:
         sub = get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=False)
     else:
@@ -177,8 +184,8 @@ def layer_spec(model_config: ModelConfig, te: bool) -> ModuleSpec:
         sub.input_layernorm = RMSNorm
         sub.pre_mlp_layernorm = RMSNorm
     attn = sub.self_attention
-    # Document masks are arbitrary (block-diagonal causal); the engine always passes the mask.
-    attn.params = {**attn.params, "attn_mask_type": AttnMaskType.arbitrary if te else AttnMaskType.causal}
+    dense_te = te and not thd  # a block-diagonal causal mask, which TE takes only as "arbitrary"
+    attn.params = {**attn.params, "attn_mask_type": AttnMaskType.arbitrary if dense_te else AttnMaskType.causal}
     if model_config.qk_layernorm:
         attn.submodules.core_attention = post_rope_qk_norm(attn.submodules.core_attention,
                                                            model_config.layernorm_epsilon)
@@ -186,14 +193,14 @@ def layer_spec(model_config: ModelConfig, te: bool) -> ModuleSpec:
 
 
 def block_spec(model_config: ModelConfig, config: TransformerConfig, te: bool,
-               vp_stage: int | None) -> TransformerBlockSubmodules:
+               vp_stage: int | None, thd: bool | None = None) -> TransformerBlockSubmodules:
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     if te:
         from megatron.core.extensions.transformer_engine import TENorm
         norm = TENorm
     else:
         norm = RMSNorm
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(model_config, te)] * n, layer_norm=norm)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(model_config, te, thd)] * n, layer_norm=norm)
 
 
 def rope_freqs(position_ids: torch.Tensor, head_dim: int, base: float, interleaved: bool) -> torch.Tensor:
@@ -223,8 +230,9 @@ class CTGPTModel(GPTModel):
         return (out[0], freqs, *out[2:])
 
 
-def build_gpt_chunks(model_config: ModelConfig, config: TransformerConfig, te: bool) -> list[CTGPTModel]:
-    """This rank's model chunks (one, or one per virtual pipeline stage)."""
+def build_gpt_chunks(model_config: ModelConfig, config: TransformerConfig, te: bool,
+                     thd: bool | None = None) -> list[CTGPTModel]:
+    """This rank's model chunks (one, or one per virtual pipeline stage); ``thd`` as in layer_spec."""
     from megatron.core import parallel_state as ps
 
     vpp = config.virtual_pipeline_model_parallel_size
@@ -233,7 +241,7 @@ def build_gpt_chunks(model_config: ModelConfig, config: TransformerConfig, te: b
         stage = vp_stage if vpp else None
         chunks.append(CTGPTModel(
             config=config,
-            transformer_layer_spec=block_spec(model_config, config, te, stage),
+            transformer_layer_spec=block_spec(model_config, config, te, stage, thd),
             vocab_size=model_config.vocab_size,
             max_sequence_length=model_config.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
