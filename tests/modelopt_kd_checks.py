@@ -28,13 +28,14 @@ from ct_parallel import DistributedConfig, build_engine, init_distributed  # noq
 from ct_stages.stages import DistillConfig, make_modelopt_ce_term  # noqa: E402
 
 STEPS = 3
-CASES = {"T1": (1.0, 0.0), "T2_ce0.5": (2.0, 0.5)}  # temperature, ce_weight
+CASES = {"T1": (1.0, 0.0, "forward_kl"), "T2_ce0.5": (2.0, 0.5, "forward_kl"),
+         "reverse_T2": (2.0, 0.0, "reverse_kl")}  # temperature, ce_weight, kind
 LAYOUTS = {"tp1": dict(), "dp2": dict(), "tp2": dict(tensor_model_parallel_size=2),
            "tp2_sp": dict(tensor_model_parallel_size=2, sequence_parallel=True)}
 
 
-def reference(student, teacher, batch, temperature, ce_weight):
-    """ct-distill's forward-KL loss (autograd path) on ct-model logits: losses per AdamW step,
+def reference(student, teacher, batch, temperature, ce_weight, kind):
+    """ct-distill's loss of ``kind`` (autograd path) on ct-model logits: losses per AdamW step,
     step-0 gradients, weights after the steps."""
     opt = lib.build_optimizer(list(student.named_parameters()))
     tokens = sum(int((mb["labels"] != -100).sum()) for mb in batch)
@@ -45,7 +46,7 @@ def reference(student, teacher, batch, temperature, ce_weight):
             args = (mb["input_ids"], mb["position_ids"], mb["document_ids"])
             with torch.no_grad():
                 t = teacher(*args)
-            loss, _ = kd_loss_sum(student(*args), t, mb["labels"], "forward_kl", temperature,
+            loss, _ = kd_loss_sum(student(*args), t, mb["labels"], kind, temperature,
                                   ce_weight=ce_weight, fused=False)
             (loss / tokens).backward()
             total += loss.item()
@@ -64,7 +65,9 @@ def main():
 
     results = {"import_seconds": time.perf_counter() - t0}
     config = lib.tiny_config()
-    teacher_config = lib.tiny_config(num_layers=2, hidden_size=96, ffn_hidden_size=192)  # another shape, same vocab
+    # Another shape, same vocabulary; a larger init makes its logits far from uniform (KL of order 1,
+    # not 1e-2), so the comparison is not lost in fp32 rounding of a near-zero divergence.
+    teacher_config = lib.tiny_config(num_layers=2, hidden_size=96, ffn_hidden_size=192, init_method_std=0.2)
     batch = lib.global_batch(config)
     for layout in layouts or ["tp1"]:
         dcfg = DistributedConfig(engine="megatron", **LAYOUTS[layout])
@@ -76,12 +79,12 @@ def main():
 
 
 def check_cases(layout, dcfg, config, teacher_config, batch, results, info):
-    for case, (temperature, ce_weight) in CASES.items():
+    for case, (temperature, ce_weight, kind) in CASES.items():
         name = f"{layout}_{case}"
         teacher = build_model(teacher_config, seed=1).eval()
-        ref = reference(build_model(config, seed=0), teacher, batch, temperature, ce_weight)
+        ref = reference(build_model(config, seed=0), teacher, batch, temperature, ce_weight, kind)
         engine = build_engine(build_model(config, seed=0), dcfg, distill_teacher=teacher,
-                              distill_temperature=temperature)
+                              distill_temperature=temperature, distill_kind=kind)
         import modelopt.torch.distill as mtd  # imported (and timed) in main
 
         assert isinstance(engine.kd_model, mtd.DistillationModel), type(engine.kd_model).__mro__
@@ -89,7 +92,7 @@ def check_cases(layout, dcfg, config, teacher_config, batch, results, info):
         exported = engine.full_model_state_dict()  # rank 0 only
         assert exported is None or set(exported) == set(build_model(config, seed=0).state_dict())
         loss_fn = make_modelopt_ce_term(DistillConfig(backend="modelopt", temperature=temperature,
-                                                      ce_weight=ce_weight))
+                                                      ce_weight=ce_weight, kind=kind))
         losses, grads, params = lib.run_engine(engine, lib.shard_for_dp(batch, info.dp_rank, info.dp_size), steps=STEPS, grads_fn=engine.full_grad_state_dict,
                                                loss=loss_fn)
         results[name] = {"losses": losses, "reference": ref[0],

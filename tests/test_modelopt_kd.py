@@ -25,6 +25,8 @@ needs_modelopt = pytest.mark.skipif(importlib.util.find_spec("modelopt") is None
     (["stage.distill.teacher=cached", "stage.distill.top_k=4"],
      ["stage.distill.backend=modelopt", "stage.distill.teacher=cached"]),
     (["stage.distill.kind=jsd"], ["stage.distill.backend=modelopt", "stage.distill.kind=jsd"]),
+    (["stage.distill.kind=reverse_kl", "distributed=megatron_pp2"],
+     ["stage.distill.backend=modelopt", "distributed.pipeline_model_parallel_size=1"]),
     (["stage.distill.top_k=8"], ["stage.distill.backend=modelopt", "stage.distill.top_k=8"]),
     (["stage.distill.backend=nemo"], ["stage.distill.backend must be one of"]),
     (["distributed=megatron_pp2"], ["stage.distill.backend=modelopt", "distributed.pipeline_model_parallel_size=1"]),
@@ -52,8 +54,9 @@ def test_modelopt_loss_equals_ct_distill_forward_kl(tmp_path):
     """Megatron engine (2 gloo processes, CPU shim) with the student converted by mtd.convert around
     a teacher of another shape, at DP=2 (modelopt's LogitsDistillationLoss), TP=2 and TP=2+SP (its
     Megatron LogitsKLLoss on vocabulary slices): loss at 3 AdamW steps, step-0 gradients and
-    weights after 3 steps equal ct-distill's kd_loss_sum (forward KL, autograd path) on
-    single-process ct-model logits, at T=1 and at T=2 with ce_weight=0.5 (fp32, 1e-5 relative);
+    weights after 3 steps equal ct-distill's kd_loss_sum (autograd path) on single-process
+    ct-model logits: forward KL at T=1 and at T=2 with ce_weight=0.5, reverse KL at T=2
+    (LogitsKLLoss(reverse=True) at every TP) (fp32, 1e-5 relative);
     the evaluation CE runs the student alone and equals ct-model's."""
     out = tmp_path / "modelopt.json"
     here = ROOT / "packages" / "ct-parallel" / "tests"
@@ -65,7 +68,7 @@ def test_modelopt_loss_equals_ct_distill_forward_kl(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads(out.read_text())
-    cases = [f"{layout}_{case}" for layout in ("dp2", "tp2", "tp2_sp") for case in ("T1", "T2_ce0.5")]
+    cases = [f"{layout}_{case}" for layout in ("dp2", "tp2", "tp2_sp") for case in ("T1", "T2_ce0.5", "reverse_T2")]
     assert set(cases) <= set(results), sorted(results)
     for case in cases:
         r = results[case]
@@ -92,3 +95,10 @@ def test_ct_train_midtrains_with_the_modelopt_backend(tmp_path, sample_dir, refe
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     assert all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in want), (got, want)
     assert got[4] < got[1], got
+
+
+def test_the_stage_and_the_engine_agree_on_the_kinds_modelopt_computes():
+    from ct_parallel.megatron.modelopt_kd import KINDS
+    from ct_stages.stages import MODELOPT_KINDS
+
+    assert MODELOPT_KINDS == KINDS

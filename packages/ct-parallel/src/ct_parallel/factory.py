@@ -17,7 +17,8 @@ def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
                  precision: PrecisionConfig | None = None,
                  activation_checkpointing: ActivationCheckpointConfig | None = None,
                  compile: CompileConfig | None = None,  # noqa: A002 - the config key's name
-                 distill_teacher: nn.Module | None = None, distill_temperature: float = 1.0) -> Engine:
+                 distill_teacher: nn.Module | None = None, distill_temperature: float = 1.0,
+                 distill_kind: str = "forward_kl") -> Engine:
     """Wrap (native) or rebuild (megatron) a ct-model Decoder for the configured layout and precision.
 
     Call ``init_distributed(dist_config)`` first, and build the model with the same seed on every
@@ -42,7 +43,7 @@ def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
         return build_megatron_engine(model, dist_config, autocast_dtype=native_autocast_dtype(precision),
                                      recompute=megatron_recompute(ac, model.config, dist_config),
                                      fp8=megatron_fp8_fields(precision), distill_teacher=distill_teacher,
-                                     distill_temperature=distill_temperature)
+                                     distill_temperature=distill_temperature, distill_kind=distill_kind)
     if distill_teacher is not None:
         raise ValueError(f"stage.distill.backend=modelopt needs distributed.engine=megatron, got "
                          f"distributed.engine={dist_config.engine!r}")

@@ -186,7 +186,7 @@ def modelopt_teacher(run: RunConfig, model_config, device: torch.device) -> dict
         teacher = load_teacher(d, model_config, device).model
     except ValueError as err:  # e.g. a vocabulary that differs from the student's
         raise UserError(str(err)) from err
-    return {"distill_teacher": teacher, "distill_temperature": d.temperature}
+    return {"distill_teacher": teacher, "distill_temperature": d.temperature, "distill_kind": d.kind}
 
 
 def fixed_batch_evaluator(engine, mixture, tokenizer, run: RunConfig, info: DistInfo):

@@ -27,6 +27,9 @@ from ct_model.fused_ce import FUSED_CHOICES
 STAGES = ("pretrain", "midtrain", "posttrain")
 TEACHER_KINDS = ("online", "cached")
 KD_BACKENDS = ("ct", "modelopt")
+# What modelopt's logits criteria compute (ct_parallel.megatron.modelopt_kd.KINDS; ct-stages keeps
+# its own copy so that validating a config imports no megatron).
+MODELOPT_KINDS = ("forward_kl", "reverse_kl")
 
 
 def cross_entropy_sum(microbatch: Microbatch, logits: torch.Tensor) -> torch.Tensor:
@@ -122,7 +125,8 @@ class DistillConfig:
     cache_dir: str | None = None  # cached teacher: where the top-k cache lives (default: run_dir/teacher_cache)
     teacher_dtype: str | None = None
     # ct: ct-distill's losses, every engine; modelopt: nvidia-modelopt's logits distillation
-    # (megatron engine, online teacher, forward KL over the full vocabulary; ct_parallel.megatron.modelopt_kd)
+    # (megatron engine, online teacher, forward or reverse KL over the full vocabulary;
+    # ct_parallel.megatron.modelopt_kd)
     backend: str = "ct"
 
     def __post_init__(self) -> None:
@@ -140,9 +144,9 @@ class DistillConfig:
         if self.teacher != "online":
             raise ValueError(f"stage.distill.backend=modelopt with stage.distill.teacher={self.teacher}: modelopt "
                              "distils from an online teacher only; use stage.distill.teacher=online or backend=ct")
-        if self.kind != "forward_kl":
+        if self.kind not in MODELOPT_KINDS:
             raise ValueError(f"stage.distill.backend=modelopt with stage.distill.kind={self.kind}: modelopt's "
-                             "logits loss is forward KL; use kind=forward_kl or backend=ct")
+                             f"logits losses are {MODELOPT_KINDS}; use one of them or backend=ct")
         if self.top_k:
             raise ValueError(f"stage.distill.backend=modelopt with stage.distill.top_k={self.top_k}: modelopt's "
                              "logits loss uses the full vocabulary; set top_k=null or use backend=ct")

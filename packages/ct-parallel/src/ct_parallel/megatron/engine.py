@@ -112,10 +112,11 @@ def model_logits(logits: torch.Tensor, batch_size: int, thd: bool) -> torch.Tens
 class MegatronEngine:
     def __init__(self, model: nn.Module, dist_config: DistributedConfig, *, autocast_dtype: torch.dtype | None = None,
                  recompute: dict | None = None, fp8: dict | None = None,
-                 distill_teacher: nn.Module | None = None, distill_temperature: float = 1.0):
+                 distill_teacher: nn.Module | None = None, distill_temperature: float = 1.0,
+                 distill_kind: str = "forward_kl"):
         """``distill_teacher``: a ct-model Decoder; the student is converted into nvidia-modelopt's
         DistillationModel around it (modelopt_kd.py), and a loss marked ``modelopt_kd`` gets
-        modelopt's KD term (at ``distill_temperature``) added."""
+        modelopt's KD term (``distill_kind`` at ``distill_temperature``) added."""
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("megatron parallel state is not initialised; call ct_parallel.init_distributed first")
         if autocast_dtype not in (None, torch.float32, torch.bfloat16):
@@ -132,7 +133,7 @@ class MegatronEngine:
         bridge.load_ct_state_dict(chunks, ct_state, self.model_config)
         self.kd_model = None  # modelopt's DistillationModel (the student chunk itself, converted)
         if distill_teacher is not None:
-            chunks = [self._convert_for_modelopt(chunks, distill_teacher, distill_temperature, recompute)]
+            chunks = [self._convert_for_modelopt(chunks, distill_teacher, distill_temperature, distill_kind, recompute)]
         chunks = [c.to(self.device) for c in chunks]
         if self.bf16:
             from megatron.core.transformer.module import Float16Module
@@ -163,7 +164,8 @@ class MegatronEngine:
         self._grads_ready = False
         self.model = model  # the ct-model the weights came from (not trained by this engine)
 
-    def _convert_for_modelopt(self, chunks, teacher: nn.Module, temperature: float, recompute) -> nn.Module:
+    def _convert_for_modelopt(self, chunks, teacher: nn.Module, temperature: float, kind: str,
+                              recompute) -> nn.Module:
         from . import modelopt_kd
 
         modelopt_kd.check_layout(self.dist_config)
@@ -176,7 +178,7 @@ class MegatronEngine:
         teacher_state = {k: v.detach().to("cpu", torch.float32) for k, v in teacher.state_dict().items()}
         bridge.load_ct_state_dict([teacher_chunk], teacher_state, teacher_config)
         (student,) = chunks
-        self.kd_model = modelopt_kd.convert(student, teacher_chunk, temperature)
+        self.kd_model = modelopt_kd.convert(student, teacher_chunk, temperature, kind)
         self.kd_temperature = temperature
         return self.kd_model
 
@@ -388,6 +390,7 @@ class MegatronEngine:
 def build_megatron_engine(model: nn.Module, dist_config: DistributedConfig, *,
                           autocast_dtype: torch.dtype | None = None, recompute: dict | None = None,
                           fp8: dict | None = None, distill_teacher: nn.Module | None = None,
-                          distill_temperature: float = 1.0) -> MegatronEngine:
+                          distill_temperature: float = 1.0, distill_kind: str = "forward_kl") -> MegatronEngine:
     return MegatronEngine(model, dist_config, autocast_dtype=autocast_dtype, recompute=recompute, fp8=fp8,
-                          distill_teacher=distill_teacher, distill_temperature=distill_temperature)
+                          distill_teacher=distill_teacher, distill_temperature=distill_temperature,
+                          distill_kind=distill_kind)

@@ -14,7 +14,9 @@ The criterion, by layout:
   The slices are summed over TP here (forward all-reduce, backward identity: each rank
   back-propagates its own slice, and modelopt's differentiable all-reduce of the normalisers
   carries the cross-slice terms). It omits Hinton's T^2, which is applied here.
-Either is ct-distill's ``forward_kl`` term exactly; the engine sums it over scored positions
+Either is ct-distill's ``forward_kl`` term exactly. ``reverse_kl`` (KL(student || teacher)) is
+``LogitsKLLoss(reverse=True)`` at every TP size (LogitsDistillationLoss has no reverse form).
+The engine sums the term over scored positions
 (labels != -100), the stage adds its CE term, and the engine divides by the global scored tokens as
 for every loss. Pipeline parallelism is refused (it would need modelopt's tensor-shape hooks in
 the schedule).
@@ -31,7 +33,7 @@ from torch import nn
 
 from ..config import DistributedConfig
 
-KINDS = ("forward_kl",)  # what LogitsDistillationLoss computes
+KINDS = ("forward_kl", "reverse_kl")  # what modelopt's logits criteria compute (ct-distill's names)
 
 
 def check_layout(dist_config: DistributedConfig) -> None:
@@ -59,19 +61,22 @@ def _criterion_class() -> type:
     return Fp32LogitsDistillationLoss
 
 
-def convert(student: nn.Module, teacher: nn.Module, temperature: float) -> nn.Module:
+def convert(student: nn.Module, teacher: nn.Module, temperature: float, kind: str = "forward_kl") -> nn.Module:
     """``student`` (an unwrapped GPTModel, before DDP) converted in place into modelopt's
     DistillationModel around ``teacher``. TP = 1: the criterion pairs the two models' outputs
     (layer "": the models themselves), the [B, T, V] logits GPTModel returns; TP > 1: their
-    ``output_layer`` outputs, [T, B, V / TP] slices (module docstring)."""
+    ``output_layer`` outputs, [T, B, V / TP] slices (module docstring); reverse KL likewise."""
     import modelopt.torch.distill as mtd
 
-    if student.config.tensor_model_parallel_size == 1:
+    if kind not in KINDS:
+        raise ValueError(f"stage.distill.kind={kind} with stage.distill.backend=modelopt: modelopt computes {KINDS}")
+    if kind == "forward_kl" and student.config.tensor_model_parallel_size == 1:
         criterion = _criterion_class()(temperature=temperature, reduction="none")
     else:
         from modelopt.torch.distill.plugins.megatron import LogitsKLLoss
 
-        criterion = {("output_layer", "output_layer"): LogitsKLLoss(student.config, temperature=temperature)}
+        loss = LogitsKLLoss(student.config, temperature=temperature, reverse=kind == "reverse_kl")
+        criterion = {("output_layer", "output_layer"): loss}
     config = {"teacher_model": teacher, "criterion": criterion, "loss_balancer": None}
     return mtd.convert(student, mode=[("kd_loss", config)])
 
@@ -84,7 +89,8 @@ def kd_loss_sum(model: nn.Module, labels: torch.Tensor, temperature: float, igno
     def reduce(loss) -> torch.Tensor:
         if not isinstance(loss, tuple):  # LogitsDistillationLoss: [B, T], T^2 included
             return (loss.reshape(scored.shape) * scored).sum()
-        # LogitsKLLoss: ([B, T] KL over this rank's vocabulary slice, tp_reduce, sequence_parallel)
+        # LogitsKLLoss: ([B, T] KL over this rank's vocabulary slice (all of it at TP = 1),
+        # tp_reduce, sequence_parallel)
         per_position = loss[0].reshape(scored.shape) * temperature**2
         return _sum_over_tensor_parallel((per_position * scored).sum())
 
@@ -94,6 +100,8 @@ def kd_loss_sum(model: nn.Module, labels: torch.Tensor, temperature: float, igno
 def _sum_over_tensor_parallel(x: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return x
     from ..vocab import vocab_shard
 
     # Only .sum is used (forward all-reduce, backward identity); the slice bounds do not matter.
