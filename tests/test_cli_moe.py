@@ -11,11 +11,22 @@ from cli_support import TINY, ct, events, train_losses
 transformers = pytest.importorskip("transformers")
 
 
-def test_deepseek_v3_tiny_trains_through_the_cli(tmp_path, sample_dir):
-    run = tmp_path / "run"
-    ct("train", "--phase", "pretrain_phase1", "model=deepseek_v3_tiny", f"run_dir={run}",
-       f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=8", "trainer.checkpoint_every=4",
-       "+model.moe_aux_loss_coeff=0.001")
+MOE = ["model=deepseek_v3_tiny", "+model.moe_aux_loss_coeff=0.001"]
+MOE_KEYS = [f"moe/layers.{i}.{k}" for i in (1, 2, 3) for k in ("load_max", "load_min", "bias_range")]
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory, sample_dir):
+    """One single-process 8-step run (all inside the phase's warmup: its first losses do not
+    depend on max_steps, so the shorter multi-process run compares with it)."""
+    run = tmp_path_factory.mktemp("moe") / "run"
+    ct("train", "--phase", "pretrain_phase1", f"run_dir={run}", f"sample_data.dir={sample_dir}", *TINY,
+       *MOE, "trainer.max_steps=8", "trainer.checkpoint_every=4")
+    return run
+
+
+def test_deepseek_v3_tiny_trains_through_the_cli(moe_run):
+    run = moe_run
     losses = train_losses(run)
     assert sorted(losses) == list(range(1, 9))
     assert losses[8] < losses[1] - 1.0  # from ~ln(8192) = 9.0 (measured: 9.02 -> 7.37)
@@ -37,3 +48,17 @@ def test_deepseek_v3_tiny_trains_through_the_cli(tmp_path, sample_dir):
     ids = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
         assert (ours(ids) - theirs(input_ids=ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.dist
+def test_fsdp2_two_processes_match_single_process_with_the_same_expert_load(tmp_path, sample_dir, moe_run):
+    run = tmp_path / "fsdp2"
+    ct("train", "--phase", "pretrain_phase1", "--nproc-per-node", "2", "distributed=fsdp2", f"run_dir={run}",
+       f"sample_data.dir={sample_dir}", *TINY, *MOE, "trainer.max_steps=3")
+    single = {e["step"]: e for e in events(moe_run) if e["event"] == "train"}
+    for record in (e for e in events(run) if e["event"] == "train"):
+        want = single[record["step"]]
+        assert record["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert record["aux_loss"] == pytest.approx(want["aux_loss"], rel=1e-5)
+        # Loads summed over both ranks equal the single process's: the same shares, the same bias.
+        assert {k: record[k] for k in MOE_KEYS} == pytest.approx({k: want[k] for k in MOE_KEYS}, abs=1e-7)
