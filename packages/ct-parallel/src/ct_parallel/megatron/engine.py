@@ -382,7 +382,7 @@ class MegatronEngine:
         distributed optimizer, whose buffers hold only this rank's reduced shard)."""
         with self._student_only():
             return bridge.export_ct_state_dict(self.chunks, self.model_config,
-                                               get=lambda p: getattr(p, "main_grad", p.grad))
+                                               get=lambda p: getattr(p, "main_grad", p.grad), buffers=False)
 
 
 def build_megatron_engine(model: nn.Module, dist_config: DistributedConfig, *,
