@@ -47,6 +47,10 @@ def _biases(state) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items() if k.endswith("expert_bias")}
 
 
+def _norm(grads: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+
+
 def reference(config, batch):
     """One process: CE sum / global tokens, AdamW, then ct_model.moe.update_expert_bias."""
     model = build_model(config, seed=0).train()
@@ -79,12 +83,13 @@ def check_layout(name, config, batch, ref, results):
     lib.compare(f"{name} bridge", engine.full_model_state_dict(), model.state_dict(), tol=0.0)
     engine.setup_optimizer(lib.build_optimizer)
     shard = lib.shard_for_dp(batch, info.dp_rank, info.dp_size)
-    losses, grads, bias_worst = [], None, 0.0
+    losses, grads, bias_worst, norm = [], None, 0.0, None
     for step in range(STEPS):
         losses.append(engine.forward_backward(shard, lib.loss_fn).loss)
         if step == 0:
             grads = engine.full_grad_state_dict()
-        engine.clip_grad_norm(None)
+        step_norm = engine.clip_grad_norm(None)
+        norm = step_norm if norm is None else norm
         engine.optimizer_step()
         engine.zero_grad()
         state = engine.full_model_state_dict()
@@ -94,7 +99,7 @@ def check_layout(name, config, batch, ref, results):
     out = {"loss": lib.compare_losses(f"{name} loss", losses, losses_ref),
            "grad": lib.compare(f"{name} grads", grads, grads_ref),
            "param": lib.compare(f"{name} params", engine.full_model_state_dict(), params_ref, tol=lib.PARAM_TOL),
-           "bias": bias_worst, "seconds": time.perf_counter() - t0}
+           "bias": bias_worst, "norm": abs(norm - _norm(grads_ref)) / _norm(grads_ref), "seconds": time.perf_counter() - t0}
     results[name] = out
     return engine
 

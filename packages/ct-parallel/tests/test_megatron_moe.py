@@ -14,17 +14,17 @@ sys.path.insert(0, str(HERE))
 import parallel_testlib as lib  # noqa: E402
 
 # megatron layouts of dist_megatron_moe_checks.py this test runs
-LAYOUTS = ("tp2_sp", "pp2", "tp2_dense_mla")
+LAYOUTS = ("tp2_sp", "pp2", "ep2", "tp2_dense_mla")
 
 
 @pytest.mark.dist
 @pytest.mark.slow
 def test_megatron_mla_moe_layouts_match_single_process(tmp_path):
     """deepseek_v3_tiny's structure (MLA, a dense first block, shared + 8 routed experts in 4
-    groups, sigmoid routing, expert bias updated every step) at TP=2+SP and PP=2, and dense MLA at
-    TP=2 without SP: losses over 3 AdamW steps, step-0 gradients, weights after the steps (fp32,
-    relative <= 1e-5 / 3e-5) and every router's expert bias after each update (equal to 1e-5; the
-    reference bias must have moved). Unsupported MoE/MLA settings fail naming the field."""
+    groups, sigmoid routing, expert bias updated every step) at TP=2+SP, PP=2 and EP=2 (the alltoall
+    dispatcher over gloo), and dense MLA at TP=2 without SP: losses over 3 AdamW steps, step-0
+    gradients and global grad norm, weights after the steps (fp32, relative <= 1e-5 / 3e-5) and
+    every router's expert bias after each update (equal to 1e-5; the reference bias must have moved). Unsupported MoE/MLA settings fail naming the field."""
     out = tmp_path / "moe.json"
     lib.torchrun("dist_megatron_moe_checks.py", str(out), *LAYOUTS, shim=True, timeout=480)
     results = json.loads(out.read_text())
@@ -32,6 +32,7 @@ def test_megatron_mla_moe_layouts_match_single_process(tmp_path):
     for name in LAYOUTS:
         r = results[name]
         assert r["loss"] <= lib.TOL and r["grad"] <= lib.TOL and r["bias"] <= lib.TOL, (name, r)
+        assert r["norm"] <= lib.TOL, (name, r)  # the step-0 global grad norm (experts counted once)
         assert r["param"] <= lib.PARAM_TOL, (name, r)
     for field, message in results["errors"].items():
         assert field in message, (field, message)

@@ -109,6 +109,23 @@ def model_logits(logits: torch.Tensor, batch_size: int, thd: bool) -> torch.Tens
     return unflatten_rows(logits, batch_size) if thd else logits
 
 
+def _count_experts_once_in_grad_norm(mopt, ep: int) -> None:
+    """The global grad norm under expert parallelism, from one torch optimizer over all params.
+
+    megatron proper keeps experts in a separate optimizer whose norm reduces over the expert
+    model-parallel group (expert TP x EP x PP). Here the norm reduces over that group for all
+    grads; the dense grads, equal on the EP ranks (which are data-parallel ranks for them), enter
+    scaled by 1/sqrt(EP) so that their squares are counted once in the sum."""
+    def grads_for_norm(grad_norm_group=None):
+        params = mopt.get_parameters()
+        dense = mopt._filter_grads_for_norm(params, param_filter=lambda p: getattr(p, "allreduce", True))
+        experts = mopt._filter_grads_for_norm(params, param_filter=lambda p: not getattr(p, "allreduce", True))
+        return [g / ep**0.5 for g in dense] + experts
+
+    mopt.get_grads_for_grad_norm = grads_for_norm
+    mopt.grad_stats_parallel_group = ps.get_expert_tensor_model_pipeline_parallel_group()
+
+
 class MegatronEngine:
     def __init__(self, model: nn.Module, dist_config: DistributedConfig, *, autocast_dtype: torch.dtype | None = None,
                  recompute: dict | None = None, fp8: dict | None = None,
@@ -248,7 +265,9 @@ class MegatronEngine:
             mopt = FP32Optimizer(self.optimizer, config, _init_state)
             mopt.grad_stats_parallel_group = groups["mp_group"]
         mopt.tp_group = ps.get_tensor_model_parallel_group()
-        mopt.expert_tp_group = mopt.tp_group
+        mopt.expert_tp_group = ps.get_expert_tensor_parallel_group()
+        if self.dist_config.expert_model_parallel_size > 1:
+            _count_experts_once_in_grad_norm(mopt, self.dist_config.expert_model_parallel_size)
         # megatron pairs saved and current param groups by their override keys (max_lr, wd_mult,
         # ...), which our groups (decay, no decay) leave unset: both would map to one saved group.
         # Every layout builds the groups in the same order, so pair them by position instead.
