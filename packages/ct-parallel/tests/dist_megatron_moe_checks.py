@@ -26,6 +26,7 @@ LAYOUTS = {
     "tp2_sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2": dict(pipeline_model_parallel_size=2),
     "ep2": dict(expert_model_parallel_size=2),
+    "dp2": dict(),
     # MLA without MoE under TP without SP (MoE needs SP under TP): the latent-norm and RoPE-key
     # gradient paths that SP does not take.
     "tp2_dense_mla": dict(tensor_model_parallel_size=2),
@@ -104,6 +105,29 @@ def check_layout(name, config, batch, ref, results):
     return engine
 
 
+def reload_at_ep1(engine, config, batch, ckpt_dir, results):
+    """Save the trained EP=2 engine; reload at EP=1 (DP=2) and at PP=2: weights (expert bias
+    included) and loss equal the trained model's, run as a ct-model."""
+    engine.save_checkpoint(ckpt_dir)
+    obj = [engine.full_model_state_dict()]
+    dist.broadcast_object_list(obj, src=0)
+    trained = obj[0]
+    ct = build_model(config, seed=0)
+    ct.load_state_dict(trained)
+    want = sum(lib.loss_fn(mb, ct(mb["input_ids"], mb["position_ids"], mb["document_ids"])).item()
+               for mb in batch) / sum(int((mb["labels"] != -100).sum()) for mb in batch)
+    for other in ("dp2", "pp2"):
+        dcfg = DistributedConfig(engine="megatron", **LAYOUTS.get(other, {}))
+        init_distributed(dcfg)
+        fresh = build_engine(build_model(config, seed=1), dcfg)
+        fresh.setup_optimizer(lib.build_optimizer)
+        fresh.load_checkpoint(ckpt_dir)
+        lib.compare(f"reload ep2->{other}", fresh.full_model_state_dict(), trained, tol=0.0)
+        got = fresh.forward_only(batch, lib.loss_fn).loss
+        results[f"reload_ep2_{other}"] = {"loss": abs(got - want) / want}
+        assert abs(got - want) / want < lib.TOL, (other, got, want)
+
+
 def unsupported_errors(config) -> dict[str, str]:
     """What megatron cannot express exactly fails naming the field: {field: message}."""
     from ct_parallel.megatron.model import UnsupportedModelError, transformer_config
@@ -141,7 +165,9 @@ def main():
             other = moe_config(**MODEL_OVERRIDES[name])
             check_layout(name, other, batch, reference(other, batch), results)
         else:
-            check_layout(name, config, batch, ref, results)
+            engine = check_layout(name, config, batch, ref, results)
+            if name == "ep2":
+                reload_at_ep1(engine, config, batch, out_path + ".ckpt", results)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

@@ -24,7 +24,8 @@ def test_megatron_mla_moe_layouts_match_single_process(tmp_path):
     groups, sigmoid routing, expert bias updated every step) at TP=2+SP, PP=2 and EP=2 (the alltoall
     dispatcher over gloo), and dense MLA at TP=2 without SP: losses over 3 AdamW steps, step-0
     gradients and global grad norm, weights after the steps (fp32, relative <= 1e-5 / 3e-5) and
-    every router's expert bias after each update (equal to 1e-5; the reference bias must have moved). Unsupported MoE/MLA settings fail naming the field."""
+    every router's expert bias after each update (equal to 1e-5; the reference bias must have moved);
+    the EP=2 checkpoint reloads at EP=1 and PP=2. Unsupported MoE/MLA settings fail naming the field."""
     out = tmp_path / "moe.json"
     lib.torchrun("dist_megatron_moe_checks.py", str(out), *LAYOUTS, shim=True, timeout=480)
     results = json.loads(out.read_text())
@@ -34,5 +35,9 @@ def test_megatron_mla_moe_layouts_match_single_process(tmp_path):
         assert r["loss"] <= lib.TOL and r["grad"] <= lib.TOL and r["bias"] <= lib.TOL, (name, r)
         assert r["norm"] <= lib.TOL, (name, r)  # the step-0 global grad norm (experts counted once)
         assert r["param"] <= lib.PARAM_TOL, (name, r)
+    # The EP=2 checkpoint reloads at EP=1 (DP=2) and PP=2: equal weights (expert bias included,
+    # exactly) and loss.
+    for other in ("dp2", "pp2"):
+        assert results[f"reload_ep2_{other}"]["loss"] <= lib.TOL
     for field, message in results["errors"].items():
         assert field in message, (field, message)
