@@ -62,6 +62,10 @@ def test_deepseek_v3_tiny_on_megatron_ep2_equals_single_process_and_exports(tmp_
     want, got = train_losses(native), train_losses(megatron)
     assert sorted(got) == list(range(1, 5))
     assert all(got[s] == pytest.approx(want[s], rel=1e-5) for s in want), (got, want)
+    logged = [e for e in events(megatron) if e["event"] == "train"][-1]
+    native_logged = [e for e in events(native) if e["event"] == "train"][-1]
+    for key in ("moe/layers.1.load_max", "moe/layers.3.load_min", "moe/layers.2.bias_range"):
+        assert logged[key] == pytest.approx(native_logged[key], abs=1e-6), key
     out = tmp_path / "exported"
     ct("export", str(megatron), str(out), module_runner=[sys.executable, str(shim)])
     exported, config = ct_model.hf.load_hf(out)

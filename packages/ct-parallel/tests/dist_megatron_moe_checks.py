@@ -57,7 +57,7 @@ def reference(config, batch):
     model = build_model(config, seed=0).train()
     opt = lib.build_optimizer(list(model.named_parameters()))
     tokens = sum(int((mb["labels"] != -100).sum()) for mb in batch)
-    losses, grads, biases = [], None, []
+    losses, grads, biases, metrics = [], None, [], []
     for step in range(STEPS):
         total = 0.0
         for mb in batch:
@@ -69,13 +69,13 @@ def reference(config, batch):
             grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
-        update_expert_bias(model)
+        metrics.append({"moe/" + k.replace(".mlp.gate.", "."): v for k, v in update_expert_bias(model).items()})
         biases.append(_biases(model.state_dict()))
-    return losses, grads, {k: v.detach().clone() for k, v in model.state_dict().items()}, biases
+    return losses, grads, {k: v.detach().clone() for k, v in model.state_dict().items()}, biases, metrics
 
 
 def check_layout(name, config, batch, ref, results):
-    losses_ref, grads_ref, params_ref, biases_ref = ref
+    losses_ref, grads_ref, params_ref, biases_ref, metrics_ref = ref
     t0 = time.perf_counter()
     dcfg = DistributedConfig(engine="megatron", **LAYOUTS[name])
     info = init_distributed(dcfg)
@@ -84,7 +84,7 @@ def check_layout(name, config, batch, ref, results):
     lib.compare(f"{name} bridge", engine.full_model_state_dict(), model.state_dict(), tol=0.0)
     engine.setup_optimizer(lib.build_optimizer)
     shard = lib.shard_for_dp(batch, info.dp_rank, info.dp_size)
-    losses, grads, bias_worst, norm = [], None, 0.0, None
+    losses, grads, bias_worst, norm, load_worst = [], None, 0.0, None, 0.0
     for step in range(STEPS):
         losses.append(engine.forward_backward(shard, lib.loss_fn).loss)
         if step == 0:
@@ -93,6 +93,11 @@ def check_layout(name, config, batch, ref, results):
         norm = step_norm if norm is None else norm
         engine.optimizer_step()
         engine.zero_grad()
+        # The per-layer load figures the trainer logs (the native engine's, from the same loads).
+        figures = engine.update_expert_bias()
+        if set(figures) != set(metrics_ref[step]):
+            raise AssertionError(f"{name} load figures: {sorted(figures)} vs {sorted(metrics_ref[step])}")
+        load_worst = max([load_worst] + [abs(figures[k] - v) for k, v in metrics_ref[step].items()])
         state = engine.full_model_state_dict()
         if state is not None and biases_ref[step]:
             bias_worst = max(bias_worst, lib.compare(f"{name} expert bias step {step}", _biases(state),
@@ -100,7 +105,7 @@ def check_layout(name, config, batch, ref, results):
     out = {"loss": lib.compare_losses(f"{name} loss", losses, losses_ref),
            "grad": lib.compare(f"{name} grads", grads, grads_ref),
            "param": lib.compare(f"{name} params", engine.full_model_state_dict(), params_ref, tol=lib.PARAM_TOL),
-           "bias": bias_worst, "norm": abs(norm - _norm(grads_ref)) / _norm(grads_ref), "seconds": time.perf_counter() - t0}
+           "bias": bias_worst, "load_figures": load_worst, "norm": abs(norm - _norm(grads_ref)) / _norm(grads_ref), "seconds": time.perf_counter() - t0}
     results[name] = out
     return engine
 

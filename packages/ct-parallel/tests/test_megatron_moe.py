@@ -33,7 +33,8 @@ def test_megatron_mla_moe_layouts_match_single_process(tmp_path):
     for name in LAYOUTS:
         r = results[name]
         assert r["loss"] <= lib.TOL and r["grad"] <= lib.TOL and r["bias"] <= lib.TOL, (name, r)
-        assert r["norm"] <= lib.TOL, (name, r)  # the step-0 global grad norm (experts counted once)
+        assert r["norm"] <= lib.TOL, (name, r)
+        assert r.get("load_figures", 0.0) <= 1e-6, (name, r)  # logged load shares and bias range  # the step-0 global grad norm (experts counted once)
         assert r["param"] <= lib.PARAM_TOL, (name, r)
     # The EP=2 checkpoint reloads at EP=1 (DP=2) and PP=2: equal weights (expert bias included,
     # exactly) and loss.
