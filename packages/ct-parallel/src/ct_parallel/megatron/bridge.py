@@ -116,9 +116,11 @@ def _moe_mapping(rest: str, moe: nn.Module, p: str) -> Mapping:
     return Mapping("plain", (p + "mlp.down_proj",), 1, expert)
 
 
-def _router_buffers(chunk: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def _router_buffers(chunk: nn.Module, config: ModelConfig) -> list[tuple[str, torch.Tensor]]:
     """(ct-model name, megatron buffer) of every router's expert bias in this chunk."""
     out = []
+    if not config.is_moe:
+        return out
     for layer in chunk.decoder.layers:
         router = getattr(layer.mlp, "router", None)
         if router is not None and getattr(router, "expert_bias", None) is not None:
@@ -197,7 +199,7 @@ def load_ct_state_dict(chunks: list[nn.Module], ct_state: dict[str, torch.Tensor
             if m is None:  # tied output layer on a later pipeline stage
                 m = Mapping("plain", ("embed_tokens.weight",), 0)
             param.copy_(shard(m, ct_state, config, *(etp if m.expert is not None else tp)).to(param.dtype))
-        for ct_name, buffer in _router_buffers(chunk):
+        for ct_name, buffer in _router_buffers(chunk, config):
             buffer.copy_(ct_state[ct_name])
 
 
@@ -230,7 +232,7 @@ def export_ct_state_dict(chunks: list[nn.Module], config: ModelConfig,
                 else:
                     experts[(k, m.expert)] = v.cpu().clone()
         if buffers:
-            local.update({k: b.detach().cpu().clone() for k, b in _router_buffers(chunk)})
+            local.update({k: b.detach().cpu().clone() for k, b in _router_buffers(chunk, config)})
     # Every tensor from one holder: dense ones from DP/TP rank 0 of each stage, experts from
     # expert-DP/expert-TP rank 0 of each EP rank (their copies elsewhere are equal).
     dense_holder = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0

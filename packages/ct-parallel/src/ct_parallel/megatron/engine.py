@@ -191,6 +191,8 @@ class MegatronEngine:
     def _routers(self) -> list[tuple[str, nn.Module]]:
         """(``moe/layers.{i}``, megatron router) of this rank's MoE layers with an expert bias."""
         out = []
+        if not self.model_config.is_moe:
+            return out
         for chunk in self.chunks:
             for layer in bridge.unwrap(chunk).decoder.layers:
                 router = getattr(layer.mlp, "router", None)
