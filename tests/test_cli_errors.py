@@ -70,7 +70,7 @@ def test_unknown_phase(capsys):
     (["distributed=megatron_tp2"], "needs CUDA"),
     (["distributed=megatron_pp2"], "distributed=single, ddp or fsdp2"),
     # A layout ct-plan plans but no engine runs yet: refused naming the key, on any machine.
-    (["distributed=deepseek_v3_671b"], "distributed.expert_model_parallel_size=64: the engines do not run"),
+    (["distributed=deepseek_v3_671b"], "distributed.num_layers_in_first_pipeline_stage=3: the megatron engine"),
     (["distributed=fsdp2", "precision=fp8", "precision.fp8_recipe=mxfp8"],
      "precision.dtype=fp8 with distributed.engine=native"),
 ])

@@ -58,8 +58,8 @@ class VarlenAttention(DotProductAttention):
 def force_thd_on_the_local_spec() -> None:
     original = model_mod.layer_spec
 
-    def layer_spec(model_config, te, thd=None):
-        spec = original(model_config, te, thd)
+    def layer_spec(model_config, te, thd=None, moe=False):
+        spec = original(model_config, te, thd, moe)
         core = VarlenAttention
         if model_config.qk_layernorm:
             core = model_mod.post_rope_qk_norm(VarlenAttention, model_config.layernorm_epsilon)

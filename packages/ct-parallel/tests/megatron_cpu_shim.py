@@ -98,6 +98,21 @@ def check() -> None:
             raise RuntimeError(f"megatron.core.tensor_parallel.random.{name} is gone: the CPU shim needs updating")
 
 
+def _all_to_all_single_with_list_splits(original):
+    """The MoE alltoall dispatcher's split sizes: on GPU megatron turns its CUDA count tensors into
+    numpy arrays (moe_utils.maybe_move_tensor_to_cpu(as_numpy=True)); CPU tensors stay tensors,
+    which c10d's binding rejects. Lists are what it takes. (A module attribute, not the torch
+    function mode: the dispatcher's backward runs it too, where the mode is not active.)"""
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        def as_list(sizes):
+            return sizes.tolist() if torch.is_tensor(sizes) else sizes
+
+        return original(output, input, as_list(output_split_sizes), as_list(input_split_sizes), *args, **kwargs)
+
+    return all_to_all_single
+
+
 def install() -> None:
     """Patch torch.cuda and megatron for CPU; idempotent. Call before building megatron models."""
     global _MODE
@@ -108,6 +123,7 @@ def install() -> None:
     if torch.cuda.is_available():
         return  # a real GPU: nothing to redirect
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    torch.distributed.all_to_all_single = _all_to_all_single_with_list_splits(torch.distributed.all_to_all_single)
     cuda = torch.cuda
     cuda.current_device = lambda: "cpu"
     cuda.synchronize = lambda *a, **k: None

@@ -30,8 +30,7 @@ class DistributedConfig:
     pipeline_schedule: str = "1f1b"
     sequence_parallel: bool = False
     # MoE: routed experts split over this many ranks (megatron's expert_model_parallel_size).
-    # Accepted here so that layouts can be described and planned (ct-plan); the engines do not run
-    # EP > 1 yet, which engine_support_errors() reports before any work.
+    # The megatron engine runs it (alltoall token dispatcher); the native engine refuses EP > 1.
     expert_model_parallel_size: int = 1
     # MoE: tensor parallelism inside each expert; None means tensor_model_parallel_size, as in megatron.
     expert_tensor_parallel_size: int | None = None
@@ -113,9 +112,8 @@ class DistributedConfig:
         Kept apart from validation: ct-plan describes such layouts (DeepSeek-V3's EP 64), while
         ct-train and build_engine refuse them with this message before any work."""
         errors = []
-        if self.expert_model_parallel_size > 1:
-            errors.append(f"distributed.expert_model_parallel_size={self.expert_model_parallel_size}: the engines "
-                          "do not run expert parallelism yet (ct-plan can plan such a layout); use 1")
+        # expert_model_parallel_size > 1: the megatron engine runs it (the native engine refuses it
+        # in __post_init__, naming the key).
         if self.expert_tensor_parallel_size not in (None, self.tensor_model_parallel_size):
             errors.append(f"distributed.expert_tensor_parallel_size={self.expert_tensor_parallel_size}: the "
                           "engines do not run an expert TP different from tensor_model_parallel_size yet; use null")

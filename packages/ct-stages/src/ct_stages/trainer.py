@@ -260,8 +260,8 @@ class Trainer:
 
     def _balance_experts(self) -> dict[str, float]:
         """MoE models: the expert-bias update (aux-loss-free balancing, outside the optimizer) and
-        its per-layer load figures for the log. Engines without it (dense models' engines, or
-        megatron, whose routers update their own bias) give nothing. A skipped step's token
+        its per-layer load figures for the log. Engines without it give nothing; megatron's
+        routers move their own bias (by the same rule) and its engine reports the figures only. A skipped step's token
         counts roll into the next update."""
         update = getattr(self.engine, "update_expert_bias", None)
         return update() if update is not None else {}

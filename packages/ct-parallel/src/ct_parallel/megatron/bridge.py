@@ -5,6 +5,13 @@ Layouts (megatron side, full = before TP sharding):
   ([groups * (heads/groups + 2) * head_dim, hidden]); TP takes whole groups (contiguous rows).
 - ``linear_fc1.weight``: [gate ; up]; TP rank r holds [gate_r ; up_r] (SwiGLU chunks its output).
 - row-parallel (``linear_proj``, ``linear_fc2``) shard columns; embeddings/output shard vocab rows.
+- MLA: the down/up projections map one to one (per-head layouts [nope ; rope] and [nope ; v] are
+  the same); which dimension a projection splits over TP (the local spec shards even the down
+  projections' outputs, TE keeps them whole) is read off the parameter's megatron attributes.
+- MoE: the router and its ``expert_bias`` buffer map to ``mlp.gate``; the routed experts are
+  slices of ct-model's 3D ``gate_up_proj`` / ``down_proj`` (global expert = EP rank x local
+  experts + local index; SequentialMLP's ``experts.local_experts.{j}.linear_fc1.weight`` on CPU,
+  TEGroupedMLP's ``experts.linear_fc1.weight{j}`` on GPU), split over the expert-TP group.
 Layer indices: megatron's ``TransformerLayer.layer_number`` is global (1-based), so PP and virtual
 stages need no bookkeeping here.
 """
@@ -23,6 +30,18 @@ from torch import nn
 from ct_model import ModelConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.weight|(linear_fc[12])\.weight(\d+))$")
+_MLA = {
+    "self_attention.linear_q_proj.weight": "q_proj.weight",
+    "self_attention.linear_q_down_proj.weight": "q_a_proj.weight",
+    "self_attention.linear_q_up_proj.weight": "q_b_proj.weight",
+    "self_attention.q_layernorm.weight": "q_a_layernorm.weight",
+    "self_attention.linear_q_up_proj.layer_norm_weight": "q_a_layernorm.weight",
+    "self_attention.linear_kv_down_proj.weight": "kv_a_proj_with_mqa.weight",
+    "self_attention.linear_kv_up_proj.weight": "kv_b_proj.weight",
+    "self_attention.kv_layernorm.weight": "kv_a_layernorm.weight",
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "kv_a_layernorm.weight",
+}
 
 
 @dataclass(frozen=True)
@@ -30,6 +49,8 @@ class Mapping:
     kind: str  # "plain" | "qkv" | "gated"
     ct_names: tuple[str, ...]
     tp_dim: int | None  # dimension split over TP ranks (None: replicated)
+    # Routed experts: the index into ct-model's 3D expert tensor; split over the expert-TP group.
+    expert: int | None = None
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -51,8 +72,13 @@ def mapping(name: str, chunk: nn.Module, config: ModelConfig) -> Mapping | None:
     m = _LAYER.match(name)
     if not m:
         raise KeyError(f"megatron parameter {name!r} has no ct-model counterpart")
-    g = chunk.decoder.layers[int(m.group(1))].layer_number - 1
+    layer = chunk.decoder.layers[int(m.group(1))]
+    g = layer.layer_number - 1
     rest, p = m.group(2), f"layers.{g}."
+    if rest in _MLA:
+        return Mapping("plain", (p + "self_attn." + _MLA[rest],), _tp_dim(chunk.get_parameter(name)))
+    if rest.startswith("mlp.") and hasattr(layer.mlp, "router"):
+        return _moe_mapping(rest, layer.mlp, p)
     if rest in ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"):
         return Mapping("plain", (p + "input_layernorm.weight",), None)
     if rest in ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"):
@@ -68,6 +94,40 @@ def mapping(name: str, chunk: nn.Module, config: ModelConfig) -> Mapping | None:
     raise KeyError(f"megatron parameter {name!r} has no ct-model counterpart")
 
 
+def _tp_dim(param: nn.Parameter) -> int | None:
+    """The dimension megatron's parallel linear split this weight along (None: whole on every rank)."""
+    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+
+
+def _moe_mapping(rest: str, moe: nn.Module, p: str) -> Mapping:
+    if rest == "mlp.router.weight":
+        return Mapping("plain", (p + "mlp.gate.weight",), None)
+    if rest == "mlp.shared_experts.linear_fc1.weight":
+        return Mapping("gated", (p + "mlp.shared_experts.gate_proj.weight", p + "mlp.shared_experts.up_proj.weight"), 0)
+    if rest == "mlp.shared_experts.linear_fc2.weight":
+        return Mapping("plain", (p + "mlp.shared_experts.down_proj.weight",), 1)
+    m = _EXPERT.match(rest)
+    if not m:
+        raise KeyError(f"megatron MoE parameter {p}{rest!r} has no ct-model counterpart")
+    local, which = (int(m.group(1)), m.group(2)) if m.group(1) is not None else (int(m.group(4)), m.group(3))
+    expert = moe.local_expert_indices[local]
+    if which == "linear_fc1":  # [gate ; up] of one expert: the TP shard takes [gate_r ; up_r]
+        return Mapping("gated_expert", (p + "mlp.gate_up_proj",), 0, expert)
+    return Mapping("plain", (p + "mlp.down_proj",), 1, expert)
+
+
+def _router_buffers(chunk: nn.Module, config: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """(ct-model name, megatron buffer) of every router's expert bias in this chunk."""
+    out = []
+    if not config.is_moe:
+        return out
+    for layer in chunk.decoder.layers:
+        router = getattr(layer.mlp, "router", None)
+        if router is not None and getattr(router, "expert_bias", None) is not None:
+            out.append((f"layers.{layer.layer_number - 1}.mlp.gate.expert_bias", router.expert_bias))
+    return out
+
+
 def optimizer_name(name: str, chunk: nn.Module, config: ModelConfig) -> str:
     """A ct-model-style name for a megatron parameter (what optimizer builders see)."""
     m = mapping(name, chunk, config)
@@ -77,6 +137,8 @@ def optimizer_name(name: str, chunk: nn.Module, config: ModelConfig) -> str:
         return m.ct_names[0].replace("q_proj", "qkv_proj")
     if m.kind == "gated":
         return m.ct_names[0].replace("gate_proj", "gate_up_proj")
+    if m.expert is not None:
+        return f"{m.ct_names[0]}.{m.expert}"
     return m.ct_names[0]
 
 
@@ -98,7 +160,11 @@ def _split_qkv(fused, config: ModelConfig):
 def shard(m: Mapping, ct_state: dict[str, torch.Tensor], config: ModelConfig, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This TP rank's piece of the megatron tensor built from ct-model tensors."""
     tensors = [ct_state[n] for n in m.ct_names]
-    if m.kind == "gated":
+    if m.expert is not None:
+        tensors = [t[m.expert] for t in tensors]
+    if m.kind == "gated_expert":
+        tensors = list(tensors[0].chunk(2, dim=0))
+    if m.kind in ("gated", "gated_expert"):
         return torch.cat([t.chunk(tp_size, dim=0)[tp_rank] for t in tensors], dim=0)
     full = _fuse_qkv(*tensors, config) if m.kind == "qkv" else tensors[0]
     return full if m.tp_dim is None else full.chunk(tp_size, dim=m.tp_dim)[tp_rank]
@@ -108,9 +174,12 @@ def unshard(m: Mapping, pieces: list[torch.Tensor], config: ModelConfig) -> dict
     """ct-model tensors from the TP pieces (in TP rank order) of one megatron tensor."""
     if m.tp_dim is None:
         return {m.ct_names[0]: pieces[0]}
-    if m.kind == "gated":
+    if m.kind in ("gated", "gated_expert"):
         halves = [p.chunk(2, dim=0) for p in pieces]
-        return {m.ct_names[0]: torch.cat([h[0] for h in halves]), m.ct_names[1]: torch.cat([h[1] for h in halves])}
+        gate, up = torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])
+        if m.kind == "gated_expert":
+            return {m.ct_names[0]: torch.cat((gate, up))}
+        return {m.ct_names[0]: gate, m.ct_names[1]: up}
     full = torch.cat(pieces, dim=m.tp_dim)
     if m.kind == "qkv":
         return dict(zip(m.ct_names, _split_qkv(full, config)))
@@ -122,23 +191,28 @@ def load_ct_state_dict(chunks: list[nn.Module], ct_state: dict[str, torch.Tensor
     """Copy a full ct-model state dict into this rank's megatron chunks (every rank passes the
     same full dict; each takes its TP shard of its PP layers). Tied output layers on the last
     stage receive the embedding."""
-    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    etp = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
     for chunk in map(unwrap, chunks):
         for name, param in chunk.named_parameters():
             m = mapping(name, chunk, config)
             if m is None:  # tied output layer on a later pipeline stage
                 m = Mapping("plain", ("embed_tokens.weight",), 0)
-            param.copy_(shard(m, ct_state, config, tp_rank, tp_size).to(param.dtype))
+            param.copy_(shard(m, ct_state, config, *(etp if m.expert is not None else tp)).to(param.dtype))
+        for ct_name, buffer in _router_buffers(chunk, config):
+            buffer.copy_(ct_state[ct_name])
 
 
 def export_ct_state_dict(chunks: list[nn.Module], config: ModelConfig,
                          get: Callable[[nn.Parameter], torch.Tensor | None] = lambda p: p.data,
-                         ) -> dict[str, torch.Tensor] | None:
-    """Gather a full ct-model state dict (of weights, or of whatever ``get`` reads, e.g. grads)
-    onto global rank 0; collective over all ranks, None elsewhere."""
-    tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
-    tp_size = ps.get_tensor_model_parallel_world_size()
+                         buffers: bool = True) -> dict[str, torch.Tensor] | None:
+    """Gather a full ct-model state dict (of weights, or of whatever ``get`` reads, e.g. grads;
+    ``buffers``: with the routers' expert bias) onto global rank 0; collective over all ranks,
+    None elsewhere."""
+    groups = {False: (ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()),
+              True: (ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_world_size())}
     local: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, int], torch.Tensor] = {}
     for chunk in map(unwrap, chunks):
         for name, param in chunk.named_parameters():
             m = mapping(name, chunk, config)
@@ -146,21 +220,40 @@ def export_ct_state_dict(chunks: list[nn.Module], config: ModelConfig,
                 continue
             value = get(param)
             value = torch.zeros_like(param) if value is None else value.detach().to(param.dtype)
-            if tp_size > 1 and m.tp_dim is not None:
-                pieces = [torch.empty_like(value) for _ in range(tp_size)]
-                dist.all_gather(pieces, value.contiguous(), group=tp_group)
+            group, size = groups[m.expert is not None]
+            if size > 1 and m.tp_dim is not None:
+                pieces = [torch.empty_like(value) for _ in range(size)]
+                dist.all_gather(pieces, value.contiguous(), group=group)
             else:
                 pieces = [value]
-            local.update({k: v.cpu().clone() for k, v in unshard(m, pieces, config).items()})
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        gathered: list | None = [None] * ps.get_pipeline_model_parallel_world_size()
-        first = dist.get_global_rank(pp_group, 0)
-        dist.gather_object(local, gathered if dist.get_rank() == first else None, dst=first, group=pp_group)
-        if dist.get_rank() == first:
-            local = {k: v for part in gathered for k, v in part.items()}
+            for k, v in unshard(m, pieces, config).items():
+                if m.expert is None:
+                    local[k] = v.cpu().clone()
+                else:
+                    experts[(k, m.expert)] = v.cpu().clone()
+        if buffers:
+            local.update({k: b.detach().cpu().clone() for k, b in _router_buffers(chunk, config)})
+    # Every tensor from one holder: dense ones from DP/TP rank 0 of each stage, experts from
+    # expert-DP/expert-TP rank 0 of each EP rank (their copies elsewhere are equal).
+    dense_holder = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
+    expert_holder = ps.get_expert_data_parallel_rank() == 0 and ps.get_expert_tensor_parallel_rank() == 0
+    mine = ({} if not dense_holder else local, {} if not expert_holder else experts)
+    gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    if dist.get_world_size() > 1:
+        dist.gather_object(mine, gathered, dst=0)
+    else:
+        gathered = [mine]
     if dist.get_rank() != 0:
         return None
-    return {k: local[k] for k in sorted(local, key=_ct_order)}
+    full: dict[str, torch.Tensor] = {}
+    slices: dict[tuple[str, int], torch.Tensor] = {}
+    for dense, expert in gathered:
+        full.update(dense)
+        slices.update(expert)
+    for name in {k for k, _ in slices}:
+        count = 1 + max(e for k, e in slices if k == name)
+        full[name] = torch.stack([slices[(name, e)] for e in range(count)])
+    return {k: full[k] for k in sorted(full, key=_ct_order)}
 
 
 def _ct_order(name: str):

@@ -109,6 +109,23 @@ def model_logits(logits: torch.Tensor, batch_size: int, thd: bool) -> torch.Tens
     return unflatten_rows(logits, batch_size) if thd else logits
 
 
+def _count_experts_once_in_grad_norm(mopt, ep: int) -> None:
+    """The global grad norm under expert parallelism, from one torch optimizer over all params.
+
+    megatron proper keeps experts in a separate optimizer whose norm reduces over the expert
+    model-parallel group (expert TP x EP x PP). Here the norm reduces over that group for all
+    grads; the dense grads, equal on the EP ranks (which are data-parallel ranks for them), enter
+    scaled by 1/sqrt(EP) so that their squares are counted once in the sum."""
+    def grads_for_norm(grad_norm_group=None):
+        params = mopt.get_parameters()
+        dense = mopt._filter_grads_for_norm(params, param_filter=lambda p: getattr(p, "allreduce", True))
+        experts = mopt._filter_grads_for_norm(params, param_filter=lambda p: not getattr(p, "allreduce", True))
+        return [g / ep**0.5 for g in dense] + experts
+
+    mopt.get_grads_for_grad_norm = grads_for_norm
+    mopt.grad_stats_parallel_group = ps.get_expert_tensor_model_pipeline_parallel_group()
+
+
 class MegatronEngine:
     def __init__(self, model: nn.Module, dist_config: DistributedConfig, *, autocast_dtype: torch.dtype | None = None,
                  recompute: dict | None = None, fp8: dict | None = None,
@@ -156,13 +173,65 @@ class MegatronEngine:
             self.config.grad_sync_func = ([c.start_grad_sync for c in self.chunks] if len(self.chunks) > 1
                                           else self.chunks[0].start_grad_sync)
         # Our loss already carries 1/(global tokens): finalize without megatron's token scaling.
-        self.config.finalize_model_grads_func = lambda model, num_tokens, **kw: finalize_model_grads(model, None, **kw)
+        self.config.finalize_model_grads_func = self._finalize_grads
+        self._expert_loads: dict[str, torch.Tensor] = {}  # per MoE layer, of the last backward
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.optimizer: torch.optim.Optimizer | None = None  # the trainer's torch optimizer
         self.megatron_optimizer = None
         self._grads_ready = False
         self.model = model  # the ct-model the weights came from (not trained by this engine)
+
+    def _finalize_grads(self, model, num_tokens, **kw):
+        # Our loss already carries 1/(global tokens): finalize without megatron's token scaling.
+        # The routers' token counts are read first: finalize updates the expert bias from them
+        # and zeroes them.
+        self._read_expert_loads()
+        finalize_model_grads(model, None, **kw)
+
+    def _routers(self) -> list[tuple[str, nn.Module]]:
+        """(``moe/layers.{i}``, megatron router) of this rank's MoE layers with an expert bias."""
+        out = []
+        if not self.model_config.is_moe:
+            return out
+        for chunk in self.chunks:
+            for layer in bridge.unwrap(chunk).decoder.layers:
+                router = getattr(layer.mlp, "router", None)
+                if router is not None and getattr(router, "local_tokens_per_expert", None) is not None:
+                    out.append((f"moe/layers.{layer.layer_number - 1}", router))
+        return out
+
+    @torch.no_grad()
+    def _read_expert_loads(self) -> None:
+        routers = self._routers()
+        if not routers:
+            return
+        loads = torch.stack([r.local_tokens_per_expert for _, r in routers]).clone()
+        # The group megatron sums them over for its bias update: exact totals (MoE under TP
+        # needs SP, so each TP rank counts its own part of the sequence).
+        dist.all_reduce(loads, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+        self._expert_loads = {name: load for (name, _), load in zip(routers, loads)}
+
+    def update_expert_bias(self) -> dict[str, float]:
+        """Per-layer load figures of the last step, as the native engine logs them
+        (``moe/layers.{i}.load_max`` / ``load_min`` / ``bias_range``). The bias itself was already
+        moved by megatron in finalize_model_grads, by ct-model's rule (see model.py); under PP
+        the figures of all stages are gathered so every rank reports every layer."""
+        metrics: dict[str, float] = {}
+        for name, router in self._routers():
+            load = self._expert_loads.get(name)
+            if load is None:
+                continue
+            share = load / load.sum().clamp(min=1)
+            bias = router.expert_bias
+            metrics.update({f"{name}.load_max": share.max().item(), f"{name}.load_min": share.min().item(),
+                            f"{name}.bias_range": (bias.max() - bias.min()).item()})
+        self._expert_loads = {}
+        if ps.get_pipeline_model_parallel_world_size() > 1 and self.model_config.is_moe:
+            parts: list = [None] * ps.get_pipeline_model_parallel_world_size()
+            dist.all_gather_object(parts, metrics, group=ps.get_pipeline_model_parallel_group())
+            metrics = {k: v for part in parts for k, v in part.items()}
+        return metrics
 
     def _convert_for_modelopt(self, chunks, teacher: nn.Module, temperature: float, kind: str,
                               recompute) -> nn.Module:
@@ -250,7 +319,9 @@ class MegatronEngine:
             mopt = FP32Optimizer(self.optimizer, config, _init_state)
             mopt.grad_stats_parallel_group = groups["mp_group"]
         mopt.tp_group = ps.get_tensor_model_parallel_group()
-        mopt.expert_tp_group = mopt.tp_group
+        mopt.expert_tp_group = ps.get_expert_tensor_parallel_group()
+        if self.dist_config.expert_model_parallel_size > 1:
+            _count_experts_once_in_grad_norm(mopt, self.dist_config.expert_model_parallel_size)
         # megatron pairs saved and current param groups by their override keys (max_lr, wd_mult,
         # ...), which our groups (decay, no decay) leave unset: both would map to one saved group.
         # Every layout builds the groups in the same order, so pair them by position instead.
@@ -384,7 +455,7 @@ class MegatronEngine:
         distributed optimizer, whose buffers hold only this rank's reduced shard)."""
         with self._student_only():
             return bridge.export_ct_state_dict(self.chunks, self.model_config,
-                                               get=lambda p: getattr(p, "main_grad", p.grad))
+                                               get=lambda p: getattr(p, "main_grad", p.grad), buffers=False)
 
 
 def build_megatron_engine(model: nn.Module, dist_config: DistributedConfig, *,
