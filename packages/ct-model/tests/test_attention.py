@@ -6,7 +6,7 @@ from ct_model.tensor_probe import LargestTensor
 
 import ct_model
 from ct_model import presets
-from ct_model.attention import attend, build_mask_info, cu_seqlens_from_document_ids
+from ct_model.attention import DENSE_MASK_MAX_TOKENS, attend, build_mask_info, cu_seqlens_from_document_ids
 from ct_model.config import ConfigError
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -62,8 +62,64 @@ def test_auto_picks_plain_causal_for_single_document_rows_and_dense_on_cpu():
     assert build_mask_info(torch.zeros(2, 6, dtype=torch.long)).backend == "causal"
     multi = build_mask_info(torch.tensor([[0, 0, 1, 1]]))
     assert multi.backend == "sdpa" and multi.dense[0, 0].tolist() == hand_mask([0, 0, 1, 1])
-    with pytest.raises(RuntimeError, match="varlen"):
-        build_mask_info(torch.tensor([[0, 1]]), "varlen")
+
+
+def test_auto_on_cpu_switches_to_varlen_past_the_dense_mask_limit():
+    t = DENSE_MASK_MAX_TOKENS
+    at_limit = build_mask_info((torch.arange(t) // 1000)[None])
+    assert at_limit.backend == "sdpa"
+    past = build_mask_info((torch.arange(t + 8) // 1000)[None])
+    assert past.backend == "varlen" and past.dense is None
+    ends = [min(1000 * (i + 1), t + 8) for i in range(5)]
+    assert past.segments == tuple(zip([0, *ends[:-1]], ends))
+
+
+def test_cpu_varlen_segments_follow_cu_seqlens():
+    info = build_mask_info(torch.tensor([[0, 0, 0, 1, 1], [0, 0, 2, 2, 2]]), "varlen")
+    assert info.segments == ((0, 3), (3, 5), (5, 7), (7, 10))
+
+
+@pytest.mark.parametrize("value_dim", [32, 24])  # 24: MLA's narrower values
+def test_cpu_varlen_forward_and_backward_equal_the_dense_path(value_dim):
+    docs = torch.tensor([[0] * 100 + [1] * 156, [0] * 30 + [1] * 200 + [2] * 26])
+    grads = {}
+    for name in ("sdpa", "varlen"):
+        q, k, v = _qkv("cpu")
+        v = v[..., :value_dim].detach().requires_grad_()
+        out = attend(q, k, v, build_mask_info(docs, name))
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads[name] = (out.detach(), q.grad, k.grad, v.grad)
+    for want, got in zip(grads["sdpa"], grads["varlen"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_varlen_model_equals_the_dense_model():
+    docs = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 9 + [1] * 7])
+    pos = torch.cat([torch.cat([torch.arange(n) for n in lens]) for lens in ([5, 7, 4], [9, 7])]).view(2, 16)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    dense = ct_model.build_model(tiny(attention_backend="sdpa"), seed=1)
+    varlen = ct_model.build_model(tiny(attention_backend="varlen"), seed=1)
+    want, got = dense(ids, pos, docs), varlen(ids, pos, docs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want.square().mean().backward()
+    got.square().mean().backward()
+    for (name, a), b in zip(dense.named_parameters(), varlen.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_cpu_32k_step_allocates_no_t_by_t_tensor():
+    """The reasoning phase's 32,768-token rows on CPU: auto resolves to varlen, forward and
+    backward stay far below one T x T tensor (1.07e9 elements) while the dense path needs it."""
+    t = 32_768
+    model = ct_model.build_model(tiny(num_layers=1), seed=1)
+    docs = (torch.arange(t) // 4096)[None]
+    pos = torch.arange(t)[None] % 4096
+    ids = torch.randint(0, 97, (1, t), generator=torch.Generator().manual_seed(0))
+    with LargestTensor() as mode:
+        model.hidden_states(ids, pos, docs).square().mean().backward()
+    assert mode.largest <= t * 64 * 4, mode.largest  # [T, hidden] activations and their like
+    two_docs = (torch.arange(DENSE_MASK_MAX_TOKENS) // 2048)[None]
+    assert build_mask_info(two_docs).dense.numel() == DENSE_MASK_MAX_TOKENS ** 2  # what the limit costs
 
 
 @pytest.mark.slow

@@ -8,9 +8,11 @@ after it and lies in the same document.
 Backends (``ModelConfig.attention_backend``):
   sdpa    dense boolean [B, 1, T, T] mask into SDPA (the CPU path; flex has no CPU backward)
   flex    flex_attention with a block mask (no T x T tensor; fast only when compiled, on GPU)
-  varlen  torch.nn.attention.varlen with cu_seqlens (CUDA only)
-  auto    plain causal SDPA (flash) when every row holds one document; otherwise flex on CUDA,
-          sdpa on CPU
+  varlen  cu_seqlens over the flattened tokens: torch.nn.attention.varlen on CUDA; on CPU a loop
+          over the documents, each one causal SDPA (the CPU flash kernel, with backward), so
+          long packed rows train on CPU without a T x T tensor
+  auto    plain causal SDPA (flash) when every row holds one document; otherwise flex on CUDA;
+          on CPU the dense mask up to DENSE_MASK_MAX_TOKENS per row, varlen beyond
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from .masking import document_causal_mask
 
 from .config import ATTENTION_BACKENDS
 
+# Auto on CPU: up to this row length the dense mask (16 MiB of bools per row at 4,096) is cheaper
+# than a Python loop over documents; beyond it the mask grows as T^2 (1 GiB per row at 32,768).
+DENSE_MASK_MAX_TOKENS = 4096
 
 def document_causal(document_ids: torch.Tensor):
     """The mask predicate in flex_attention's signature (b, h, q_idx, kv_idx) -> bool."""
@@ -58,18 +63,20 @@ class MaskInfo:
     block_mask: object | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    # CPU varlen: (start, end) of every document over the flattened tokens, read once per microbatch.
+    segments: tuple[tuple[int, int], ...] = ()
 
 
 def _resolve(backend: str, document_ids: torch.Tensor | None) -> str:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
-    if backend == "varlen" and not document_ids.is_cuda:
-        raise RuntimeError("attention_backend='varlen' needs CUDA; use 'sdpa' or 'auto' on CPU")
     if backend != "auto":
         return backend
     if bool((document_ids == document_ids[:, :1]).all()):
         return "causal"  # one document per row: the flash kernel with is_causal, no mask at all
-    return "flex" if document_ids.is_cuda else "sdpa"
+    if document_ids.is_cuda:
+        return "flex"
+    return "sdpa" if document_ids.shape[1] <= DENSE_MASK_MAX_TOKENS else "varlen"
 
 
 def build_mask_info(document_ids: torch.Tensor | None, backend: str = "auto") -> MaskInfo:
@@ -88,7 +95,9 @@ def build_mask_info(document_ids: torch.Tensor | None, backend: str = "auto") ->
         return MaskInfo("flex", block_mask=block)
     if resolved == "varlen":
         cu, longest = cu_seqlens_from_document_ids(document_ids)
-        return MaskInfo("varlen", cu_seqlens=cu, max_seqlen=longest)
+        bounds = cu.tolist()
+        return MaskInfo("varlen", cu_seqlens=cu, max_seqlen=longest,
+                        segments=tuple(zip(bounds[:-1], bounds[1:])))
     return MaskInfo("causal")
 
 
@@ -130,11 +139,31 @@ def _flex(on_cuda: bool):
 
 
 def _varlen(q, k, v, info: MaskInfo, gqa: bool) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
     b, h, t, _ = q.shape
     # Each tensor keeps its own last dim: MLA's values are narrower than its queries and keys.
     flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[-1])  # noqa: E731
-    out = varlen_attn(flat(q), flat(k), flat(v), info.cu_seqlens, info.cu_seqlens,
-                      info.max_seqlen, info.max_seqlen, window_size=(-1, 0), enable_gqa=gqa)
+    if not q.is_cuda:
+        out = _per_document(flat(q), flat(k), flat(v), info.segments)
+    else:
+        from torch.nn.attention.varlen import varlen_attn
+
+        out = varlen_attn(flat(q), flat(k), flat(v), info.cu_seqlens, info.cu_seqlens,
+                          info.max_seqlen, info.max_seqlen, window_size=(-1, 0), enable_gqa=gqa)
     return out.reshape(b, t, h, -1).transpose(1, 2)
+
+
+def _per_document(q, k, v, segments) -> torch.Tensor:
+    """Varlen attention on CPU: q [N, H, D], k/v [N, G, D] over the flattened tokens -> [N, H, Dv],
+    each document attending causally to itself only."""
+    heads = q.shape[1]
+    if k.shape[1] != heads:
+        # CPU SDPA's flash kernel is ~15x slower with enable_gqa at long lengths (measured at 8k
+        # tokens); repeating the KV heads costs O(T) memory and keeps the fast kernel.
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    outs = []
+    for start, end in segments:
+        doc = lambda x: x[start:end].transpose(0, 1).unsqueeze(0)  # noqa: E731  [1, H, L, D]
+        out = F.scaled_dot_product_attention(doc(q), doc(k), doc(v), is_causal=True)
+        outs.append(out.squeeze(0).transpose(0, 1))
+    return torch.cat(outs)
