@@ -64,8 +64,45 @@ def test_fsdp2_two_processes_match_single_process_with_the_same_expert_load(tmp_
         assert {k: record[k] for k in MOE_KEYS} == pytest.approx({k: want[k] for k in MOE_KEYS}, abs=1e-7)
 
 
+def _megatron_common(sample_dir, steps):
+    return ["--phase", "pretrain_phase1", "model=deepseek_v3_tiny", f"sample_data.dir={sample_dir}", *TINY,
+            f"trainer.max_steps={steps}", "distributed.timeout_minutes=1"]
+
+
+def _megatron_runner():
+    import sys
+
+    from cli_support import ROOT
+
+    shim = ROOT / "packages" / "ct-parallel" / "tests" / "megatron_cpu_run.py"
+    return shim, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(shim)]
+
+
+@pytest.fixture(scope="module")
+def native_4_steps(tmp_path_factory, sample_dir):
+    """The single-process native run the megatron layouts compare with (its losses inside the
+    phase's warmup do not depend on max_steps, so 3-step runs compare with its first 3)."""
+    run = tmp_path_factory.mktemp("moe_native") / "native"
+    ct("train", *_megatron_common(sample_dir, 4), f"run_dir={run}")
+    return run
+
+
 @pytest.mark.slow
-def test_deepseek_v3_tiny_on_megatron_ep2_equals_single_process_and_exports(tmp_path, sample_dir):
+@pytest.mark.parametrize("layout", ["megatron_tp2_sp", "megatron_pp2"])
+def test_deepseek_v3_tiny_on_megatron_tp2_sp_and_pp2_equals_single_process(tmp_path, sample_dir, native_4_steps,
+                                                                          layout):
+    """MLA + MoE with the attention heads and the experts' FFN split over TP (sequence parallel,
+    which megatron's MoE needs under TP), or the dense layer and the MoE layers split over 2 stages."""
+    _, runner = _megatron_runner()
+    run = tmp_path / layout
+    ct("train", *_megatron_common(sample_dir, 3), f"distributed={layout}", f"run_dir={run}", module_runner=runner)
+    want, got = train_losses(native_4_steps), train_losses(run)
+    assert sorted(got) == [1, 2, 3]
+    assert all(got[s] == pytest.approx(want[s], rel=1e-5) for s in got), (got, want)
+
+
+@pytest.mark.slow
+def test_deepseek_v3_tiny_on_megatron_ep2_equals_single_process_and_exports(tmp_path, sample_dir, native_4_steps):
     """ct-train model=deepseek_v3_tiny distributed=megatron_ep2 (2 gloo processes, the test-only
     CPU shim: experts split over 2 ranks, alltoall dispatch) gives the single-process native run's
     losses (the expert bias moving as ct-model's rule); ct-export of its megatron checkpoint
@@ -74,15 +111,10 @@ def test_deepseek_v3_tiny_on_megatron_ep2_equals_single_process_and_exports(tmp_
 
     import ct_model
 
-    from cli_support import ROOT
-
-    shim = ROOT / "packages" / "ct-parallel" / "tests" / "megatron_cpu_run.py"
-    common = ["--phase", "pretrain_phase1", "model=deepseek_v3_tiny", f"sample_data.dir={sample_dir}", *TINY,
-              "trainer.max_steps=4", "distributed.timeout_minutes=1"]
-    native, megatron = tmp_path / "native", tmp_path / "ep2"
-    ct("train", *common, f"run_dir={native}")
-    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(shim)]
-    ct("train", *common, "distributed=megatron_ep2", f"run_dir={megatron}", module_runner=runner)
+    shim, runner = _megatron_runner()
+    native, megatron = native_4_steps, tmp_path / "ep2"
+    ct("train", *_megatron_common(sample_dir, 4), "distributed=megatron_ep2", f"run_dir={megatron}",
+       module_runner=runner)
     want, got = train_losses(native), train_losses(megatron)
     assert sorted(got) == list(range(1, 5))
     assert all(got[s] == pytest.approx(want[s], rel=1e-5) for s in want), (got, want)
