@@ -130,7 +130,8 @@ def ablate_kd(root: Path, problems: int, docs_per_source: int, downstream: bool)
                                                                    f"trainer.max_steps={steps(root, 'posttrain_general')}"])
         finals["ce"] = train(root, "posttrain_reasoning", "ce_reasoning", [
             f"init_from={general}", f"trainer.max_steps={steps(root, 'posttrain_reasoning')}"])
-    acc = accuracy(root, finals, problems)
+    finals = {k: v for k, v in finals.items() if (v / "config.json").is_file()}
+    acc = accuracy(root, finals, problems) if finals else {}
     names = {"start": "start (pretrain_phase2 export)", "teacher": "the embedded teacher",
              "kd": f"KD mid-training ({m1} + {m2} steps)", "ce": f"continued pretraining, CE ({m1} + {m2} steps)"}
     lines = ["| model | held-out loss: mixture | prose | code | math | accuracy after general + reasoning SFT |",
