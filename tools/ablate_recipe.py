@@ -59,7 +59,8 @@ def accuracy(root: Path, models: dict[str, Path], problems: int) -> dict[str, di
 
 def heldout_texts(root: Path, n: int, seed: int = 0) -> dict[str, list[str]]:
     """Documents of each mid-training source that no phase trained on: standard-library files the
-    sample corpus left out (its character budgets take a seeded subset), and the held-out problems."""
+    sample corpus left out (its character budgets take a seeded subset), and the held-out problems.
+    At scale 1 the prose budget takes every module's docstrings, so prose has none held out."""
     import pyarrow.parquet as pq
     from ct_data.sample import docs, load_math_eval
 
@@ -89,10 +90,11 @@ def mixture_loss(models: dict[str, Path], texts: dict[str, list[str]], weights: 
     from ct_stages.evaluate import load_model_and_tokenizer, text_perplexity
 
     out = {}
+    texts = {s: t for s, t in texts.items() if t}  # a source without held-out documents drops out
     for name, hf_dir in models.items():
         model, tokenizer = load_model_and_tokenizer(hf_dir)
         per = {s: text_perplexity(model, tokenizer, t, seq_len=256)["eval_loss"] for s, t in texts.items()}
-        total = sum(weights.values())
+        total = sum(weights[s] for s in per)
         out[name] = {**per, "mixture": sum(weights[s] * per[s] for s in per) / total}
     return out
 
@@ -138,8 +140,8 @@ def ablate_kd(root: Path, problems: int, docs_per_source: int, downstream: bool)
              "|---|---|---|---|---|---|"]
     for k, loss in losses.items():
         a = _pct(acc[k]) if k in acc else ""
-        lines.append(f"| {names[k]} | **{loss['mixture']:.3f}** | {loss['prose']:.3f} | {loss['code']:.3f} "
-                     f"| {loss['math']:.3f} | {a} |")
+        per = " | ".join(f"{loss[s]:.3f}" if s in loss else "n/a" for s in ("prose", "code", "math"))
+        lines.append(f"| {names[k]} | **{loss['mixture']:.3f}** | {per} | {a} |")
     return lines
 
 
