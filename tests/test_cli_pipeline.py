@@ -15,17 +15,23 @@ PHASES = ["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_pha
 
 
 @pytest.fixture(scope="module")
-def pipeline_root(tmp_path_factory, sample_dir) -> Path:
+def pipeline_run(tmp_path_factory, sample_dir):
     root = tmp_path_factory.mktemp("pipeline")
-    ct("pipeline", f"run_dir={root}", f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=3", "seq_len=256",
-       "eval.reasoning.max_problems=8", "eval.reasoning.max_new_tokens=24")
-    return root
+    result = ct("pipeline", f"run_dir={root}", f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=3",
+                "seq_len=256", "eval.reasoning.max_problems=8", "eval.reasoning.max_new_tokens=24",
+                "--teacher-model", "num_layers=6,ffn_hidden_size=512")
+    return root, result
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(pipeline_run) -> Path:
+    return pipeline_run[0]
 
 
 @pytest.mark.slow
 def test_pipeline_chains_every_phase(pipeline_root):
     summary = json.loads((pipeline_root / "pipeline_summary.json").read_text())
-    assert list(summary["phases"]) == PHASES
+    assert list(summary["phases"]) == ["teacher", *PHASES]
     for previous, phase in zip(PHASES, PHASES[1:]):
         config = json.loads((pipeline_root / phase / "config.json").read_text())
         assert Path(config["init_from"]).resolve() == (pipeline_root / previous / "hf").resolve()
@@ -34,17 +40,57 @@ def test_pipeline_chains_every_phase(pipeline_root):
     base = json.loads((pipeline_root / "posttrain_general" / "hf" / "config.json").read_text())
     final = json.loads((pipeline_root / "posttrain_reasoning" / "hf" / "config.json").read_text())
     assert final["rope_theta"] == 8 * base["rope_theta"]
-    accuracy = summary["reasoning_accuracy"]
-    assert set(accuracy) == {"pretrained", "final"} and accuracy["final"]["problems"] == 8
 
 
 @pytest.mark.slow
-def test_pipeline_resumes_as_a_whole(pipeline_root, sample_dir):
-    before = {p: (pipeline_root / p / "summary.json").stat().st_mtime for p in PHASES}
+def test_midtrain_distils_from_the_larger_embedded_teacher(pipeline_root):
+    teacher = json.loads((pipeline_root / "teacher" / "hf" / "config.json").read_text())
+    student = json.loads((pipeline_root / "pretrain_phase2" / "hf" / "config.json").read_text())
+    # --teacher-model's fields over the student's shape, the rest (width, vocabulary) shared.
+    assert (teacher["num_hidden_layers"], student["num_hidden_layers"]) == (6, 4)
+    assert teacher["vocab_size"] == student["vocab_size"] and teacher["hidden_size"] == student["hidden_size"]
+    for phase in ("midtrain_phase1", "midtrain_phase2"):
+        config = json.loads((pipeline_root / phase / "config.json").read_text())
+        assert Path(config["stage"]["distill"]["teacher_path"]) == pipeline_root / "teacher" / "hf"
+
+
+@pytest.mark.slow
+def test_pipeline_reports_accuracy_and_wall_time_per_phase(pipeline_run):
+    root, result = pipeline_run
+    summary = json.loads((root / "pipeline_summary.json").read_text())
+    accuracy = summary["reasoning_accuracy"]
+    assert list(accuracy) == ["pretrain", "midtrain", "general_sft", "reasoning_sft"]
+    for part, phase in zip(accuracy, ["pretrain_phase2", "midtrain_phase2", "posttrain_general", "posttrain_reasoning"]):
+        assert accuracy[part]["problems"] == 8 and 0 <= accuracy[part]["correct"] <= 8
+        assert Path(accuracy[part]["hf_dir"]) == root / phase / "hf"
+    walls = [r["wall_s"] for r in summary["phases"].values()]
+    assert all(w > 0 for w in walls) and summary["wall_s"]["eval"] > 0
+    assert summary["wall_s"]["total_measured"] == pytest.approx(sum(walls) + summary["wall_s"]["eval"], abs=0.2)
+    table = result.stdout[result.stdout.index("phase  "):]
+    for phase in ["teacher", *PHASES]:
+        assert phase in table
+    assert f"({accuracy['reasoning_sft']['correct']}/8)" in table and "total measured wall time" in table
+
+
+@pytest.mark.slow
+def test_pipeline_resumes_as_a_whole_and_reuses_the_teacher(pipeline_root, sample_dir):
+    done = ["teacher", *PHASES]
+    before = {p: (pipeline_root / p / "hf" / "model.safetensors").stat().st_mtime_ns for p in done}
+    walls = json.loads((pipeline_root / "pipeline_timings.json").read_text())
     result = ct("pipeline", f"run_dir={pipeline_root}", f"sample_data.dir={sample_dir}", *TINY,
-                "trainer.max_steps=3", "seq_len=256", "--skip-eval")
-    assert "already done" in result.stderr
-    assert before == {p: (pipeline_root / p / "summary.json").stat().st_mtime for p in PHASES}
+                "trainer.max_steps=3", "seq_len=256", "--skip-eval", "--teacher-model", "num_layers=6,ffn_hidden_size=512")
+    assert "teacher: already done" in result.stderr and "=== teacher ===" not in result.stderr
+    assert before == {p: (pipeline_root / p / "hf" / "model.safetensors").stat().st_mtime_ns for p in done}
+    # The skipped phases keep the wall times measured when they ran.
+    summary = json.loads((pipeline_root / "pipeline_summary.json").read_text())
+    assert {p: r["wall_s"] for p, r in summary["phases"].items()} == {p: walls[p] for p in done}
+
+
+def test_pipeline_refuses_a_missing_teacher_before_training(tmp_path):
+    result = ct("pipeline", f"run_dir={tmp_path}", f"stage.distill.teacher_path={tmp_path / 'nope'}", check=False)
+    assert result.returncode == 2
+    assert f"stage.distill.teacher_path={tmp_path / 'nope'}" in result.stderr and "midtrain_phase1" in result.stderr
+    assert not (tmp_path / "pretrain_phase1").exists() and not (tmp_path / "teacher").exists()
 
 
 @pytest.mark.slow

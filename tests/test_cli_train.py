@@ -146,7 +146,7 @@ def test_print_config_and_list_phases(capsys):
 
     phases = stdout("--list-phases").split()
     assert phases == sorted(["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_phase2",
-                             "posttrain_general", "posttrain_reasoning"])
+                             "posttrain_general", "posttrain_reasoning", "teacher"])
     cfg = yaml.safe_load(stdout("--phase", "posttrain_reasoning", "--print-config", "size=recipe"))
     assert cfg["optimizer"]["lr"] == 8.0e-5 and cfg["rope_theta_scale"] == 8.0
     assert cfg["trainer"]["global_batch_size"] == 1024 and cfg["seq_len"] == 32768

@@ -30,8 +30,26 @@ def test_build_is_cached(tmp_path):
     assert (d / sample.FILES["math"]).read_text() != "tampered\n"  # a damaged file is rebuilt
 
 
+def check_columns(solution: str) -> str:
+    """Verify the column work "a op b = (cols) c": each column's arithmetic, units column first, and
+    that the column results spell c. Returns the solution with the column work removed."""
+    for op, work, c in re.findall(r"\d+ ([+\-*]) \d+ = \(([^)]*)\) (\d+)", solution):
+        sums = []
+        for col in work.split(", "):
+            expr, s = col.split("=")
+            assert eval(expr) == int(s), (col, solution)  # e.g. "4-1-1" == 2
+            sums.append(int(s))
+        if op == "-":
+            spelled = "".join(str(s) for s in reversed(sums)).lstrip("0") or "0"
+        else:  # the last column keeps its carry, the others give their units digit
+            spelled = str(sums[-1]) + "".join(str(s % 10) for s in reversed(sums[:-1]))
+        assert spelled == c, solution
+    return re.sub(r" = \([^)]*\)", " =", solution)
+
+
 def check_solution(question: str, solution: str, answer: int) -> None:
     """Verify every 'a op b = c' step independently and that the boxed answer is the last result."""
+    solution = check_columns(solution)
     steps = re.findall(r"(\d+) ([+\-*]) (\d+) = (\d+)", solution)
     assert steps, solution
     for a, op, b, c in steps:

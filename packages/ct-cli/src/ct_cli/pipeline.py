@@ -4,9 +4,14 @@
     ct-pipeline run_dir=runs/p2 trainer.seed=7   # overrides apply to every phase
     ct-pipeline --phases pretrain_phase1,pretrain_phase2
 
+Mid-training distils from a teacher: by default the pipeline first trains a larger embedded one
+(phase `teacher`, shape --teacher-model, under RUN_DIR/teacher, reused when already there);
+`stage.distill.teacher_path=DIR` distils from any HF model directory instead and trains none.
+
 Resumable as a whole: a finished phase (summary.json present) is skipped, an interrupted one
-resumes from its newest checkpoint. At the end the reasoning accuracy of the pretrained model and
-of the final model are compared on the held-out problems and written to pipeline_summary.json.
+resumes from its newest checkpoint. At the end the held-out reasoning accuracy after each part
+(pretraining, mid-training, general SFT, reasoning SFT) and each phase's wall time are printed
+and written to pipeline_summary.json.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .common import UserFacingError, config_dir, run_config, run_guarded, setup_logging
@@ -24,6 +30,8 @@ from .common import UserFacingError, config_dir, run_config, run_guarded, setup_
 PHASES = ["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_phase2",
           "posttrain_general", "posttrain_reasoning"]
 log = logging.getLogger("ct_cli")
+# Deeper than the 4-layer student, same width and vocabulary (MobileLLM: depth over width).
+DEFAULT_TEACHER = "num_layers=8"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--datamix", action="store_true",
                    help="re-weight each mid-training mixture by influence (one ct-datamix round) before it runs")
     p.add_argument("--datamix-samples", type=int, default=32, help="--datamix: samples per source and per probe")
+    p.add_argument("--teacher-model", default=DEFAULT_TEACHER,
+                   help="shape of the embedded mid-training teacher: ModelConfig fields over the student's "
+                        f"(default {DEFAULT_TEACHER}); ignored when stage.distill.teacher_path is given")
     p.add_argument("--skip-eval", action="store_true", help="do not evaluate reasoning accuracy at the end")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every phase; run_dir=DIR sets the root")
     return p
@@ -55,61 +66,167 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def run() -> int:
+        start = time.monotonic()
         directory = config_dir(args.config_dir)
         root, overrides = split_root(args.overrides)
         phases = [p for p in args.phases.split(",") if p]
         # One sample-data directory for all phases (unless given), under the pipeline's run_dir.
         if not any(o.startswith("sample_data.dir=") for o in overrides):
             overrides = [f"sample_data.dir={root / 'sample_data'}", *overrides]
+        teacher = teacher_plan(root, phases, overrides, args.teacher_model)
         # Compose and validate every phase first: a bad override fails before hours of training.
-        configs = {p: run_config(p, [f"run_dir={root / p}", *overrides], directory) for p in phases}
+        order = ["teacher", *phases] if teacher.train else phases
+        configs = {p: run_config(p, phase_overrides(root, p, overrides, teacher), directory) for p in order}
+        check_teachers(configs)
+        timings = Timings(root / "pipeline_timings.json")
         results, datamix = {}, {}
-        for phase in phases:
-            summary_path = root / phase / "summary.json"
-            # Resumed: a finished phase reports its cached round; an unfinished one computes (or reuses) it.
-            if args.datamix and phase.startswith("midtrain") and (
-                    not summary_path.is_file() or (root / phase / "datamix" / "datamix.json").is_file()):
-                if args.nproc_per_node > 1:
-                    raise UserFacingError("--datamix runs single-process only (drop --nproc-per-node)")
-                from .datamix import reweight_phase
-
-                data, datamix[phase] = reweight_phase(configs[phase].to_dict(), root / phase / "datamix",
-                                                      samples=args.datamix_samples)
-                configs[phase] = dataclasses.replace(configs[phase], data=data)
-            if summary_path.is_file():
-                log.info("%s: already done (%s), skipping", phase, summary_path)
-            elif args.nproc_per_node > 1:
-                cmd = [sys.executable, "-m", "ct_cli.train", "--phase", phase, f"--nproc-per-node={args.nproc_per_node}",
-                       "--config-dir", str(directory), f"run_dir={root / phase}", *overrides]
-                subprocess.run(cmd, check=True)
-            else:
-                from ct_stages.run import run_phase
-
-                log.info("=== %s ===", phase)
-                run_phase(configs[phase])
-            results[phase] = json.loads(summary_path.read_text())
-        summary = {"phases": {p: {k: r[k] for k in ("final_loss", "steps", "consumed_tokens")}
-                              for p, r in results.items()}}
+        for phase in configs:
+            if args.datamix and phase.startswith("midtrain"):
+                datamix_round(args, root, phase, configs, datamix)
+            extra = phase_overrides(root, phase, overrides, teacher)  # what a multi-process ct-train gets
+            results[phase] = run_one(args, directory, phase, configs[phase], extra, timings)
+        summary = {"phases": {p: {**{k: r[k] for k in ("final_loss", "steps", "consumed_tokens")},
+                                  "wall_s": timings.get(p)} for p, r in results.items()}}
         if datamix:
             summary["datamix"] = datamix
         if not args.skip_eval and "posttrain_reasoning" in phases:
-            summary["reasoning_accuracy"] = compare_accuracy(root, configs["posttrain_reasoning"])
+            eval_start = time.monotonic()
+            summary["reasoning_accuracy"] = phase_accuracy(root, configs["posttrain_reasoning"])
+            timings.record("eval", time.monotonic() - eval_start)
+        summary["wall_s"] = {"eval": timings.get("eval"), "this_invocation": round(time.monotonic() - start, 1),
+                             "total_measured": timings.total()}
         (root / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary, indent=2))
+        print(summary_table(summary))
         return 0
 
     return run_guarded(run)
 
 
-def compare_accuracy(root: Path, run) -> dict:
-    """Held-out accuracy of the pretrained model (end of pretraining) and of the final model."""
+@dataclasses.dataclass(frozen=True)
+class TeacherPlan:
+    train: bool  # the pipeline trains (or reuses) its own teacher under root/teacher
+    path: Path | None = None  # what the mid-training phases distil from (None: the user's override)
+    overrides: tuple[str, ...] = ()
+
+
+def teacher_plan(root: Path, phases: list[str], overrides: list[str], shape: str) -> TeacherPlan:
+    """Train the embedded teacher only when a mid-training phase runs and no teacher_path is given."""
+    if not any(p.startswith("midtrain") for p in phases) or any(
+            o.startswith("stage.distill.teacher_path=") for o in overrides):
+        return TeacherPlan(train=False)
+    fields = [f"model.{kv.strip()}" for kv in shape.split(",") if kv.strip()]
+    # The shape goes after the user's overrides: a student override (model.hidden_size=...) must not
+    # shrink the teacher; --teacher-model is how a user (or a test) sizes it.
+    return TeacherPlan(True, root / "teacher" / "hf", (f"run_dir={root / 'teacher'}", *overrides, *fields))
+
+
+def phase_extra(phase: str, teacher: TeacherPlan) -> list[str]:
+    if teacher.train and phase.startswith("midtrain"):
+        return [f"stage.distill.teacher_path={teacher.path}"]
+    return []
+
+
+def phase_overrides(root: Path, phase: str, overrides: list[str], teacher: TeacherPlan) -> list[str]:
+    """The overrides that compose ``phase`` (also what a multi-process ct-train gets)."""
+    if phase == "teacher":
+        return list(teacher.overrides)
+    return [f"run_dir={root / phase}", *overrides, *phase_extra(phase, teacher)]
+
+
+def check_teachers(configs: dict) -> None:
+    """A teacher path the user gave must hold an HF model before any phase trains."""
+    for phase, run in configs.items():
+        path = run.stage.distill.teacher_path if run.stage.kind == "midtrain" else None
+        trained_here = "teacher" in configs and Path(path or "") == configs["teacher"].run_path / "hf"
+        if path and not trained_here and not (Path(path) / "config.json").is_file():
+            raise UserFacingError(f"{phase}: stage.distill.teacher_path={path} holds no HF model (no config.json)")
+
+
+def datamix_round(args, root: Path, phase: str, configs: dict, records: dict) -> None:
+    summary_path = root / phase / "summary.json"
+    # Resumed: a finished phase reports its cached round; an unfinished one computes (or reuses) it.
+    if summary_path.is_file() and not (root / phase / "datamix" / "datamix.json").is_file():
+        return
+    if args.nproc_per_node > 1:
+        raise UserFacingError("--datamix runs single-process only (drop --nproc-per-node)")
+    from .datamix import reweight_phase
+
+    data, records[phase] = reweight_phase(configs[phase].to_dict(), root / phase / "datamix",
+                                          samples=args.datamix_samples)
+    configs[phase] = dataclasses.replace(configs[phase], data=data)
+
+
+def run_one(args, directory: Path, phase: str, run, overrides: list[str], timings: "Timings") -> dict:
+    """Train one phase unless its summary.json exists; returns that summary."""
+    summary_path = run.run_path / "summary.json"
+    if summary_path.is_file():
+        log.info("%s: already done (%s), skipping", phase, summary_path)
+        return json.loads(summary_path.read_text())
+    begin = time.monotonic()
+    if args.nproc_per_node > 1:
+        cmd = [sys.executable, "-m", "ct_cli.train", "--phase", phase, f"--nproc-per-node={args.nproc_per_node}",
+               "--config-dir", str(directory), *overrides]
+        subprocess.run(cmd, check=True)
+    else:
+        from ct_stages.run import run_phase
+
+        log.info("=== %s ===", phase)
+        run_phase(run)
+    timings.record(phase, time.monotonic() - begin)
+    return json.loads(summary_path.read_text())
+
+
+class Timings:
+    """Wall seconds per phase, kept across resumed invocations (a skipped phase keeps its time)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.values = json.loads(path.read_text()) if path.is_file() else {}
+
+    def record(self, name: str, seconds: float) -> None:
+        self.values[name] = round(seconds, 1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.values, indent=2) + "\n")
+
+    def get(self, name: str) -> float | None:
+        return self.values.get(name)
+
+    def total(self) -> float:
+        return round(sum(self.values.values()), 1)
+
+
+# Held-out accuracy after each part of the recipe: the export that ends it.
+EVAL_POINTS = {"pretrain": "pretrain_phase2", "midtrain": "midtrain_phase2", "general_sft": "posttrain_general",
+               "reasoning_sft": "posttrain_reasoning"}
+
+
+def phase_accuracy(root: Path, run) -> dict:
+    """Held-out reasoning accuracy of each part's export that exists (batched greedy decoding)."""
     from ct_stages.evaluate_models import evaluate_reasoning_dirs
 
-    candidates = {"pretrained": root / "pretrain_phase2" / "hf", "final": root / "posttrain_reasoning" / "hf"}
+    candidates = {k: root / phase / "hf" for k, phase in EVAL_POINTS.items()}
     existing = {k: v for k, v in candidates.items() if (v / "config.json").is_file()}
     reasoning, sample = run.eval.reasoning, run.sample_data
     return evaluate_reasoning_dirs(existing, sample.dir, sample.seed, max_problems=reasoning.max_problems,
                                    max_new_tokens=reasoning.max_new_tokens, scale=sample.scale)
+
+
+def summary_table(summary: dict) -> str:
+    """The printed table: each phase's steps, loss and wall time, and accuracy where it is measured."""
+    after = {phase: part for part, phase in EVAL_POINTS.items()}
+    accuracy = summary.get("reasoning_accuracy", {})
+    lines = ["phase                 steps  final loss  wall (s)  held-out accuracy after it",
+             "--------------------  -----  ----------  --------  ---------------------------"]
+    for phase, r in summary["phases"].items():
+        acc = accuracy.get(after.get(phase, ""))
+        shown = f"{100 * acc['accuracy']:.1f}% ({acc['correct']}/{acc['problems']})" if acc else ""
+        wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "?"
+        lines.append(f"{phase:<20}  {r['steps']:>5}  {r['final_loss']:>10.3f}  {wall:>8}  {shown}")
+    walls = summary["wall_s"]
+    lines.append(f"evaluation: {walls['eval'] or 0:.0f} s; total measured wall time {walls['total_measured']:.0f} s "
+                 f"({walls['total_measured'] / 60:.1f} min)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

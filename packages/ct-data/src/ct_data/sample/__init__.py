@@ -31,7 +31,7 @@ from ct_data.config import SourceConfig
 from ct_data.sample import docs as _docs
 from ct_data.sample.math import REASONING_SYSTEM_PROMPT, Problem, is_eval_key, problems
 
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2  # 2: column work inside each arithmetic step
 FILES = {
     "prose": "prose/train.jsonl",
     "code": "code/train.parquet",

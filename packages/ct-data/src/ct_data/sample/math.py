@@ -55,6 +55,54 @@ def is_eval_key(template: int, numbers: tuple[int, ...]) -> bool:
     return int.from_bytes(h[:8], "big") % EVAL_FRACTION_MOD == 0
 
 
+def _digits(n: int) -> list[int]:
+    """Digits least-significant first (the order the column work runs in)."""
+    return [int(c) for c in reversed(str(n))]
+
+
+def columns(a: int, op: str, b: int) -> list[str]:
+    """Column work of ``a op b``, units column first, as the model should write it.
+
+    A few-million-parameter model does not learn 2-digit carries from "49 - 16 = 33" alone (the
+    11.5% run); one single-digit fact per column, carry or borrow written out, is learnable. Empty
+    for products of two multi-digit numbers (few, memorised).
+    """
+    if op == "*":
+        x, m = (a, b) if b < 10 else (b, a)
+        if m >= 10:
+            return []
+    cols, carry = [], 0
+    xs, ys = (_digits(x), [m]) if op == "*" else (_digits(a), _digits(b))
+    for i, dx in enumerate(xs):
+        extra = f"+{carry}" if carry and op != "-" else f"-{carry}" if carry else ""
+        if op == "*":
+            s = m * dx + carry
+            cols.append(f"{dx}*{m}{extra}={s}" if x == a else f"{m}*{dx}{extra}={s}")
+        else:
+            dy = ys[i] if i < len(ys) else 0
+            if op == "+":
+                s = dx + dy + carry
+                cols.append(f"{dx}+{dy}{extra}={s}")
+            else:
+                need = 10 if dx - dy - carry < 0 else 0  # borrow from the next column
+                s = dx + need - dy - carry
+                cols.append(f"{dx + need}-{dy}{extra}={s}")
+        carry = (s // 10) if op != "-" else (1 if need else 0)
+    if op == "+" and len(ys) > len(xs):
+        raise ValueError("columns: the first operand must be the longer one")
+    return cols
+
+
+def _op(a: int, op: str, b: int) -> str:
+    """One arithmetic step, ``a op b = (column work) r``; the result stays in normal digit order."""
+    if op == "+" and len(str(b)) > len(str(a)):
+        work = columns(b, op, a)  # longer number on top, as on paper
+    else:
+        work = columns(a, op, b)
+    r = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"{a} {op} {b} = ({', '.join(work)}) {r}" if work else f"{a} {op} {b} = {r}"
+
+
 def _boxed(steps: list[str], r: int) -> str:
     return "\n".join(steps + [f"\\boxed{{{r}}}"])
 
@@ -68,7 +116,7 @@ def _r_add(n, name, pron, name2, item):
     a, b = n
     r = a + b
     return (f"{name} has {a} {item}. {pron} gets {b} more. How many {item} does {name} have now?",
-            [f"{name} has {a} {item} and gets {b} more.", f"{a} + {b} = {r}."], r)
+            [f"{name} has {a} {item} and gets {b} more.", f"{_op(a, '+', b)}."], r)
 
 
 def _t_sub(rng):
@@ -80,7 +128,7 @@ def _r_sub(n, name, pron, name2, item):
     a, b = n
     r = a - b
     return (f"{name} has {a} {item}. {pron} gives {b} to a friend. How many {item} are left?",
-            [f"{name} gives away {b} of the {a} {item}.", f"{a} - {b} = {r}."], r)
+            [f"{name} gives away {b} of the {a} {item}.", f"{_op(a, '-', b)}."], r)
 
 
 def _t_mul(rng):
@@ -91,7 +139,7 @@ def _r_mul(n, name, pron, name2, item):
     a, b = n
     r = a * b
     return (f"There are {a} boxes. Each box holds {b} {item}. How many {item} are there in all?",
-            [f"There are {a} boxes with {b} {item} each.", f"{a} * {b} = {r}."], r)
+            [f"There are {a} boxes with {b} {item} each.", f"{_op(a, '*', b)}."], r)
 
 
 def _t_cmp(rng):
@@ -103,14 +151,14 @@ def _r_cmp(n, name, pron, name2, item):
     a, b = n
     r = a - b
     return (f"{name} has {a} {item} and {name2} has {b} {item}. How many more {item} does {name} have "
-            f"than {name2}?", [f"{name} has {a} and {name2} has {b}.", f"{a} - {b} = {r}."], r)
+            f"than {name2}?", [f"{name} has {a} and {name2} has {b}.", f"{_op(a, '-', b)}."], r)
 
 
 def _r_both(n, name, pron, name2, item):
     a, b = n
     r = a + b
     return (f"{name} has {a} {item} and {name2} has {b} {item}. How many {item} do they have together?",
-            [f"Together they have {a} + {b} = {r}."], r)
+            [f"Together they have {_op(a, '+', b)}."], r)
 
 
 def _t_add_sub(rng):
@@ -123,7 +171,7 @@ def _r_add_sub(n, name, pron, name2, item):
     d = a + b
     r = d - c
     return (f"{name} has {a} {item}. {pron} buys {b} more and then gives {c} away. How many {item} does "
-            f"{name} have now?", [f"First, {a} + {b} = {d}.", f"Then, {d} - {c} = {r}."], r)
+            f"{name} have now?", [f"First, {_op(a, '+', b)}.", f"Then, {_op(d, '-', c)}."], r)
 
 
 def _t_mul_add(rng):
@@ -135,7 +183,7 @@ def _r_mul_add(n, name, pron, name2, item):
     d = a * b
     r = d + c
     return (f"{name} buys {a} bags with {b} {item} in each bag. {pron} already had {c} {item}. How many "
-            f"{item} does {name} have now?", [f"The bags hold {a} * {b} = {d} {item}.", f"Then, {d} + {c} = {r}."], r)
+            f"{item} does {name} have now?", [f"The bags hold {_op(a, '*', b)} {item}.", f"Then, {_op(d, '+', c)}."], r)
 
 
 def _t_mul_sub(rng):
@@ -148,7 +196,7 @@ def _r_mul_sub(n, name, pron, name2, item):
     d = a * b
     r = d - c
     return (f"{name} has {a} packs of {b} {item}. {pron} gives away {c} {item}. How many {item} are left?",
-            [f"{name} has {a} * {b} = {d} {item}.", f"Then, {d} - {c} = {r}."], r)
+            [f"{name} has {_op(a, '*', b)} {item}.", f"Then, {_op(d, '-', c)}."], r)
 
 
 def _t_double(rng):
@@ -159,7 +207,7 @@ def _r_double(n, name, pron, name2, item):
     (a,) = n
     r = 2 * a
     return (f"{name} has {a} {item}. {name2} has twice as many {item}. How many {item} does {name2} have?",
-            [f"{name2} has 2 * {a} = {r}."], r)
+            [f"{name2} has {_op(2, '*', a)}."], r)
 
 
 TEMPLATES: list[tuple[Callable, Callable]] = [
