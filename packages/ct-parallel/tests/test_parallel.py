@@ -129,7 +129,8 @@ def test_native_ddp_fsdp2_match_single_process_and_fsdp_checkpoint_loads_in_one_
     results = json.loads(out.read_text())
     for strategy in ("ddp", "fsdp2"):
         for key in ("loss", "grad", "param"):
-            assert results[strategy][key] <= lib.TOL, (strategy, key, results[strategy])
+            tol = lib.PARAM_TOL if key == "param" else lib.TOL  # AdamW amplifies rounding: see PARAM_TOL
+            assert results[strategy][key] <= tol, (strategy, key, results[strategy])
     # FSDP=2 checkpoint -> one process: same weights, logits equal the reference model's.
     from ct_model import build_model
     from ct_parallel import build_engine
@@ -168,4 +169,5 @@ def test_megatron_layouts_match_single_process(tmp_path):
     for name, r in results.items():
         for key in ("loss", "grad", "param"):
             if key in r:
-                assert r[key] <= lib.TOL, (name, key, r)
+                tol = lib.PARAM_TOL if key == "param" else lib.TOL  # the bound dist_megatron_checks uses
+                assert r[key] <= tol, (name, key, r)

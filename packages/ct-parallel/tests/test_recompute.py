@@ -84,7 +84,8 @@ def test_ddp_and_fsdp2_with_checkpointing_and_compile_match_single_process(tmp_p
                             "fsdp2_selective_compile_aot_eager"}
     for name, r in results.items():
         for key in ("loss", "grad", "param"):
-            assert r[key] <= lib.TOL, (name, key, r)
+            tol = lib.PARAM_TOL if key == "param" else lib.TOL  # AdamW amplifies rounding: see PARAM_TOL
+            assert r[key] <= tol, (name, key, r)
 
 
 @pytest.mark.dist
