@@ -76,15 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         teacher = teacher_plan(root, phases, overrides, args.teacher_model)
         # Compose and validate every phase first: a bad override fails before hours of training.
         order = ["teacher", *phases] if teacher.train else phases
-        configs = {p: run_config(p, phase_overrides(root, p, overrides, teacher), directory) for p in order}
+        # One override list per phase: it composes the config and is what a multi-process ct-train gets.
+        phase_args = {p: phase_overrides(root, p, overrides, teacher) for p in order}
+        configs = {p: run_config(p, phase_args[p], directory) for p in order}
         check_teachers(configs)
         timings = Timings(root / "pipeline_timings.json")
         results, datamix = {}, {}
         for phase in configs:
             if args.datamix and phase.startswith("midtrain"):
                 datamix_round(args, root, phase, configs, datamix)
-            extra = phase_overrides(root, phase, overrides, teacher)  # what a multi-process ct-train gets
-            results[phase] = run_one(args, directory, phase, configs[phase], extra, timings)
+            results[phase] = run_one(args, directory, phase, configs[phase], phase_args[phase], timings)
         summary = {"phases": {p: {**{k: r[k] for k in ("final_loss", "steps", "consumed_tokens")},
                                   "wall_s": timings.get(p)} for p, r in results.items()}}
         if datamix:

@@ -30,6 +30,7 @@ from .config import ATTENTION_BACKENDS
 # than a Python loop over documents; beyond it the mask grows as T^2 (1 GiB per row at 32,768).
 DENSE_MASK_MAX_TOKENS = 4096
 
+
 def document_causal(document_ids: torch.Tensor):
     """The mask predicate in flex_attention's signature (b, h, q_idx, kv_idx) -> bool."""
 
