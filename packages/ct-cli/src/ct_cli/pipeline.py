@@ -4,9 +4,11 @@
     ct-pipeline run_dir=runs/p2 trainer.seed=7   # overrides apply to every phase
     ct-pipeline --phases pretrain_phase1,pretrain_phase2
 
-Mid-training distils from a teacher: by default the pipeline first trains a larger embedded one
-(phase `teacher`, shape --teacher-model, under RUN_DIR/teacher, reused when already there);
-`stage.distill.teacher_path=DIR` distils from any HF model directory instead and trains none.
+Mid-training distils from a teacher: by default the pipeline trains a stronger embedded one just
+before mid-training (phase `teacher`: the student's pretrain_phase2 export trained further on the
+mid-training mixture, under RUN_DIR/teacher, reused when already there; --teacher-model gives it
+another shape, trained from scratch); `stage.distill.teacher_path=DIR` distils from any HF model
+directory instead and trains none.
 
 Resumable as a whole: a finished phase (summary.json present) is skipped, an interrupted one
 resumes from its newest checkpoint. At the end the held-out reasoning accuracy after each part
@@ -20,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -30,8 +33,10 @@ from .common import UserFacingError, config_dir, run_config, run_guarded, setup_
 PHASES = ["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_phase2",
           "posttrain_general", "posttrain_reasoning"]
 log = logging.getLogger("ct_cli")
-# Deeper than the 4-layer student, same width and vocabulary (MobileLLM: depth over width).
-DEFAULT_TEACHER = "num_layers=8"
+# Empty: the student's own shape, continued from its pretrain_phase2 export. A teacher from scratch
+# (any other shape) pays for its whole pretraining inside the pipeline: an 8-layer one trained for
+# 200 steps (10 minutes) was still worse than the student on held-out code (docs/experiments.md).
+DEFAULT_TEACHER = ""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,8 +49,9 @@ def parser() -> argparse.ArgumentParser:
                    help="re-weight each mid-training mixture by influence (one ct-datamix round) before it runs")
     p.add_argument("--datamix-samples", type=int, default=32, help="--datamix: samples per source and per probe")
     p.add_argument("--teacher-model", default=DEFAULT_TEACHER,
-                   help="shape of the embedded mid-training teacher: ModelConfig fields over the student's "
-                        f"(default {DEFAULT_TEACHER}); ignored when stage.distill.teacher_path is given")
+                   help="shape of the embedded mid-training teacher: ModelConfig fields over the student's, "
+                        "e.g. num_layers=8 (trained from scratch). Default: the student's shape, continued from "
+                        "its pretrain_phase2 export. Ignored when stage.distill.teacher_path is given")
     p.add_argument("--skip-eval", action="store_true", help="do not evaluate reasoning accuracy at the end")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every phase; run_dir=DIR sets the root")
     return p
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [f"sample_data.dir={root / 'sample_data'}", *overrides]
         teacher = teacher_plan(root, phases, overrides, args.teacher_model)
         # Compose and validate every phase first: a bad override fails before hours of training.
-        order = ["teacher", *phases] if teacher.train else phases
+        order = phase_order(phases, teacher)
         # One override list per phase: it composes the config and is what a multi-process ct-train gets.
         phase_args = {p: phase_overrides(root, p, overrides, teacher) for p in order}
         configs = {p: run_config(p, phase_args[p], directory) for p in order}
@@ -117,9 +123,20 @@ def teacher_plan(root: Path, phases: list[str], overrides: list[str], shape: str
             o.startswith("stage.distill.teacher_path=") for o in overrides):
         return TeacherPlan(train=False)
     fields = [f"model.{kv.strip()}" for kv in shape.split(",") if kv.strip()]
+    # Another shape cannot start from the student's weights: it is pretrained from scratch.
+    scratch = ["init_from=null"] if fields else []
     # The shape goes after the user's overrides: a student override (model.hidden_size=...) must not
     # shrink the teacher; --teacher-model is how a user (or a test) sizes it.
-    return TeacherPlan(True, root / "teacher" / "hf", (f"run_dir={root / 'teacher'}", *overrides, *fields))
+    return TeacherPlan(True, root / "teacher" / "hf",
+                       (f"run_dir={root / 'teacher'}", *overrides, *fields, *scratch))
+
+
+def phase_order(phases: list[str], teacher: TeacherPlan) -> list[str]:
+    """The teacher trains just before the first mid-training phase: it may start from pretrain_phase2."""
+    if not teacher.train:
+        return list(phases)
+    first = next(i for i, p in enumerate(phases) if p.startswith("midtrain"))
+    return [*phases[:first], "teacher", *phases[first:]]
 
 
 def phase_extra(phase: str, teacher: TeacherPlan) -> list[str]:
@@ -136,7 +153,15 @@ def phase_overrides(root: Path, phase: str, overrides: list[str], teacher: Teach
 
 
 def check_teachers(configs: dict) -> None:
-    """A teacher path the user gave must hold an HF model before any phase trains."""
+    """A teacher path the user gave, or the export the embedded teacher starts from, must hold an HF
+    model (or be made by an earlier phase of this run) before any phase trains."""
+    if "teacher" in configs and configs["teacher"].init_path:
+        start = configs["teacher"].init_path
+        made_here = any(Path(os.path.normpath(run.run_path / "hf")) == start for run in configs.values())
+        if not made_here and not (start / "config.json").is_file():
+            raise UserFacingError(f"teacher: init_from={configs['teacher'].init_from} holds no HF model (no "
+                                  "config.json); run pretrain_phase2 first or give --teacher-model to train one "
+                                  "from scratch")
     for phase, run in configs.items():
         path = run.stage.distill.teacher_path if run.stage.kind == "midtrain" else None
         trained_here = "teacher" in configs and Path(path or "") == configs["teacher"].run_path / "hf"
