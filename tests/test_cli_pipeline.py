@@ -31,7 +31,8 @@ def pipeline_root(pipeline_run) -> Path:
 @pytest.mark.slow
 def test_pipeline_chains_every_phase(pipeline_root):
     summary = json.loads((pipeline_root / "pipeline_summary.json").read_text())
-    assert list(summary["phases"]) == ["teacher", *PHASES]
+    # The teacher trains just before mid-training (the default one starts from pretrain_phase2).
+    assert list(summary["phases"]) == [*PHASES[:2], "teacher", *PHASES[2:]]
     for previous, phase in zip(PHASES, PHASES[1:]):
         config = json.loads((pipeline_root / phase / "config.json").read_text())
         assert Path(config["init_from"]).resolve() == (pipeline_root / previous / "hf").resolve()
@@ -49,6 +50,8 @@ def test_midtrain_distils_from_the_larger_embedded_teacher(pipeline_root):
     # --teacher-model's fields over the student's shape, the rest (width, vocabulary) shared.
     assert (teacher["num_hidden_layers"], student["num_hidden_layers"]) == (6, 4)
     assert teacher["vocab_size"] == student["vocab_size"] and teacher["hidden_size"] == student["hidden_size"]
+    # Another shape cannot start from the student's weights: pretrained from scratch.
+    assert json.loads((pipeline_root / "teacher" / "config.json").read_text())["init_from"] is None
     for phase in ("midtrain_phase1", "midtrain_phase2"):
         config = json.loads((pipeline_root / phase / "config.json").read_text())
         assert Path(config["stage"]["distill"]["teacher_path"]) == pipeline_root / "teacher" / "hf"
@@ -84,6 +87,32 @@ def test_pipeline_resumes_as_a_whole_and_reuses_the_teacher(pipeline_root, sampl
     # The skipped phases keep the wall times measured when they ran.
     summary = json.loads((pipeline_root / "pipeline_summary.json").read_text())
     assert {p: r["wall_s"] for p, r in summary["phases"].items()} == {p: walls[p] for p in done}
+
+
+def test_default_teacher_continues_the_student_on_the_midtraining_mixture(tmp_path):
+    """Composition only: the default teacher is the student's pretrain_phase2 export trained further."""
+    from ct_cli.common import config_dir, run_config
+    from ct_cli.pipeline import DEFAULT_TEACHER, phase_order, phase_overrides, teacher_plan
+
+    overrides = [f"sample_data.dir={tmp_path / 'sample_data'}"]
+    plan = teacher_plan(tmp_path, PHASES, overrides, DEFAULT_TEACHER)
+    assert phase_order(PHASES, plan) == [*PHASES[:2], "teacher", *PHASES[2:]]
+    teacher = run_config("teacher", phase_overrides(tmp_path, "teacher", overrides, plan), config_dir(None))
+    midtrain = run_config("midtrain_phase1", phase_overrides(tmp_path, "midtrain_phase1", overrides, plan),
+                          config_dir(None))
+    assert teacher.init_path == midtrain.init_path == tmp_path / "pretrain_phase2" / "hf"
+    assert teacher.stage.kind == "pretrain" and teacher.data == midtrain.data  # the phase-1 mid-training mixture
+    assert Path(midtrain.stage.distill.teacher_path) == tmp_path / "teacher" / "hf"
+    # A user's teacher_path means no teacher run at all.
+    user = teacher_plan(tmp_path, PHASES, [*overrides, "stage.distill.teacher_path=/m"], DEFAULT_TEACHER)
+    assert phase_order(PHASES, user) == PHASES
+
+
+def test_pipeline_refuses_a_teacher_without_its_start_export(tmp_path):
+    result = ct("pipeline", f"run_dir={tmp_path}", "--phases", "midtrain_phase1", check=False)
+    assert result.returncode == 2
+    assert "teacher: init_from=" in result.stderr and "pretrain_phase2" in result.stderr
+    assert not (tmp_path / "teacher").exists() and not (tmp_path / "midtrain_phase1").exists()
 
 
 def test_pipeline_refuses_a_missing_teacher_before_training(tmp_path):
