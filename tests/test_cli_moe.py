@@ -127,6 +127,13 @@ def test_deepseek_v3_tiny_on_megatron_ep2_equals_single_process_and_exports(tmp_
     exported, config = ct_model.hf.load_hf(out)
     ours, _ = ct_model.hf.load_hf(native / "hf")
     assert config.is_moe and float(exported.layers[1].mlp.gate.expert_bias.abs().sum()) > 0
-    ids = torch.randint(0, 1000, (2, 24))
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(exported(ids), ours(ids), rtol=0, atol=1e-4)
+        got, want = exported(ids), ours(ids)
+    # Relative to the logits' norm, as the engine tests compare tensors: the two runs' weights
+    # after 4 AdamW steps differ by fp32 rounding (held to PARAM_TOL = 3e-5 in ct-parallel's
+    # tests), which an elementwise atol of 1e-4 met only by chance (CI saw 1.07e-4 on one logit
+    # of 393,216). A wrong export (expert order, MLA split, bias) is off by O(1).
+    rel = float((got - want).norm() / want.norm())
+    print(f"exported vs native logits: relative difference {rel:.2e}, max abs {float((got - want).abs().max()):.2e}")
+    assert rel < 1e-4, rel
