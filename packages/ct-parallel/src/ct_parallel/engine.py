@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+import torch.distributed as dist
 from ct_model.batch import (IGNORE_INDEX, LossFn, Microbatch, ModelOutput,  # noqa: F401 (re-exported)
                             is_next_token_cross_entropy, scored_tokens, vocab_shard_impl, wants_model_output)
 
@@ -40,6 +41,38 @@ def modelopt_kd(loss_fn: LossFn) -> LossFn:
 
 def is_modelopt_kd(loss_fn: LossFn) -> bool:
     return bool(getattr(loss_fn, MODELOPT_KD, False))
+
+
+def to_device(microbatch: Microbatch, device: torch.device) -> Microbatch:
+    """``microbatch`` with every tensor on ``device`` (tensors already there are kept as they are).
+
+    On CUDA the copy is asynchronous from pinned memory: a host tensor not already pinned (by the
+    loader) is pinned first, so the copies of a step's microbatches queue up behind the compute
+    of the step before instead of stalling the host."""
+    out = {}
+    for key, value in microbatch.items():
+        if isinstance(value, torch.Tensor) and value.device != device:
+            if device.type == "cuda" and value.device.type == "cpu" and not value.is_pinned():
+                value = value.pin_memory()
+            value = value.to(device, non_blocking=True)
+        out[key] = value
+    return out
+
+
+def global_token_counts(microbatches: list[Microbatch], dp_size: int, dp_group, device: torch.device
+                        ) -> tuple[float, float]:
+    """(scored tokens, input positions) of the global batch: this rank's microbatches summed on the
+    host, then over the data-parallel ranks. Counted before the batch moves to the device, so a
+    single process never waits on the device for them; the all-reduce runs on ``device`` (NCCL
+    reduces device tensors only)."""
+    scored = float(sum(int(scored_tokens(mb)) for mb in microbatches))
+    inputs = float(sum(mb["input_ids"].numel() for mb in microbatches))
+    if dp_size == 1:
+        return scored, inputs
+    both = torch.tensor([scored, inputs], dtype=torch.float64, device=device)
+    dist.all_reduce(both, group=dp_group)
+    scored, inputs = both.tolist()
+    return scored, inputs
 
 
 @dataclass

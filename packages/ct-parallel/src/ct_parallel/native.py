@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .distributed import is_distributed as _dist_ready
-from .engine import LossFn, Microbatch, StepResult, scored_tokens, wants_model_output
+from .engine import LossFn, Microbatch, StepResult, global_token_counts, scored_tokens, to_device, wants_model_output
 
 
 class NativeEngine:
@@ -82,11 +82,13 @@ class NativeEngine:
             aux = aux * scored_tokens(mb).to(aux.dtype)
         return loss_sum, aux
 
-    def _totals(self, microbatches: list[Microbatch]) -> tuple[torch.Tensor, torch.Tensor]:
-        scored = sum(scored_tokens(mb) for mb in microbatches).to(torch.float64)
-        inputs = torch.tensor(float(sum(mb["input_ids"].numel() for mb in microbatches)), dtype=torch.float64)
-        both = self._global_sum(torch.stack((scored, inputs)).to(self.device))
-        return both[0], both[1]
+    def _totals(self, microbatches: list[Microbatch]) -> tuple[float, float]:
+        return global_token_counts(microbatches, self.dp_size, self.dp_group, self.device)
+
+    def _on_device(self, microbatches: list[Microbatch]) -> list[Microbatch]:
+        """The loader's (host) microbatches on the model's device: all of them now, before the
+        first forward, so their (asynchronous) copies overlap the compute that follows."""
+        return [to_device(mb, self.device) for mb in microbatches]
 
     def _no_sync(self, last: bool):
         if not last and hasattr(self.wrapped, "no_sync"):
@@ -96,9 +98,10 @@ class NativeEngine:
     def forward_backward(self, microbatches: list[Microbatch], loss_fn: LossFn) -> StepResult:
         self.wrapped.train()
         global_tokens, input_tokens = self._totals(microbatches)
+        microbatches = self._on_device(microbatches)
         # Gradient reductions average over dp ranks; scaling by dp_size turns that into a sum, so
         # the result is the gradient of (sum of token losses) / (global scored tokens).
-        scale = self.dp_size / global_tokens.clamp(min=1).item()
+        scale = self.dp_size / max(global_tokens, 1.0)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_total = None
         for i, mb in enumerate(microbatches):
@@ -108,10 +111,10 @@ class NativeEngine:
             total += loss_sum.detach().to(torch.float64)
             if aux is not None:
                 aux_total = aux.detach().to(torch.float64) + (0 if aux_total is None else aux_total)
-        loss = self._global_sum(total) / global_tokens.clamp(min=1)
-        result = StepResult(loss.item(), int(global_tokens.item()), int(input_tokens.item()))
+        loss = self._global_sum(total) / max(global_tokens, 1.0)
+        result = StepResult(loss.item(), int(global_tokens), int(input_tokens))
         if aux_total is not None:  # the reported loss stays the stage's; the balance term on its own
-            result.aux_loss = (self._global_sum(aux_total) / global_tokens.clamp(min=1)).item()
+            result.aux_loss = (self._global_sum(aux_total) / max(global_tokens, 1.0)).item()
         return result
 
     # -- MoE balancing ---------------------------------------------------------------------------
@@ -136,11 +139,11 @@ class NativeEngine:
         self.wrapped.eval()
         global_tokens, input_tokens = self._totals(microbatches)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for mb in microbatches:
+        for mb in self._on_device(microbatches):
             total += self._loss(mb, loss_fn).to(torch.float64)
-        loss = self._global_sum(total) / global_tokens.clamp(min=1)
+        loss = self._global_sum(total) / max(global_tokens, 1.0)
         self.wrapped.train()
-        return StepResult(loss.item(), int(global_tokens.item()), int(input_tokens.item()))
+        return StepResult(loss.item(), int(global_tokens), int(input_tokens))
 
     def clip_grad_norm(self, max_norm: float | None) -> float:
         """Global gradient norm before clipping (clips when max_norm is set)."""

@@ -125,10 +125,16 @@ def _vote_key(answer: str):
     return value if value is not None else normalize_answer(answer)
 
 
-def load_model_and_tokenizer(hf_dir: str | Path):
+def default_device() -> torch.device:
+    """Where evaluation runs unless told: the current GPU when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_model_and_tokenizer(hf_dir: str | Path, device: str | torch.device | None = None):
+    """The exported model (fp32 weights) on ``device`` (default: ``default_device()``) and its tokenizer."""
     import ct_data
 
-    model, _ = ct_model.hf.load_hf(hf_dir)
+    model, _ = ct_model.hf.load_hf(hf_dir, device=device if device is not None else default_device())
     return model.eval(), ct_data.load_tokenizer(str(hf_dir))
 
 
@@ -154,6 +160,8 @@ def text_perplexity(model, tokenizer, texts: list[str], seq_len: int = 512, batc
         for row, seq in enumerate(encoded):
             ids[row, :len(seq)] = torch.tensor(seq)
             labels[row, :len(seq) - 1] = torch.tensor(seq[1:])
+        device = model.output_weight.device
+        ids, labels = ids.to(device), labels.to(device)
         logits = model(ids)  # causal: right padding never influences real positions
         total += float(cross_entropy_sum({"labels": labels}, logits))
         tokens += int((labels != -100).sum())

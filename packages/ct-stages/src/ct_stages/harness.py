@@ -38,10 +38,11 @@ class CTModelLM(_lm_base()):
     # -- scoring ---------------------------------------------------------------------------------
     @torch.no_grad()
     def _logprob(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        ids = torch.tensor([context + continuation])
+        device = self.model.output_weight.device
+        ids = torch.tensor([context + continuation], device=device)
         logits = self.model(ids[:, :-1]).float()[0, len(context) - 1:]
         logprobs = F.log_softmax(logits, dim=-1)
-        target = torch.tensor(continuation)
+        target = torch.tensor(continuation, device=device)
         total = logprobs.gather(-1, target[:, None]).sum().item()
         return total, bool((logprobs.argmax(-1) == target).all())
 
@@ -81,12 +82,13 @@ def run_harness(hf_dir: str | Path, tasks: list[str], *, include: str | Path | N
                 seed: int = 0) -> dict[str, Any]:
     """The harness's results for ``tasks`` on the HF model in ``hf_dir``; also written to
     ``out_path`` as JSON (samples included) when given."""
-    import ct_data
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    model, _ = ct_model.hf.load_hf(hf_dir)
-    lm = CTModelLM(model, ct_data.load_tokenizer(str(hf_dir)), batch_size=batch_size)
+    from .evaluate import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(hf_dir)
+    lm = CTModelLM(model, tokenizer, batch_size=batch_size)
     # Local task directories alone index in a second; the built-in task index takes ~45 s.
     manager = TaskManager(include_path=str(include), include_defaults=False) if include else None
     if manager is not None and not all(t in manager.all_tasks for t in tasks):
