@@ -113,7 +113,7 @@ def _fit_on_stand_in(monkeypatch, moved: list[int]):
 @pytest.mark.slow
 def test_pretrain_and_kd_phases_train_from_host_batches(tmp_path, sample_dir, monkeypatch):
     """The trainer's whole loop (evaluation, checkpoints, export) and the midtrain stage's online
-    teacher (hidden states on the device, projected per chunk by the KD loss)."""
+    teacher: hidden states on the device projected per chunk by the KD loss, and top-k targets."""
     from ct_stages.run import run_phase
 
     runs = {}
@@ -123,11 +123,13 @@ def test_pretrain_and_kd_phases_train_from_host_batches(tmp_path, sample_dir, mo
             if name == "stand_in":
                 _fit_on_stand_in(patch, moved)
             pretrain = run_phase(_phase(tmp_path, sample_dir, "pretrain_phase1", f"{name}_pre"))
-            run_phase(_phase(tmp_path, sample_dir, "midtrain_phase1", f"{name}_mid", f"init_from={pretrain.hf_dir}"))
-        runs[name] = (train_losses(tmp_path / f"{name}_pre"), train_losses(tmp_path / f"{name}_mid"), moved)
-    assert runs["stand_in"][:2] == runs["plain"][:2]
+            init = f"init_from={pretrain.hf_dir}"
+            run_phase(_phase(tmp_path, sample_dir, "midtrain_phase1", f"{name}_mid", init))
+            run_phase(_phase(tmp_path, sample_dir, "midtrain_phase1", f"{name}_topk", init, "stage.distill.top_k=4"))
+        runs[name] = ([train_losses(tmp_path / f"{name}_{phase}") for phase in ("pre", "mid", "topk")], moved)
+    assert runs["stand_in"][0] == runs["plain"][0]
     # 2 steps and 2 evaluations in each phase, each moving its batch
-    assert len(runs["stand_in"][1]) == 2 and len(runs["stand_in"][2]) == 8 and all(n > 0 for n in runs["stand_in"][2])
+    assert len(runs["stand_in"][0][2]) == 2 and len(runs["stand_in"][1]) == 12 and all(runs["stand_in"][1])
 
 
 def test_evaluation_scores_and_generates_on_the_device(tmp_path, sample_dir):

@@ -197,16 +197,18 @@ class OnlineTeacher:
         ``make_kd_loss_fn`` reads: "teacher_logits", or "teacher_topk_ids" /
         "teacher_topk_logprobs" when ``top_k`` is given, or (``hidden`` and no ``top_k``)
         "teacher_hidden" + "teacher_output_weight", which a chunked loss projects per chunk so
-        the teacher's full logits never exist. Hidden states stay on the teacher's device."""
+        the teacher's full logits never exist. The targets stay on the teacher's device (the
+        training device): sending them to the batch's host memory, for the engine to send them
+        back, would cost two [B, T, V] copies per microbatch."""
         ids = batch["input_ids"]
         out = dict(batch)
+        args = (ids, batch.get("position_ids"), batch.get("document_ids"))
         if top_k is None and hidden:
-            out[TEACHER_HIDDEN] = self.hidden_states(ids, batch.get("position_ids"), batch.get("document_ids"))
+            out[TEACHER_HIDDEN] = self.hidden_states(*args)
             out[TEACHER_OUTPUT_WEIGHT] = self.model.output_weight.detach()
         elif top_k is None:
-            out[TEACHER_LOGITS] = self(batch)
+            out[TEACHER_LOGITS] = self.logits(*args)
         else:
-            cached = self.topk(ids, top_k, batch.get("position_ids"), batch.get("document_ids"))
-            out[TEACHER_TOPK_IDS] = cached.ids.to(ids.device)
-            out[TEACHER_TOPK_LOGPROBS] = cached.logprobs.to(ids.device)
+            cached = self.topk(ids, top_k, *args[1:])
+            out[TEACHER_TOPK_IDS], out[TEACHER_TOPK_LOGPROBS] = cached.ids, cached.logprobs
         return out
