@@ -59,7 +59,7 @@ class _CountMatmuls(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default)
         return func(*args, **(kwargs or {}))
 
 
@@ -106,3 +106,33 @@ def test_fused_kernel_matches_the_chunked_path(kernel):
     for a, b in zip(*results):
         assert ((a - b).norm() / b.norm()).item() <= 2e-2
 
+
+
+def _wgrad_case(device):
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randn(96, 40, generator=g)
+    grad, hidden = torch.randn(128, 96, generator=g), torch.randn(128, 40, generator=g)
+    want = acc.double() + grad.double().t() @ hidden.double()
+    return acc.to(device), grad.to(device), hidden.to(device), want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradient_accumulates_in_fp32_from_gemms_in_the_compute_dtype(dtype):
+    from ct_model.matmul import accumulate_weight_grad
+
+    acc, grad, hidden, want = _wgrad_case("cpu")
+    accumulate_weight_grad(acc, grad, hidden, dtype)
+    assert acc.dtype == torch.float32
+    err = ((acc.double() - want).norm() / want.norm()).item()
+    assert err < (1e-6 if dtype == torch.float32 else 1e-2), err  # bf16 operands: ~3 significant digits
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_weight_gradient_goes_straight_into_the_fp32_sum():
+    from ct_model import matmul
+
+    acc, grad, hidden, want = _wgrad_case("cuda")
+    assert matmul._addmm_out_dtype_works(acc.device, torch.bfloat16, torch.float32)  # the fast path is taken
+    matmul.accumulate_weight_grad(acc, grad, hidden, torch.bfloat16)
+    assert ((acc.double().cpu() - want).norm() / want.norm()).item() < 1e-2

@@ -124,3 +124,28 @@ def test_router_scores_stay_fp32_under_autocast():
             got = ours.gate(x)[2]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_autocast_bf16_takes_the_grouped_gemm_where_the_device_has_it(implementation, monkeypatch):
+    """Under autocast the MoE receives the fp32 output of an RMSNorm while its GEMMs run in bf16:
+    the choice follows the compute dtype (it never took the grouped path on single/DDP before), and
+    the grouped call computes in bf16, close to the fp32 loop."""
+    import ct_model.moe as moe_mod
+
+    ours, _ = _pair(seed=8)
+    x = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(9))
+    implementation("loop")
+    with torch.no_grad():
+        want = ours(x)
+    implementation("auto")
+    monkeypatch.setattr(moe_mod, "fast_grouped_gemm_device", lambda device: True)  # as on a Hopper GPU
+    calls = []
+    grouped = moe_mod.MoE._routed_grouped
+    monkeypatch.setattr(moe_mod.MoE, "_routed_grouped", lambda self, *a: calls.append(a[0].dtype) or grouped(self, *a))
+    tokens = x.view(-1, 64)
+    assert not moe_mod.use_grouped_gemm(tokens, ours)  # fp32 without autocast: the loop
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe_mod.use_grouped_gemm(tokens, ours)
+        got = ours(x)
+    assert calls == [torch.float32]  # fp32 tokens in, bf16 GEMMs inside
+    assert ((got.float() - want).norm() / want.norm()).item() < 2e-2

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ct_model.batch import ModelOutput
+from ct_model.matmul import accumulate_weight_grad, compute_dtype, matmul_in
 
 from .fused import loss_and_grad
 from ._base import (IGNORE_INDEX, Teacher, TopK, VocabMismatchError, as_topk, check_options,
@@ -90,9 +91,11 @@ class _ChunkedKD(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, plan: _Plan) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        # accumulate the weight gradient in at least fp32 (bf16 sums over many chunks lose bits)
+        # accumulate the weight gradient in at least fp32 (bf16 sums over many chunks lose bits);
+        # the GEMMs themselves run in the run's compute dtype (bf16 in a bf16 run)
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        dtype = compute_dtype(hidden)
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32),
                             device=hidden.device)
         n = hidden.shape[0]
@@ -101,11 +104,10 @@ class _ChunkedKD(torch.autograd.Function):
             h = hidden[start:end]
             loss, g = plan.chunk_loss_and_grad(h, weight, start, end, need_h or need_w)
             if g is not None:
-                g = g.to(weight.dtype)
                 if need_h:
-                    grad_h[start:end] = g @ weight
+                    grad_h[start:end] = matmul_in(g, weight, dtype).to(grad_h.dtype)
                 if need_w:
-                    grad_w.addmm_(g.t().to(acc_dtype), h.to(acc_dtype))
+                    accumulate_weight_grad(grad_w, g, h, dtype)
             total += loss.to(total.dtype)
             del g
         # Kept on ctx (not save_for_backward): backward scales them in place and hands them over,

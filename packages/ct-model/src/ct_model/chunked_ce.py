@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from .batch import IGNORE_INDEX
 from .fused_ce import fused_linear_cross_entropy, pick_kernel
+from .matmul import accumulate_weight_grad, compute_dtype, matmul_in
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -50,6 +51,9 @@ class _ChunkedCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         d_hidden = torch.zeros_like(hidden) if need_grad else None
         d_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        # The three GEMMs per chunk run in the run's compute dtype (bf16 under autocast or with
+        # FSDP2's bf16 parameters); softmax, the loss sum and the weight-gradient sum in fp32.
+        dtype = compute_dtype(hidden)
         for start in range(0, keep.numel(), chunk):
             idx = keep[start:start + chunk]
             h, y = hidden[idx], labels[idx]
@@ -59,8 +63,8 @@ class _ChunkedCE(torch.autograd.Function):
             if need_grad:
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 g[torch.arange(idx.numel(), device=g.device), y] -= 1.0
-                d_hidden[idx] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-                d_weight += g.t() @ h.float()
+                d_hidden[idx] = matmul_in(g, weight, dtype).to(hidden.dtype)
+                accumulate_weight_grad(d_weight, g, h, dtype)
             del logits
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import SwiGLU
+from .matmul import compute_dtype
 
 
 class Router(nn.Module):
@@ -111,10 +112,13 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)
         token_idx = order // k
         offs = torch.bincount(flat, minlength=self.config.num_moe_experts).cumsum(0).to(torch.int32)
-        x = tokens[token_idx]
-        gate, up = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
-        y = y * weights.flatten()[order, None]
+        # autocast does not cover _grouped_mm: cast to the compute dtype here, as it would.
+        dtype = compute_dtype(tokens)
+        x = tokens[token_idx].to(dtype)
+        gate_up, down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        gate, up = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+        y = (y * weights.flatten()[order, None].to(dtype)).to(tokens.dtype)
         return torch.zeros_like(tokens).index_add(0, token_idx, y)
 
 
@@ -125,12 +129,19 @@ expert_implementation = "auto"
 
 
 def use_grouped_gemm(tokens: torch.Tensor, moe: MoE) -> bool:
+    """The compute dtype decides, not ``tokens.dtype``: under autocast the RMSNorm before the MoE
+    hands over fp32 tokens while every GEMM runs in bf16."""
     if expert_implementation != "auto":
         return expert_implementation == "grouped"
-    if not (tokens.is_cuda and hasattr(torch, "_grouped_mm") and tokens.dtype == torch.bfloat16):
+    if not (hasattr(torch, "_grouped_mm") and compute_dtype(tokens) == torch.bfloat16):
         return False
     aligned = moe.config.hidden_size % 8 == 0 and moe.config.moe_ffn_hidden_size % 8 == 0
-    return aligned and torch.cuda.get_device_capability(tokens.device) >= (9, 0)
+    return aligned and fast_grouped_gemm_device(tokens.device)
+
+
+def fast_grouped_gemm_device(device: torch.device) -> bool:
+    """CUDA, Hopper or newer: where torch's grouped GEMM kernels beat the per-expert loop."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, rows: int) -> torch.Tensor:

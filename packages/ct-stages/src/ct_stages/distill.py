@@ -20,7 +20,11 @@ log = logging.getLogger("ct_stages")
 _DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_teacher(config: DistillConfig, student_config, device: torch.device):
+def load_teacher(config: DistillConfig, student_config, device: torch.device,
+                 compute_dtype: torch.dtype | None = None):
+    """The frozen teacher on ``device``, in ``stage.distill.teacher_dtype`` or, when that is unset,
+    in the run's compute dtype (bf16 in a bf16 or fp8 run: the teacher's forward is then bf16
+    GEMMs at half the weight memory; an fp32 run keeps the export's own dtype)."""
     from ct_distill import OnlineTeacher
 
     if not config.teacher_path:
@@ -29,17 +33,20 @@ def load_teacher(config: DistillConfig, student_config, device: torch.device):
         raise FileNotFoundError(f"stage.distill.teacher_path={config.teacher_path}: no HF model there")
     if config.teacher_dtype not in _DTYPES:
         raise ValueError(f"stage.distill.teacher_dtype must be one of {list(_DTYPES)}, got {config.teacher_dtype!r}")
-    return OnlineTeacher.from_hf(config.teacher_path, dtype=_DTYPES[config.teacher_dtype], device=device,
+    dtype = _DTYPES[config.teacher_dtype] if config.teacher_dtype is not None else compute_dtype
+    return OnlineTeacher.from_hf(config.teacher_path, dtype=dtype, device=device,
                                  student_vocab_size=student_config.vocab_size)
 
 
 def build_teacher_annotator(config: DistillConfig, student_config, run_dir: Path, device: torch.device,
-                            total_sequences: int, cache_loader_factory, hidden: bool = False):
+                            total_sequences: int, cache_loader_factory, hidden: bool = False,
+                            compute_dtype: torch.dtype | None = None):
     """A function adding teacher targets to a microbatch (keys read by ct_distill's KD loss).
 
     ``hidden``: an online teacher without top-k hands over its final hidden states and output
-    weight instead of full logits (the chunked loss projects them chunk by chunk)."""
-    teacher = load_teacher(config, student_config, device)
+    weight instead of full logits (the chunked loss projects them chunk by chunk).
+    ``compute_dtype``: the run's (see ``load_teacher``)."""
+    teacher = load_teacher(config, student_config, device, compute_dtype)
     if config.teacher == "online":
         return lambda mb: teacher.annotate(mb, config.top_k, hidden=hidden)
     from ct_distill import TeacherCacheReader, write_teacher_cache

@@ -171,7 +171,8 @@ def build_stage(run: RunConfig, model_config, device: torch.device, cache_loader
     # A chunked loss takes an online teacher's hidden states and projects them per chunk.
     annotate = build_teacher_annotator(run.stage.distill, model_config, run.run_path, device,
                                        total_sequences, cache_loader_factory,
-                                       hidden=run.loss.chunk_tokens > 0)
+                                       hidden=run.loss.chunk_tokens > 0,
+                                       compute_dtype=run.precision.autocast_dtype)
     return Stage(run.stage, annotate, loss=run.loss)
 
 
