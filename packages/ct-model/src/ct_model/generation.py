@@ -43,7 +43,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
     caches = [KVCache() for _ in range(model.config.effective_depth)]
     outputs: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    done = [False] * len(prompts)  # on the host: one device sync per step (the .tolist()), not per row
     step_ids, step_pos = ids, positions
     for _ in range(max_new_tokens):
         mask = padded_causal_mask(key_valid, step_ids.shape[1])
@@ -52,9 +52,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         for row, token in enumerate(next_ids.tolist()):
             if not done[row]:
                 outputs[row].append(token)
-                if token in eos:
-                    done[row] = True
-        if bool(done.all()):
+                done[row] = token in eos
+        if all(done):
             break
         step_ids = next_ids[:, None]
         step_pos = step_pos[:, -1:] + 1
