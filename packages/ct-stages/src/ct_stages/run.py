@@ -25,7 +25,7 @@ from ct_parallel import main_first, megatron_can_run, shutdown_distributed
 
 from .checkpoint import CheckpointManager
 from .config import RunConfig
-from .metrics import MetricsLog, PeakFlops, Reporter, Throughput, flops_per_token, plot_loss_curve
+from .metrics import MetricsLog, PeakFlops, Reporter, Throughput, plot_loss_curve
 from .optim import build_optimizer, build_scheduler
 from .stages import Stage, StageConfig
 from .trainer import LoopState, Trainer
@@ -277,7 +277,7 @@ def _build(run: RunConfig, info: DistInfo, init_from: Path | None, peak: PeakFlo
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main, wandb=run.logging.wandb,
                          run_config=run.to_dict())
-    throughput = Throughput(flops_per_token(model_config, run.seq_len), peak, info.world_size)
+    throughput = Throughput.for_model(model_config, run.seq_len, peak, info.world_size)
     reporter = Reporter(metrics, throughput, info.device, info.is_main, run.logging.progress, run.phase.name)
     layout = {"engine": run.distributed.engine, "layout": run.distributed.to_dict()}
     checkpoints = CheckpointManager(run_dir / "checkpoints", t.keep_last_checkpoints, metadata=layout)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ct_parallel import is_distributed
 
 from .checkpoint import CheckpointManager
-from .metrics import Reporter, memory_gib
+from .metrics import Reporter, documents, memory_gib
 from .progress import Progress
 from .stages import Stage
 
@@ -226,6 +226,9 @@ class Trainer:
         return self.state
 
     def _train_step(self, batch) -> dict[str, Any]:
+        # Attention FLOPs (for MFU) follow the document lengths: counted on the host batch,
+        # before any device sees it, and outside the timed step.
+        docs = documents(batch)
         start = time.perf_counter()
         microbatches = self.stage.microbatches(batch, self.config.micro_batch_size)
         self.engine.zero_grad()
@@ -249,7 +252,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         record = {
             "event": "train", "step": self.state.step, "loss": result.loss, "lr": lr,
-            "grad_norm": grad_norm, **self.reporter.throughput.measure(result.input_tokens, seconds),
+            "grad_norm": grad_norm, **self.reporter.throughput.measure(result.input_tokens, seconds, docs),
             "step_time_s": seconds, "consumed_tokens": self.state.consumed_tokens,
             "memory_gib": memory_gib(self.reporter.device), "skipped_steps": self.state.skipped_steps,
             **({} if result.aux_loss is None else {"aux_loss": result.aux_loss}), **moe,
