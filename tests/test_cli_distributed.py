@@ -38,7 +38,7 @@ def test_ddp_two_processes_match_single_process(tmp_path, sample_dir, single_los
         if record["mfu"] is None:
             assert "above the peak" in record["mfu_note"]
         else:
-            assert record["mfu"] == pytest.approx(per_device * start["flops_per_token"] / record["peak_flops"])
+            assert record["mfu"] == pytest.approx(per_device * record["flops_per_token"] / record["peak_flops"])
             assert 0 < record["mfu"] <= 1
 
 
