@@ -378,3 +378,21 @@ def test_a_midtrain_plan_counts_the_online_teacher(capsys):
     # 1024-token chunk's fp32 teacher logits and gradient.
     assert sorted(out["extras"].values()) == sorted([PARAMS_950M * 4, 64 * 4096 * 1536 * 4, 1024 * 128_256 * 8])
     assert out["stages"][0]["extra_bytes"] == pytest.approx(sum(out["extras"].values()))
+
+
+def test_a_teacher_is_sized_from_its_config_json(capsys, tmp_path):
+    """Llama-3.1-8B's published config (bf16): 8,030,261,248 parameters, hand-counted here."""
+    meta = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128_256,
+            "max_position_embeddings": 131_072, "rms_norm_eps": 1e-5, "rope_theta": 500_000.0,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14_336 + 2 * 4096
+    params = 2 * 128_256 * 4096 + 32 * layer + 4096
+    assert params == 8_030_261_248
+    out = phase_plan(capsys, "midtrain_phase1", f"stage.distill.teacher_path={tmp_path}")
+    assert sorted(out["extras"].values()) == sorted([params * 2, 64 * 4096 * 4096 * 2, 1024 * 128_256 * 8])
+    assert out["fits"] and out["worst_total_bytes"] <= HEADROOM * out["capacity_bytes"]
+    assert plan_cli.main(["--phase", "midtrain_phase1", *RECIPE, f"stage.distill.teacher_path={tmp_path / 'none'}",
+                          "--world-size", "8"]) == 2
+    assert "stage.distill.teacher_path=" in capsys.readouterr().err
