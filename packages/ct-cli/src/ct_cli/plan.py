@@ -216,7 +216,8 @@ def teacher_extras(run, student, dp: int) -> dict[str, float]:
 
 
 def phase_plan_inputs(args: argparse.Namespace, directory: Path):
-    """(model, distributed config, workload, extras_for(world)) of the run ct-train would start."""
+    """(model, distributed config, workload, world size, extras_for(world)) of the run ct-train would
+    start with these overrides."""
     from ct_parallel.plan import PlanError, Workload
 
     from .common import run_config
