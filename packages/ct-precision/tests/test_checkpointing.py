@@ -148,3 +148,146 @@ def test_selective_recomputes_elementwise_ops_but_no_matmul_or_attention():
     # matmuls), the SiLU is recomputed.
     assert selective["mm"] == none["mm"] and selective[attention] == 0
     assert selective["silu"] == layers
+
+
+# ------------------------------------------------------------------ what selective saves, by op
+
+def test_every_saved_op_name_is_an_op_of_this_torch():
+    """A renamed or removed op must fail here, not be skipped (the policy would then recompute that
+    GEMM or attention kernel in every backward). The reference is torch's own dispatcher registry."""
+    from torch._ops import HigherOrderOperator
+
+    from ct_precision.checkpointing import MISSING_SAVED_OPS, SAVED_OP_NAMES, SAVED_OPS, resolve_op
+
+    assert MISSING_SAVED_OPS == ()
+    for name in SAVED_OP_NAMES:
+        op = resolve_op(name)
+        if name.startswith("higher_order::"):
+            assert isinstance(op, HigherOrderOperator), name
+        else:
+            torch._C._dispatch_find_schema_or_throw(name, "")  # raises for an op the dispatcher lacks
+            assert op.name() == name, (op.name(), name)
+        assert op in SAVED_OPS
+    assert len(SAVED_OPS) == len(SAVED_OP_NAMES)
+
+
+def test_selective_policy_saves_gemms_and_attention_and_recomputes_the_rest():
+    """Hand list, by the ops torch and torchao 0.18 actually call: torchao's Float8Linear and MXFP8
+    linears end in aten._scaled_mm, its FP8 MoE GEMMs in aten._scaled_grouped_mm, ct-model's CUDA MoE
+    in aten._grouped_mm, varlen attention is the torch_attn::_varlen_attn custom op (over the flash
+    or cuDNN kernels)."""
+    import torch.nn.attention.varlen  # noqa: F401  registers torch.ops.torch_attn
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from ct_precision.checkpointing import selective_policy
+
+    aten = torch.ops.aten
+    saved = [aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_mm.default,
+             aten._scaled_mm_v2.default, aten._grouped_mm.default, aten._scaled_grouped_mm.default,
+             aten._scaled_grouped_mm_v2.default, torch.ops.torch_attn._varlen_attn.default,
+             aten._flash_attention_forward.default, aten._cudnn_attention_forward.default,
+             aten._efficient_attention_forward.default, aten._scaled_dot_product_flash_attention.default,
+             aten._scaled_dot_product_flash_attention_for_cpu.default,
+             aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default,
+             torch.ops.higher_order.flex_attention, aten.max.default]
+    recomputed = [aten.silu.default, aten.mul.Tensor, aten.add.Tensor, aten.rsqrt.default, aten._to_copy.default,
+                  aten.abs.default, aten.clamp.default, aten.view.default, aten.cat.default, aten.amax.default]
+    for op in saved:
+        assert selective_policy(None, op) == CheckpointPolicy.MUST_SAVE, op
+    for op in recomputed:
+        assert selective_policy(None, op) == CheckpointPolicy.PREFER_RECOMPUTE, op
+
+
+class _ScaledLinear(torch.autograd.Function):
+    """y = x @ w.T through torch._scaled_mm on e4m3 operands (what torchao's subclass calls on CUDA;
+    the CPU kernel exists too), backward in high precision."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        one = torch.ones((), dtype=torch.float32)
+        f8 = torch.float8_e4m3fn
+        return torch._scaled_mm(x.to(f8), w.to(f8).t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return grad @ w, grad.t() @ x
+
+
+def test_selective_checkpoint_keeps_the_fp8_gemm_output():
+    """Counted in backward: under the selective policy aten._scaled_mm runs once (forward only);
+    a recompute-everything policy reruns it. Gradients equal the uncheckpointed ones."""
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from ct_precision.checkpointing import selective_policy
+
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(32, 16, generator=g), torch.randn(48, 16, generator=g)
+
+    def region(x, w):  # cos's backward needs sin's output: recomputed unless saved
+        return torch.cos(torch.sin(_ScaledLinear.apply(x, w)))
+
+    def run(policy):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if policy is None:
+            out = region(x, w)
+        else:
+            out = checkpoint(region, x, w, use_reentrant=False,
+                             context_fn=lambda: create_selective_checkpoint_contexts(policy))
+        with OpCounter() as counter:
+            out.square().sum().backward()
+        return counter.counts, x.grad, w.grad
+
+    plain, x_ref, w_ref = run(None)
+    sac, x_sac, w_sac = run(selective_policy)
+    everything, _, _ = run(lambda ctx, op, *a, **k: CheckpointPolicy.PREFER_RECOMPUTE)
+    assert plain["_scaled_mm"] == 0 and sac["_scaled_mm"] == 0 and everything["_scaled_mm"] == 1
+    # cos's own backward computes sin once; the recompute adds one more under both policies.
+    assert sac["sin"] == everything["sin"] == plain["sin"] + 1
+    torch.testing.assert_close((x_sac, w_sac), (x_ref, w_ref), rtol=0, atol=0)
+
+
+def test_selective_recomputes_no_gemm_of_fp8_linears():
+    """torchao Float8Linear (emulated on CPU): eager, the policy sees aten.mm on float8 tensor
+    subclasses; selective backward runs exactly the no-checkpointing matmuls."""
+    from ct_precision import PrecisionConfig, convert_to_fp8
+
+    config = tiny()
+    precision = PrecisionConfig(dtype="fp8", param_dtype="bfloat16", compute_dtype="bfloat16",
+                                fp8_min_matmul_elements=0)
+
+    def counts(mode):
+        model = build_model(config, seed=0)
+        convert_to_fp8(model, precision)
+        apply_activation_checkpointing(model, ActivationCheckpointConfig(mode=mode))
+        ids, labels, pos, doc = batch(config)
+        loss = F.cross_entropy(model(ids, pos, doc).flatten(0, 1), labels.flatten())
+        with OpCounter() as counter:
+            loss.backward()
+        return counter.counts
+
+    none, selective = counts("none"), counts("selective")
+    assert none["mm"] > 0 and selective["mm"] == none["mm"]
+    assert selective["silu"] == config.num_layers and none["silu"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (varlen attention is CUDA only)")
+def test_selective_does_not_rerun_varlen_attention_on_gpu():
+    """Packed documents on CUDA with attention_backend=varlen: full checkpointing reruns
+    torch_attn::_varlen_attn once per block in backward, selective never."""
+    config = tiny(attention_backend="varlen")
+
+    def counts(mode):
+        model = build_model(config, seed=0).cuda()
+        apply_activation_checkpointing(model, ActivationCheckpointConfig(mode=mode))
+        ids, labels, pos, doc = (t.cuda() for t in batch(config))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(ids, pos, doc).flatten(0, 1).float(), labels.flatten())
+        with OpCounter() as counter:
+            loss.backward()
+        return counter.counts
+
+    full, selective = counts("full"), counts("selective")
+    assert full["_varlen_attn"] == config.num_layers and selective["_varlen_attn"] == 0

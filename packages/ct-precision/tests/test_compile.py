@@ -80,3 +80,30 @@ def test_compiled_blocks_equal_eager_on_cpu(ac_mode):
 def test_inductor_compiled_blocks_equal_eager_on_gpu(ac_mode):
     torch.backends.cuda.matmul.allow_tf32 = False
     check_compiled_equals_eager("cuda", "inductor", ac_mode, 1e-5)
+
+
+# ------------------------------------------------------------------ fp8 on CUDA turns compile on
+
+@pytest.mark.parametrize("enabled, dtype, device, native, want, level", [
+    (None, "fp8", "cuda", True, True, "INFO"),      # null: on, and said so
+    (None, "fp8", "cpu", True, False, None),        # emulated FP8 on CPU: nothing changes
+    (None, "bf16", "cuda", True, False, None),
+    (None, "fp8", "cuda", False, False, None),      # megatron: FP8 in Transformer Engine, no block compile
+    (False, "fp8", "cuda", True, False, "WARNING"),  # an explicit false is kept, with a warning
+    (True, "fp8", "cpu", True, True, None),
+    (True, "bf16", "cuda", True, True, None),
+    (False, "bf16", "cuda", True, False, None),
+])
+def test_resolve_compile(enabled, dtype, device, native, want, level):
+    import logging
+
+    from ct_precision import PrecisionConfig, resolve_compile
+
+    config, note = resolve_compile(CompileConfig(enabled=enabled), PrecisionConfig.preset(dtype),
+                                   torch.device(device), engine_compiles=native)
+    assert config == CompileConfig(enabled=want)
+    if level is None:
+        assert note is None
+    else:
+        assert note[0] == getattr(logging, level) and f"compile.enabled={str(want).lower()}" in note[1]
+        assert "precision=fp8 on cuda" in note[1]

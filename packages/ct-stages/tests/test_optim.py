@@ -74,3 +74,95 @@ def test_schedule_config_errors_name_the_field():
         ScheduleConfig(name="step")
     with pytest.raises(ValueError, match="schedule.min_lr_ratio"):
         ScheduleConfig(min_lr_ratio=2.0)
+
+
+# ------------------------------------------------------------------ which Adam kernel, by device
+
+def _fake_cuda_params():
+    """Parameters that report device cuda without a GPU (FakeTensorMode: metadata only)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return [("w", torch.nn.Parameter(torch.empty(8, 4, device="cuda"))),
+                ("norm.weight", torch.nn.Parameter(torch.empty(4, device="cuda")))]
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_adam_is_fused_when_every_parameter_is_on_cuda(name):
+    opt = build_optimizer(_fake_cuda_params(), OptimizerConfig(name=name))
+    assert opt.defaults["fused"] is True and opt.defaults["foreach"] is None
+    assert all(g["fused"] is True for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_cpu_keeps_torchs_default_kernel_and_its_exact_steps(name):
+    """CPU: no flag (fused=None, foreach=None, torch's default, as before this change), and the
+    steps are bit for bit those of a plainly constructed torch optimizer."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    reference = torch.nn.Linear(5, 3)
+    reference.load_state_dict(model.state_dict())
+    config = OptimizerConfig(name=name, lr=0.01)
+    opt = build_optimizer(model.named_parameters(), config)
+    assert opt.defaults["fused"] is None and opt.defaults["foreach"] is None
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    ref_opt = cls(parameter_groups(reference.named_parameters(), config), lr=0.01, betas=config.betas, eps=config.eps)
+    x = torch.randn(7, 5)
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_mixed_devices_and_sgd_are_left_to_torch():
+    cpu = ("c", torch.nn.Parameter(torch.zeros(3, 3)))
+    opt = build_optimizer([*_fake_cuda_params(), cpu], OptimizerConfig(name="adamw"))
+    assert opt.defaults["fused"] is None
+    sgd = build_optimizer(_fake_cuda_params(), OptimizerConfig(name="sgd"))
+    assert "fused" not in sgd.defaults or sgd.defaults["fused"] is None
+
+
+def test_a_checkpoint_from_another_device_keeps_this_devices_kernel():
+    """torch's load_state_dict copies the saved groups' flags: a state dict written by a fused
+    (CUDA) optimizer must not switch a CPU run to the fused kernel."""
+    model = torch.nn.Linear(4, 4)
+    opt = build_optimizer(model.named_parameters(), OptimizerConfig(name="adamw"))
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group["fused"] = True  # as a CUDA run would have written it
+    opt.load_state_dict(saved)
+    assert all(g["fused"] is None and g["foreach"] is None for g in opt.param_groups)
+
+
+def test_fused_adamw_steps_dtensor_parameters_like_plain_ones(tmp_path):
+    """FSDP2's parameters are DTensors: the fused kernel has a DTensor sharding rule in this torch
+    (one gloo rank on CPU, which has a fused kernel too; the rule is device-independent). Three
+    steps on a Shard(0) DTensor equal three steps on the plain tensor."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        g = torch.Generator().manual_seed(0)
+        w0, grads = torch.randn(6, 4, generator=g), [torch.randn(6, 4, generator=g) for _ in range(3)]
+        plain = torch.nn.Parameter(w0.clone())
+        shard = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(0)]))
+        opts = [torch.optim.AdamW([p], lr=0.1, fused=True) for p in (plain, shard)]
+        for grad in grads:
+            plain.grad, shard.grad = grad.clone(), distribute_tensor(grad.clone(), mesh, [Shard(0)])
+            for o in opts:
+                o.step()
+        assert torch.equal(shard.full_tensor(), plain.detach())
+        assert opts[1].param_groups[0]["fused"] is True
+    finally:
+        if owns:
+            dist.destroy_process_group()

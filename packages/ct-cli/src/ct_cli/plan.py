@@ -4,6 +4,13 @@
     ct-plan model=mobilellm_950m distributed=megatron_dp_distopt --world-size 8 seq_len=2048 \\
         trainer.micro_batch_size=4 activation_checkpointing.mode=selective
     ct-plan model=deepseek_v3_671b distributed=deepseek_v3_671b --min-gpus
+    ct-plan --phase pretrain_phase1 size=recipe model=mobilellm_950m distributed=fsdp2 precision=bf16 \
+        --world-size 8
+
+``--phase NAME``: the overrides are ct-train's, composed exactly as ct-train composes them, and
+the plan is of that run: its model, layout, micro-batch, seq_len, precision (auto and fp8 plan as
+bf16: a GPU run), activation checkpointing, loss chunking and, for mid-training with an online
+teacher, the teacher's weights and targets on every GPU.
 
 Keys use ct-train's names: ``model=`` and ``distributed=`` pick configs/model/ and
 configs/distributed/ files (or a path to a YAML file), ``model.FIELD=`` / ``distributed.FIELD=``
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="card memory in 10^9 bytes (default 80)")
     p.add_argument("--min-gpus", action="store_true",
                    help="also search DP (TP, PP, EP, expert-TP as given) for the smallest world size that fits")
+    p.add_argument("--phase", help="plan this ct-train phase: the overrides are ct-train's (e.g. size=recipe)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--config-dir", help="configs/ directory (default: this checkout's)")
     return p.parse_intermixed_args(argv)  # key=value overrides may follow the flags
@@ -144,6 +153,98 @@ def world_size(args: argparse.Namespace, dist) -> int:
     return mp * data_parallel_step(dist)
 
 
+# ------------------------------------------------------------------------------- --phase mode
+
+# Bytes per element of a teacher's dtype (stage.distill.teacher_dtype, or its config.json's).
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+def _hf_model_config(directory: Path):
+    import ct_model
+
+    return ct_model.hf.config_from_hf(json.loads((directory / "config.json").read_text()),
+                                      str(directory / "config.json"))[0]
+
+
+def phase_model(run):
+    """The model the run trains: init_from's config.json when that checkpoint exists, else the
+    model section (what ct-train builds fresh; a later phase's start is the same shape)."""
+    path = run.init_path
+    if path is not None and (path / "config.json").is_file():
+        return _hf_model_config(path)
+    return run.model.resolve()
+
+
+def teacher_extras(run, student, dp: int) -> dict[str, float]:
+    """What an online KD teacher adds to every GPU (stage.kind=midtrain, backend ct): its weights
+    (whole on every rank), the targets it annotates for all of the rank's rows of a step before
+    the engine runs (final hidden states, or top-k ids + log-probs), and the chunked KD loss's
+    teacher logits and gradient for one chunk. A cached teacher is gone before training."""
+    d = run.stage.distill
+    if run.stage.kind != "midtrain" or d.backend != "ct":
+        return {}
+    import ct_model
+
+    path = Path(os.path.normpath(d.teacher_path)) if d.teacher_path else None
+    if path is None or path == run.init_path:
+        teacher, dtype, name = student, d.teacher_dtype or "fp32", "self-distillation"  # ct exports fp32
+    elif (path / "config.json").is_file():
+        meta = json.loads((path / "config.json").read_text())
+        teacher, name = _hf_model_config(path), path.name
+        dtype = d.teacher_dtype or meta.get("torch_dtype") or (meta.get("text_config") or {}).get("torch_dtype") or "fp32"
+    else:
+        raise UserFacingError(f"stage.distill.teacher_path={d.teacher_path}: no config.json there to size the "
+                              "teacher (its weights and targets are on every GPU); point it at the teacher's "
+                              "HF directory")
+    size = DTYPE_BYTES.get(str(dtype), 4)
+    rows = run.trainer.global_batch_size // dp
+    chunk = run.loss.chunk_tokens
+    extras = {}
+    if d.teacher == "online":
+        extras[f"teacher weights ({name}, {ct_model.count_parameters(teacher) / 1e9:.2f} B x {size} bytes)"] = (
+            ct_model.count_parameters(teacher) * size)
+    if d.top_k is not None:
+        per_token, what = d.top_k * (8 + 4), f"top-{d.top_k} ids and log-probs"
+    elif chunk > 0:
+        per_token, what = teacher.hidden_size * size, "final hidden states"
+    else:
+        per_token, what = teacher.vocab_size * size, "full logits"
+    extras[f"teacher targets, {what}, for the rank's {rows} rows of a step"] = rows * run.seq_len * per_token
+    if d.top_k is None and chunk > 0:
+        extras["KD loss: one chunk's teacher logits and gradient (fp32)"] = chunk * teacher.vocab_size * 8
+    return extras
+
+
+def phase_plan_inputs(args: argparse.Namespace, directory: Path):
+    """(model, distributed config, workload, world size, extras_for(world)) of the run ct-train would
+    start with these overrides."""
+    from ct_parallel.plan import PlanError, Workload
+
+    from .common import run_config
+
+    run = run_config(args.phase, args.overrides, directory)
+    model, dist = phase_model(run), run.distributed
+    world = world_size(args, dist)
+    dp = world // (dist.tensor_model_parallel_size * dist.pipeline_model_parallel_size)
+    t = run.trainer
+    if t.global_batch_size % (dp * t.micro_batch_size):
+        raise PlanError(f"trainer.global_batch_size={t.global_batch_size} is not divisible by data-parallel "
+                        f"size x trainer.micro_batch_size = {dp} x {t.micro_batch_size}")
+    work = Workload(micro_batch_size=t.micro_batch_size, seq_len=run.seq_len,
+                    # auto is bf16 on the GPUs a plan is for; FP8 linears keep their bf16 input for backward.
+                    precision="fp32" if run.precision.dtype == "fp32" else "bf16",
+                    recompute=run.activation_checkpointing.mode,
+                    recompute_every_n_blocks=run.activation_checkpointing.every_n_blocks,
+                    num_microbatches=args.num_microbatches or t.global_batch_size // (dp * t.micro_batch_size),
+                    loss_chunk_tokens=run.loss.chunk_tokens if dist.engine == "native" else 0)
+
+    def extras_for(world_size_: int) -> dict[str, float]:
+        return teacher_extras(run, model, world_size_ // (dist.tensor_model_parallel_size
+                                                          * dist.pipeline_model_parallel_size))
+
+    return model, dist, work, world, extras_for
+
+
 # ------------------------------------------------------------------------------------ printing
 
 
@@ -182,7 +283,11 @@ def render(p) -> str:
         f"sequence parallel {'on' if lay.sequence_parallel else 'off'}, {ZERO_NAMES[lay.zero]}",
         f"workload  micro-batch {w.micro_batch_size} x {w.seq_len} tokens, "
         + ("bf16 params + fp32 grads, master and AdamW moments" if w.precision == "bf16" else "fp32 params, grads, AdamW moments")
-        + f", recompute {w.recompute}, 1F1B: stage 0 holds {_in_flight(p, 0)} microbatch{"es" if _in_flight(p, 0) > 1 else ""} in flight",
+        + f", recompute {w.recompute}" + (f" every {w.recompute_every_n_blocks} blocks" if w.recompute_every_n_blocks > 1 else "")
+        + (f", 1F1B: stage 0 holds {_in_flight(p, 0)} microbatch{"es" if _in_flight(p, 0) > 1 else ""} in flight"
+           if lay.engine == "megatron" else
+           f", native engine activations (eager ct-model), loss {f'chunks of {w.loss_chunk_tokens} tokens' if w.loss_chunk_tokens else 'on full logits'}"),
+        *(f"extra     {name}: {gib(value)} GiB per GPU" for name, value in p.extras.items()),
         "",
         f"{'stage':>5}  {'layers':<8}{'params/GPU':>11}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'total':>9}  GiB",
     ]
@@ -223,13 +328,18 @@ def run(args: argparse.Namespace) -> int:
     from ct_parallel.plan import plan, smallest_fitting
 
     directory = config_dir(args.config_dir)
-    overrides = split_overrides(args.overrides)
-    model = model_config(overrides, directory)
-    dist = distributed_config(overrides, directory)
-    work = workload(overrides, model, args.num_microbatches)
+    extras_for = None
+    if args.phase:
+        model, dist, work, world, extras_for = phase_plan_inputs(args, directory)
+    else:
+        overrides = split_overrides(args.overrides)
+        model = model_config(overrides, directory)
+        dist = distributed_config(overrides, directory)
+        work = workload(overrides, model, args.num_microbatches)
+        world = world_size(args, dist)
     options = dict(gpu_memory_gb=args.gpu_memory_gb, gpus_per_node=args.gpus_per_node)
-    result = plan(model, dist, world_size(args, dist), work, **options)
-    smallest = smallest_fitting(model, dist, work, **options) if args.min_gpus else None
+    result = plan(model, dist, world, work, extras=extras_for(world) if extras_for else None, **options)
+    smallest = smallest_fitting(model, dist, work, extras_for=extras_for, **options) if args.min_gpus else None
     if args.json:
         out = result.to_dict()
         if args.min_gpus:

@@ -19,14 +19,20 @@ data-parallel ranks: dense weights over DP = world / (TP x PP), experts over the
 ranks EDP = world / (expert-TP x EP x PP). ZeRO-3 (the native engine's FSDP2) divides all of it
 over DP, and adds two blocks of gathered parameters in the compute dtype (current + prefetched).
 
-Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
-Models", sec. 4), term by term, 16-bit tensors, per layer and microbatch of T = s x b tokens:
-every tensor that backward needs, at 2 bytes an element. See ``layer_activation_bytes``.
+Activations, by engine. Megatron: Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+Large Transformer Models", sec. 4), term by term, 16-bit tensors, per layer and microbatch of
+T = s x b tokens: every tensor that backward needs, at 2 bytes an element
+(``layer_activation_bytes``). Native engines (single, DDP, FSDP2): what ct-model's eager block
+actually saves, op by op, in its dtypes (``native_layer_activation_bytes``: fp32 norms, the
+per-linear autocast copies, SiLU's input and output; flash-style attention keeps no softmax),
+checked against a CPU measurement in tests/test_plan.py; selective and full checkpointing as
+ct_precision applies them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from ct_model.config import ModelConfig
@@ -57,11 +63,19 @@ class Workload:
     recompute: str = "none"
     # Microbatches per step per data-parallel replica; None: at least PP (the 1F1B steady state).
     num_microbatches: int | None = None
+    # Checkpoint blocks 0, N, 2N, ... (native engines; megatron's block method: the first ceil(L/N)).
+    recompute_every_n_blocks: int = 1
+    # Native engines: the loss projects this many tokens to logits at a time (loss.chunk_tokens;
+    # 0: the full [tokens, vocab] logits). Megatron computes full (vocab-parallel) logits.
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         # Named as ct-train and ct-plan's command line name them.
         _positive(self.micro_batch_size, "trainer.micro_batch_size")
         _positive(self.seq_len, "seq_len")
+        _positive(self.recompute_every_n_blocks, "activation_checkpointing.every_n_blocks")
+        if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
+            raise PlanError(f"loss.chunk_tokens must be an integer >= 0, got {self.loss_chunk_tokens!r}")
         if self.num_microbatches is not None:
             _positive(self.num_microbatches, "--num-microbatches")
         if self.precision not in PRECISIONS:
@@ -84,10 +98,14 @@ class Layout:
     zero: int  # 0: replicated optimizer, 1: megatron's distributed optimizer, 3: FSDP2
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    # "megatron" or "native": which activation bookkeeping applies.
+    engine: str = "megatron"
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep", "etp", "dp", "world_size"):
             _positive(getattr(self, name), f"layout.{name}")
+        if self.engine not in ("megatron", "native"):
+            raise PlanError(f"layout.engine must be megatron or native, got {self.engine!r}")
         if self.zero not in (0, 1, 3):
             raise PlanError(f"layout.zero must be 0, 1 or 3, got {self.zero!r}")
         if self.world_size != self.tp * self.pp * self.dp:
@@ -116,7 +134,7 @@ class Layout:
         return cls(tp=tp, pp=pp, ep=ep, etp=etp, dp=world_size // (tp * pp), world_size=world_size,
                    sequence_parallel=d.sequence_parallel, zero=zero,
                    first_stage_layers=d.num_layers_in_first_pipeline_stage,
-                   last_stage_layers=d.num_layers_in_last_pipeline_stage)
+                   last_stage_layers=d.num_layers_in_last_pipeline_stage, engine=d.engine)
 
 
 def _positive(value, name: str) -> None:
@@ -283,6 +301,71 @@ def layer_activation_bytes(c: ModelConfig, index: int, lay: Layout, work: Worklo
     return tokens_whole * whole + tokens * split / t + routed
 
 
+def native_dtypes(lay: Layout, work: Workload) -> tuple[int, int, bool]:
+    """(residual-stream bytes, compute bytes, whether each linear casts its own input copy) of the
+    native engines: fp32 everywhere; FSDP2 bf16 (MixedPrecisionPolicy: bf16 parameters, so a bf16
+    residual stream and one input shared by q/k/v and by gate/up); single/DDP bf16 (fp32 weights
+    under bf16 autocast: an fp32 residual stream, and autocast casts the input once per linear)."""
+    if work.precision == "fp32":
+        return 4, 4, False
+    if lay.zero == 3:
+        return 2, 2, False
+    return 4, 2, True
+
+
+def native_layer_activation_bytes(c: ModelConfig, index: int, lay: Layout, work: Workload, mode: str) -> float:
+    """Bytes block ``index`` keeps for backward on a native engine, one microbatch (no TP or PP).
+
+    ``mode`` "none": every tensor ct-model's eager block saves, per token (R residual, C compute
+    bytes from ``native_dtypes``; h hidden, q = heads x head dim, k = groups x head dim, f ffn):
+    - each of the two RMSNorms, 8h + 4: torch's composite rms_norm keeps its input and the
+      normalised output in fp32, and an fp32 rstd (CUDA's fused kernel keeps the input and rstd
+      only, so on a GPU this over-counts by up to 2 x 4h);
+    - QK-norm (qk_layernorm): fp32 q and k, 4(q + k), and an rstd per head, 4(heads + groups);
+    - linear inputs, C each: the attention input (three copies under autocast: q, k and v each
+      cast it), o_proj's input q, the MLP input (two copies under autocast), down_proj's input f;
+    - attention (flash-style: SDPA, varlen or flex, never the softmax): q, k, v and the output, C
+      each, and an fp32 logsumexp per head;
+    - SwiGLU: gate, SiLU(gate) and up, 3·C·f.
+    mobilellm_950m under bf16 autocast: 107,744 bytes (105.2 KiB) per token; measured on CPU.
+    "selective" keeps what ct_precision's policy saves: every GEMM's output (q, k, v, o_proj, gate,
+    up, down), the attention output and logsumexp, and the block input (R·h). "full" keeps the
+    block input. MoE and MLA blocks use the Korthikanti terms without core attention (not measured).
+    """
+    r, cb, autocast = native_dtypes(lay, work)
+    tokens = work.seq_len * work.micro_batch_size
+    h, a, g, d, f = c.hidden_size, c.num_attention_heads, c.num_query_groups, c.kv_channels, c.ffn_hidden_size
+    if mode == "full":
+        return tokens * r * h
+    if c.multi_latent_attention or c.is_moe_layer(index):
+        return layer_activation_bytes(c, index, lay, work, core_attention=False)
+    q, k = a * d, g * d
+    if mode == "selective":
+        return tokens * (cb * (q + 2 * k + 2 * h + 2 * f) + cb * q + 4 * a + r * h)
+    norms = 2 * (8 * h + 4) + ((4 * (q + k) + 4 * (a + g)) if c.qk_layernorm else 0)
+    attn_copies, mlp_copies = (3, 2) if autocast else (1, 1)
+    linear_inputs = cb * (attn_copies * h + q + mlp_copies * h + f)
+    attention = cb * (2 * q + 2 * k) + 4 * a
+    return tokens * (norms + linear_inputs + attention + 3 * cb * f)
+
+
+def native_output_bytes(c: ModelConfig, lay: Layout, work: Workload) -> float:
+    """The native engines' loss end, one microbatch: the final RMSNorm (8h + 4 per token, as
+    above), then either the full logits (C·V, their fp32 copy and the log-softmax, 8·V per token)
+    or, chunked (loss.chunk_tokens, ct_model.chunked_ce): the gradient of the hidden states (R·h
+    per token), the output weight's fp32 gradient (4·V·h) and, while a chunk is in flight, its
+    logits (C·V + 4·V per token of the chunk), the softmax cast back (C·V) and the chunk's fp32
+    weight-gradient term (4·V·h). Fused CE kernels (cut-cross-entropy, Liger) need less."""
+    r, cb, _ = native_dtypes(lay, work)
+    tokens = work.seq_len * work.micro_batch_size
+    h, v = c.hidden_size, c.vocab_size
+    norm = tokens * (8 * h + 4)
+    if work.loss_chunk_tokens == 0:
+        return norm + tokens * (cb + 8) * v
+    chunk = min(work.loss_chunk_tokens, tokens)
+    return norm + tokens * r * h + 2 * 4 * v * h + chunk * v * (2 * cb + 4)
+
+
 def output_activation_bytes(c: ModelConfig, lay: Layout, work: Workload) -> float:
     """The last stage's extra (Korthikanti sec. 4.3): final-norm and output-layer inputs 2 x 2h and
     the fp32 logits of the cross-entropy, 4 V / TP, per token."""
@@ -298,15 +381,35 @@ def in_flight(lay: Layout, work: Workload, stage: int) -> int:
     return min(lay.pp - stage, m)
 
 
+def native_stage_activation_bytes(c: ModelConfig, lay: Layout, work: Workload, layers: range,
+                                  recompute: str) -> float:
+    """Native engines (one stage, one microbatch in flight): each block's bytes as checkpointed
+    or not (blocks 0, N, 2N, ...), plus, when any block is checkpointed, one block's full set once:
+    backward recomputes a checkpointed block whole before running its backward."""
+    def checkpointed(i: int) -> bool:
+        return recompute != "none" and i % work.recompute_every_n_blocks == 0
+
+    kept = sum(native_layer_activation_bytes(c, i, lay, work, recompute if checkpointed(i) else "none")
+               for i in layers)
+    recomputed = [native_layer_activation_bytes(c, i, lay, work, "none") for i in layers if checkpointed(i)]
+    return kept + max(recomputed, default=0.0) + native_output_bytes(c, lay, work)
+
+
 def stage_activation_bytes(c: ModelConfig, lay: Layout, work: Workload, stage: int, layers: range,
                            recompute: str) -> float:
+    if lay.engine == "native":
+        return native_stage_activation_bytes(c, lay, work, layers, recompute)
     n = in_flight(lay, work, stage)
     if recompute == "full":
-        # Each block keeps only its input (2h per token); in backward one block at a time is
-        # recomputed whole, so the largest block's activations come on top, once.
+        # Each recomputed block keeps only its input (2h per token); in backward one block at a
+        # time is recomputed whole, so the largest block's activations come on top, once.
+        # every_n_blocks=N: megatron's block method recomputes the first ceil(L/N) layers.
+        count = math.ceil(len(layers) / work.recompute_every_n_blocks)
+        recomputed, plain = layers[:count], layers[count:]
         tokens_whole = work.seq_len * work.micro_batch_size / (lay.tp if lay.sequence_parallel else 1)
-        kept = n * len(layers) * tokens_whole * 2 * c.hidden_size
-        kept += max((layer_activation_bytes(c, i, lay, work, True) for i in layers), default=0.0)
+        kept = n * len(recomputed) * tokens_whole * 2 * c.hidden_size
+        kept += n * sum(layer_activation_bytes(c, i, lay, work, True) for i in plain)
+        kept += max((layer_activation_bytes(c, i, lay, work, True) for i in recomputed), default=0.0)
     else:
         per_mb = sum(layer_activation_bytes(c, i, lay, work, recompute == "none") for i in layers)
         kept = n * per_mb
@@ -329,13 +432,17 @@ class StageMemory:
     activation_bytes: float
     # Activations of this stage under each recompute mode, for comparison.
     activation_bytes_by_recompute: dict[str, float] = field(default_factory=dict)
+    # What the run holds besides its own model on every GPU (an online KD teacher: Plan.extras).
+    extra_bytes: float = 0.0
 
     @property
     def total_bytes(self) -> float:
-        return self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.activation_bytes
+        return (self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.activation_bytes
+                + self.extra_bytes)
 
 
-def stage_memory(c: ModelConfig, lay: Layout, work: Workload, stage: int, layers: range) -> StageMemory:
+def stage_memory(c: ModelConfig, lay: Layout, work: Workload, stage: int, layers: range,
+                 extra_bytes: float = 0.0) -> StageMemory:
     dense, expert = stage_params(c, lay, stage, layers)
     if lay.zero == 3:
         bp, bg, bo = ZERO3_BYTES
@@ -351,7 +458,7 @@ def stage_memory(c: ModelConfig, lay: Layout, work: Workload, stage: int, layers
     return StageMemory(stage=stage, layers=[layers.start, layers.stop - 1] if len(layers) else [],
                        parameters=dense + expert, parameter_bytes=params_b, gradient_bytes=grads_b,
                        optimizer_bytes=opt_b, activation_bytes=by_mode[work.recompute],
-                       activation_bytes_by_recompute=by_mode)
+                       activation_bytes_by_recompute=by_mode, extra_bytes=extra_bytes)
 
 
 @dataclass(frozen=True)
@@ -366,6 +473,8 @@ class Plan:
     gpus_per_node: int
     # Interleaved 1F1B's model chunks per rank; planned as plain 1F1B, reported so the CLI can say so.
     virtual_stages: int = 1
+    # Named per-GPU bytes outside the model (e.g. an online teacher), in every stage's total.
+    extras: dict[str, float] = field(default_factory=dict)
 
     @property
     def worst(self) -> StageMemory:
@@ -389,12 +498,14 @@ class Plan:
             "worst_stage": worst.stage, "worst_total_bytes": worst.total_bytes,
             "capacity_bytes": self.capacity_bytes, "fits": self.fits,
             "gpus_per_node": self.gpus_per_node, "nodes": self.nodes, "virtual_stages": self.virtual_stages,
+            "extras": dict(self.extras),
         }
 
 
 def plan(c: ModelConfig, d: DistributedConfig, world_size: int, work: Workload, *,
-         gpu_memory_gb: float = 80.0, gpus_per_node: int = 8) -> Plan:
-    """Per-GPU memory of every pipeline stage of ``c`` laid out as ``d`` on ``world_size`` GPUs."""
+         gpu_memory_gb: float = 80.0, gpus_per_node: int = 8, extras: dict[str, float] | None = None) -> Plan:
+    """Per-GPU memory of every pipeline stage of ``c`` laid out as ``d`` on ``world_size`` GPUs.
+    ``extras``: named bytes every GPU holds besides the model (added to each stage's total)."""
     from ct_model import count_active_parameters, count_parameters
 
     if not gpu_memory_gb > 0:
@@ -402,10 +513,12 @@ def plan(c: ModelConfig, d: DistributedConfig, world_size: int, work: Workload, 
     _positive(gpus_per_node, "gpus_per_node")
     lay = Layout.from_distributed(d, world_size)
     check_divides(c, lay, work)
-    stages = [stage_memory(c, lay, work, s, r) for s, r in enumerate(stage_layer_ranges(c, lay))]
+    extras = dict(extras or {})
+    stages = [stage_memory(c, lay, work, s, r, sum(extras.values())) for s, r in enumerate(stage_layer_ranges(c, lay))]
     return Plan(model=c.name, total_parameters=count_parameters(c), active_parameters=count_active_parameters(c),
                 layout=lay, workload=work, stages=stages, capacity_bytes=gpu_memory_gb * 1e9,
-                gpus_per_node=gpus_per_node, virtual_stages=d.virtual_pipeline_model_parallel_size or 1)
+                gpus_per_node=gpus_per_node, virtual_stages=d.virtual_pipeline_model_parallel_size or 1,
+                extras=extras)
 
 
 def data_parallel_step(d: DistributedConfig) -> int:
@@ -416,27 +529,34 @@ def data_parallel_step(d: DistributedConfig) -> int:
 
 
 def smallest_fitting(c: ModelConfig, d: DistributedConfig, work: Workload, *, gpu_memory_gb: float = 80.0,
-                     gpus_per_node: int = 8, max_world_size: int = 1 << 20) -> Plan | None:
+                     gpus_per_node: int = 8, max_world_size: int = 1 << 20,
+                     extras_for: Callable[[int], dict[str, float]] | None = None) -> Plan | None:
     """The smallest world size for the given TP, PP, EP and expert-TP whose worst stage fits:
     the search runs over data parallelism only (DP = k x the smallest valid DP), which under
     ZeRO-1/3 divides the optimizer state (and under ZeRO-3 everything) and changes nothing else.
-    None when no DP fits (what stays per GPU as DP grows is already too big)."""
+    None when no DP fits (what stays per GPU as DP grows is already too big). ``extras_for``: the
+    plan's extras at a world size (an online teacher's per-rank batch shrinks as DP grows)."""
+
+    def at(world: int) -> Plan:
+        return plan(c, d, world, work, gpu_memory_gb=gpu_memory_gb, gpus_per_node=gpus_per_node,
+                    extras=extras_for(world) if extras_for else None)
+
     step = data_parallel_step(d)
     mp = d.tensor_model_parallel_size * d.pipeline_model_parallel_size
-    first = plan(c, d, mp * step, work, gpu_memory_gb=gpu_memory_gb, gpus_per_node=gpus_per_node)
+    first = at(mp * step)
     if first.fits:
         return first
     if first.layout.zero == 0:
         return None  # nothing divides by DP
     k_hi = max_world_size // (mp * step)
-    last = plan(c, d, mp * step * k_hi, work, gpu_memory_gb=gpu_memory_gb, gpus_per_node=gpus_per_node)
+    last = at(mp * step * k_hi)
     if not last.fits:
         return None
     lo, hi = 1, k_hi  # memory falls monotonically with DP: bisect for the smallest k that fits
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if plan(c, d, mp * step * mid, work, gpu_memory_gb=gpu_memory_gb, gpus_per_node=gpus_per_node).fits:
+        if at(mp * step * mid).fits:
             hi = mid
         else:
             lo = mid
-    return plan(c, d, mp * step * hi, work, gpu_memory_gb=gpu_memory_gb, gpus_per_node=gpus_per_node)
+    return at(mp * step * hi)

@@ -7,10 +7,11 @@
   backward. ``every_n_blocks=N`` checkpoints blocks 0, N, 2N, ... (torchtitan's layer-level
   frequency): N=1 is the least memory, larger N trades memory for less recompute.
 - ``selective``: per-op selective checkpointing (torch's ``create_selective_checkpoint_contexts``,
-  as torchtitan's op-level SAC): the outputs of matmuls (aten.mm/addmm/bmm) and attention kernels
-  (aten._scaled_dot_product_*, flex attention) are saved, everything else (norms, RoPE, SiLU,
-  products, reshapes) is recomputed. The expensive ops never run twice; the cheap, memory-heavy
-  elementwise outputs are not stored. ``every_n_blocks`` applies here too.
+  as torchtitan's op-level SAC): the outputs of every GEMM (plain, FP8 scaled, grouped) and every
+  attention kernel (SDPA's, flash/cuDNN, varlen, flex) are saved (``SAVED_OP_NAMES``), everything
+  else (norms, RoPE, SiLU, products, reshapes, FP8 casts) is recomputed. The expensive ops never
+  run twice; the cheap, memory-heavy elementwise outputs are not stored. ``every_n_blocks``
+  applies here too.
 
 How blocks are wrapped: each chosen block's class is swapped for a subclass whose ``forward`` runs
 the original one under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` (the approach
@@ -24,6 +25,7 @@ nothing to save, and a recompute must not append to the cache twice.
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,21 +36,56 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 MODES = ("none", "full", "selective")
 
-_aten = torch.ops.aten
+# The ops whose outputs selective checkpointing saves, as "namespace::name" (their default
+# overload). What reaches the policy depends on the path, so each family is listed whole:
+# - GEMMs. Eager FP8 (torchao Float8Linear) shows the policy aten.mm on float8 tensor subclasses
+#   (dispatch modes run before subclasses); compiled, the joint graph holds what torchao's
+#   subclass calls: aten._scaled_mm (tensorwise, rowwise and MXFP8 linears all end there). MoE
+#   experts: aten._grouped_mm (bf16, ct-model's CUDA path) and aten._scaled_grouped_mm (torchao's
+#   FP8/MXFP8 grouped GEMMs). The _v2 ops are what torch.nn.functional.scaled_mm /
+#   scaled_grouped_mm call (torchao's blockwise-FP8 and FP4 paths).
+# - Attention. SDPA's kernels; varlen_attn (packed documents on CUDA) is the custom op
+#   torch_attn::_varlen_attn, which calls aten::_flash_attention_forward or
+#   aten::_cudnn_attention_forward (listed too, for code that calls them directly); flex attention
+#   is a higher-order op (higher_order::flex_attention).
+# - aten::max: FP8 tensorwise scaling's amax, one scalar per cast (torchtitan saves it too): the
+#   recompute then skips a full read of the activation to find its scale.
+# A name that no longer resolves fails tests/test_checkpointing.py rather than silently
+# recomputing a GEMM; at run time it is skipped (MISSING_SAVED_OPS) so an older torch still runs.
+SAVED_OP_NAMES = (
+    "aten::mm", "aten::addmm", "aten::bmm",
+    "aten::_scaled_mm", "aten::_scaled_mm_v2",
+    "aten::_grouped_mm", "aten::_scaled_grouped_mm", "aten::_scaled_grouped_mm_v2",
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_flash_attention_forward", "aten::_efficient_attention_forward", "aten::_cudnn_attention_forward",
+    "torch_attn::_varlen_attn",
+    "higher_order::flex_attention",
+    "aten::max",
+)
 
 
-def _saved_ops() -> frozenset:
-    """The ops whose outputs selective checkpointing saves: matmuls and attention kernels."""
-    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward")
-    ops = {getattr(_aten, n).default for n in names if hasattr(_aten, n)}
-    if hasattr(torch.ops.higher_order, "flex_attention"):
-        ops.add(torch.ops.higher_order.flex_attention)
-    return frozenset(ops)
+def resolve_op(qualified: str):
+    """``namespace::name`` -> the op the selective policy receives (an OpOverload's default, or a
+    higher-order op). Raises AttributeError when this torch has no such op."""
+    namespace, name = qualified.split("::")
+    if namespace == "torch_attn":
+        importlib.import_module("torch.nn.attention.varlen")  # registers the torch_attn custom ops
+    packet = getattr(getattr(torch.ops, namespace), name)
+    return packet if namespace == "higher_order" else packet.default
 
 
-SAVED_OPS = _saved_ops()
+def _saved_ops() -> tuple[frozenset, tuple[str, ...]]:
+    ops, missing = set(), []
+    for qualified in SAVED_OP_NAMES:
+        try:
+            ops.add(resolve_op(qualified))
+        except (AttributeError, ImportError):
+            missing.append(qualified)
+    return frozenset(ops), tuple(missing)
+
+
+SAVED_OPS, MISSING_SAVED_OPS = _saved_ops()
 
 
 @dataclass(frozen=True)
@@ -77,7 +114,7 @@ class ActivationCheckpointConfig:
 
 
 def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Save matmul and attention outputs; recompute everything else."""
+    """Save GEMM and attention outputs (``SAVED_OPS``); recompute everything else."""
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 

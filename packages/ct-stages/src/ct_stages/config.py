@@ -12,6 +12,7 @@ dataclass validates itself.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -23,7 +24,7 @@ from typing import Any
 import ct_model
 from ct_model import UserError
 from ct_parallel import DistributedConfig
-from ct_precision import ActivationCheckpointConfig, CompileConfig, PrecisionConfig
+from ct_precision import AUTO, ActivationCheckpointConfig, CompileConfig, PrecisionConfig, resolve_compile
 
 from .optim import OptimizerConfig, ScheduleConfig
 from .stages import LossConfig, StageConfig
@@ -151,7 +152,9 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # auto: bf16 on CUDA, fp32 on CPU, resolved once at setup (resolved_for); precision=fp32|bf16|fp8
+    # (configs/precision/) is kept as chosen.
+    precision: PrecisionConfig = field(default_factory=lambda: PrecisionConfig(dtype=AUTO))
     activation_checkpointing: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -180,6 +183,19 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
         return build_section(cls, values, "")
+
+    def resolved_for(self, device) -> tuple["RunConfig", list[tuple[int, str]]]:
+        """This configuration with its device-dependent defaults decided for ``device`` (a
+        torch.device): precision.dtype=auto (bf16 on CUDA, fp32 elsewhere) and compile.enabled=null
+        (on for fp8 on CUDA with the native engine); plus the (log level, line)s that say what was
+        chosen and why. Explicit values are kept; setup calls this once, after the device is known."""
+        precision, why = self.precision.resolve(device)
+        notes = [(logging.INFO, why)]
+        compiled, note = resolve_compile(self.compile, precision, device,
+                                         engine_compiles=self.distributed.engine == "native")
+        if note is not None:
+            notes.append(note)
+        return dataclasses.replace(self, precision=precision, compile=compiled), notes
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -55,14 +55,48 @@ def parameter_groups(named_params, config: OptimizerConfig) -> list[dict]:
     ]
 
 
+def adam_kernel(groups: list[dict]) -> dict:
+    """Keyword arguments choosing Adam(W)'s implementation for these parameter groups.
+
+    All on CUDA: ``fused=True``, one kernel per step for every tensor (torch's default there is
+    the foreach path, a dozen multi-tensor kernels per step with an intermediate per tensor).
+    It takes FSDP2's DTensor parameters (torch registers _fused_adamw_ with DTensor sharding rules;
+    ``DTensor.device`` is the local shards' CUDA device) and the fp32 main copies megatron's
+    optimizer wrappers swap in (plain CUDA tensors). Anything else, CPU included: nothing, torch's
+    own default, so CPU runs step exactly as before."""
+    params = [p for group in groups for p in group["params"]]
+    if params and all(p.device.type == "cuda" and torch.is_floating_point(p) for p in params):
+        return {"fused": True}
+    return {}
+
+
+def _keep_kernel(kernel: dict):
+    """A load_state_dict post-hook: torch's load copies the saved groups' flags (fused, foreach)
+    over the current ones, so a checkpoint written on another device would pick this run's
+    kernel. Put this device's choice back, with ``step`` where that kernel keeps it (fused: a
+    float32 tensor on the parameter's device)."""
+
+    def hook(optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            group["fused"], group["foreach"] = kernel.get("fused"), None
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if kernel.get("fused") and torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(dtype=torch.float32, device=p.device)
+
+    return hook
+
+
 def build_optimizer(named_params, config: OptimizerConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(named_params, config)
-    if config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
-    if config.name == "adam":
-        # Adam's weight decay is L2 on the gradient; groups still exempt norms.
-        return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.eps)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    if config.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    kernel = adam_kernel(groups)
+    # adam: weight decay is L2 on the gradient; groups still exempt norms.
+    cls = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
+    optimizer = cls(groups, lr=config.lr, betas=config.betas, eps=config.eps, **kernel)
+    optimizer.register_load_state_dict_post_hook(_keep_kernel(kernel))
+    return optimizer
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Run one phase from a RunConfig: ``setup`` builds everything, ``Trainer.fit`` trains, ``finish``
 exports, and ``close`` releases what setup took (loader threads, wandb, process groups).
 
-setup order: refuse unsupported layouts -> process groups -> peak FLOP/s (before any other work)
--> run directory -> sample data and tokenizer -> model (fresh or from the previous phase's HF
+setup order: refuse unsupported layouts -> process groups -> device defaults (precision=auto, TF32,
+fp8 -> compile; decided once, logged) -> peak FLOP/s (before any other work) -> run directory -> sample data and tokenizer -> model (fresh or from the previous phase's HF
 export) -> data -> stage -> engine, optimizer, schedule -> trainer -> resume.
 """
 
@@ -22,6 +22,7 @@ from ct_model import UserError
 from ct_parallel import (DistInfo, barrier, build_engine, check_combination, check_recompute_combination,
                          init_distributed, is_distributed)
 from ct_parallel import main_first, megatron_can_run, shutdown_distributed
+from ct_precision import apply_tf32
 
 from .checkpoint import CheckpointManager
 from .config import RunConfig
@@ -225,12 +226,27 @@ def _start_run_dir(run: RunConfig, is_main: bool) -> Path:
     return run_dir
 
 
+def resolve_device_settings(run: RunConfig, info: DistInfo) -> RunConfig:
+    """The run as this process's device runs it: precision.dtype=auto -> bf16 on CUDA / fp32 on
+    CPU, compile on for fp8 on CUDA (native engines), and CUDA's TF32 mode set for the process.
+    The main rank logs each choice and its reason. Everything after setup sees only the result."""
+    resolved, notes = run.resolved_for(info.device)
+    tf32 = apply_tf32(resolved.precision, info.device)
+    if tf32 is not None:
+        notes.append((logging.INFO, tf32))
+    if info.is_main:
+        for level, line in notes:
+            log.log(level, line)
+    return resolved
+
+
 def setup(run: RunConfig) -> Phase:
     check_supported(run)
     init_from = resolve_init_from(run)
     owns_process_group = not is_distributed()
     info = init_distributed(run.distributed)
     try:
+        run = resolve_device_settings(run, info)
         # Measured first, before data building or prefetch threads compete for the cores.
         peak = PeakFlops.for_device(info.device, run.logging.peak_flops)
         try:
