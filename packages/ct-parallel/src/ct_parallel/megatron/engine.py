@@ -142,7 +142,10 @@ class MegatronEngine:
         self.dist_config = dist_config
         self.bf16 = autocast_dtype == torch.bfloat16
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.config = transformer_config(self.model_config, dist_config, bf16=False, recompute=recompute, fp8=fp8)
+        # Built in the precision it runs in: bf16 sets params_dtype and pipeline_dtype (the p2p
+        # buffers stage 0 fills with bf16 activations) and makes the local attention softmax
+        # upcast (FusedScaleMaskSoftmax reads config.bf16 when it is built, not later).
+        self.config = transformer_config(self.model_config, dist_config, bf16=self.bf16, recompute=recompute, fp8=fp8)
         self.te = use_transformer_engine(dist_config)
         self.thd = use_thd(self.te)
         chunks = build_gpt_chunks(self.model_config, self.config, self.te, thd=self.thd)
@@ -154,7 +157,9 @@ class MegatronEngine:
         chunks = [c.to(self.device) for c in chunks]
         if self.bf16:
             from megatron.core.transformer.module import Float16Module
-            self.config.bf16 = True
+            # The chunks already hold bf16 weights (params_dtype; the bridge rounded the fp32
+            # ct-model weights into them); Float16Module casts what else is floating (buffers,
+            # a modelopt teacher) and the first stage's inputs.
             chunks = [Float16Module(self.config, c) for c in chunks]
         self.ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -242,7 +247,8 @@ class MegatronEngine:
         if teacher_config.vocab_size != self.model_config.vocab_size:
             raise ValueError(f"stage.distill.backend=modelopt: the teacher's vocab_size {teacher_config.vocab_size} "
                              f"differs from the student's {self.model_config.vocab_size} (model.vocab_size)")
-        tconfig = transformer_config(teacher_config, self.dist_config, bf16=False, recompute=recompute)
+        # The teacher runs inside the student's Float16Module: the same precision fields.
+        tconfig = transformer_config(teacher_config, self.dist_config, bf16=self.bf16, recompute=recompute)
         (teacher_chunk,) = build_gpt_chunks(teacher_config, tconfig, self.te, thd=self.thd)
         teacher_state = {k: v.detach().to("cpu", torch.float32) for k, v in teacher.state_dict().items()}
         bridge.load_ct_state_dict([teacher_chunk], teacher_state, teacher_config)

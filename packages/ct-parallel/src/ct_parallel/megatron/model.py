@@ -192,7 +192,11 @@ def transformer_config(model_config: ModelConfig, dist_config: DistributedConfig
 
     ``recompute``: recompute_granularity / recompute_method / recompute_num_layers fields
     (ct_parallel.recompute.megatron_recompute), none by default. ``fp8``: the fp8 / fp8_recipe
-    fields (ct_parallel.precision.megatron_fp8_fields), none by default."""
+    fields (ct_parallel.precision.megatron_fp8_fields), none by default. ``bf16``: the precision
+    the chunks run in, given here and not set afterwards: it makes the parameters (params_dtype)
+    and the pipeline's p2p buffers (pipeline_dtype) bf16, and modules read it when they are built
+    (the local attention upcasts its softmax to fp32 only for bf16 inputs, which it learns from
+    config.bf16). attention_softmax_in_fp32 is on either way."""
     check_supported(model_config, dist_config)
     c = model_config
     on_gpu = torch.cuda.is_available()
