@@ -150,6 +150,8 @@ def _assert_bf16_layout_matches_native(r: dict, noise: dict) -> None:
     # Built in bf16, not flipped to it afterwards: bf16 p2p buffers, attention softmax upcast to fp32.
     assert r["config"] == {"bf16": True, "params_dtype": "torch.bfloat16", "pipeline_dtype": "torch.bfloat16"}, r
     assert r["softmax_in_fp32"], r
+    # The CE receives bf16 logits (megatron upcasts one shard inside its CE), not an fp32 copy.
+    assert r["logits_dtypes"] == ["torch.bfloat16"], r
     # Megatron holds every weight in bf16 (the native reference: fp32 weights under autocast), so
     # the loss agrees to bf16 resolution, 2^-8 (measured: 4.2e-4 TP2, 4.0e-4 PP2); gradients and
     # updates differ from it by about what bf16 moves the native engine from fp32 (measured

@@ -57,12 +57,19 @@ def _attention_mask(mb: Microbatch) -> torch.Tensor:
 
 
 def _loss_on_vocab_shards(loss_fn: LossFn, mb: Microbatch, logits: torch.Tensor) -> torch.Tensor:
-    """``loss_fn`` on this rank's vocabulary shard of the logits [B, T, vocab / TP].
+    """``loss_fn`` on this rank's vocabulary shard of the logits [B, T, vocab / TP] (all of it at TP=1).
 
-    A loss with its own shard implementation (``ct_model.batch.on_vocab_shards``: the KD losses)
-    runs it; cross-entropy (a loss marked ``next_token_cross_entropy``) runs as megatron's
-    vocab-parallel cross-entropy: each rank keeps its shard, only per-token max and sum-exp are
-    all-reduced over TP. Other losses get the full vocabulary, gathered (differentiably) over TP."""
+    Cross-entropy (a loss marked ``next_token_cross_entropy``) runs as megatron's vocab-parallel
+    cross-entropy at every TP size, as GPTModel's own loss does: it upcasts the (bf16) shard to
+    fp32 once, in place of the softmax it keeps for backward, and only per-token max and sum-exp
+    are all-reduced over TP. A loss with its own shard implementation
+    (``ct_model.batch.on_vocab_shards``: the KD losses) runs it; other losses get the full
+    vocabulary, gathered (differentiably) over TP. Those upcast themselves where they need to."""
+    if is_next_token_cross_entropy(loss_fn):
+        labels = mb["labels"]
+        scored = labels != IGNORE_INDEX
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.masked_fill(~scored, 0))
+        return (per_token * scored).sum()
     if ps.get_tensor_model_parallel_world_size() == 1:
         return loss_fn(mb, logits)
     on_shards = vocab_shard_impl(loss_fn)
@@ -70,11 +77,6 @@ def _loss_on_vocab_shards(loss_fn: LossFn, mb: Microbatch, logits: torch.Tensor)
         local = logits.shape[-1]
         start = ps.get_tensor_model_parallel_rank() * local
         return on_shards(mb, logits, vocab_shard(ps.get_tensor_model_parallel_group(), start, start + local))
-    if is_next_token_cross_entropy(loss_fn):
-        labels = mb["labels"]
-        scored = labels != IGNORE_INDEX
-        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.masked_fill(~scored, 0))
-        return (per_token * scored).sum()
     return loss_fn(mb, tensor_parallel.gather_from_tensor_model_parallel_region(logits))
 
 
@@ -353,13 +355,17 @@ class MegatronEngine:
         forward_context = self._forward_context(loss_fn)
 
         def loss_func(mb, logits):
+            # bf16 logits under bf16: each loss upcasts where it needs to (megatron's CE one
+            # vocabulary shard at a time), rather than one fp32 copy of [B, T, V / TP] up front.
             logits = model_logits(logits, b, self.thd)
-            loss_sum = self._loss_sum(loss_fn, mb, logits.float() if self.bf16 else logits)
+            loss_sum = self._loss_sum(loss_fn, mb, logits)
             return loss_sum * scale, scored_tokens(mb).to(torch.int), {"loss_sum": loss_sum.detach().to(torch.float64)}
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             args, kwargs = model_inputs(mb, self.thd)
+            if self.bf16:
+                kwargs["fp32_output"] = False  # Float16Module: keep the last stage's logits in bf16
             with forward_context():
                 return model(*args, **kwargs), partial(loss_func, mb)
 
