@@ -17,6 +17,7 @@ import json
 import sys
 import time
 
+import torch
 import torch.distributed as dist
 
 import parallel_testlib as lib
@@ -77,6 +78,31 @@ def softmax_in_fp32(engine) -> bool:
     return bool(found) and all(m.input_in_float16 and m.softmax_in_fp32 for m in found)
 
 
+def attention_bytes_per_score(engine, mb) -> float:
+    """What the local spec's attention saves for backward, in bytes per attention score (one row,
+    head, query, key), measured on one bf16 training forward of this rank's chunk: the tensors
+    saved with one score per element ([B, heads, T, T] and [B * heads, T, T]), counted once each."""
+    from megatron.core import parallel_state as ps
+
+    from ct_parallel.megatron.engine import model_inputs
+
+    b, t = mb["input_ids"].shape
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(x):
+        saved[x.untyped_storage().data_ptr()] = x
+        return x
+
+    args, kwargs = model_inputs(mb, engine.thd)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        engine.chunks[0](*args, **kwargs, fp32_output=False)
+    heads = engine.model_config.num_attention_heads // ps.get_tensor_model_parallel_world_size()
+    layers = len(engine.chunks[0].module.module.decoder.layers)
+    scores = b * heads * t * t
+    per_score = [x for x in saved.values() if x.shape[-2:] == (t, t) and x.numel() == scores]
+    return sum(x.numel() * x.element_size() for x in per_score) / (scores * layers)
+
+
 def logits_dtype_into_ce(engine, batch) -> list[str]:
     """The dtypes of the logits that reach the marked CE: wraps megatron's vocab-parallel CE
     (where the marked loss goes) and the loss itself (where it is called directly)."""
@@ -110,6 +136,9 @@ def check_layout(name, config, batch, init, ref, ckpt_dir):
               "softmax_in_fp32": softmax_in_fp32(engine),
               "param_dtype": str(next(engine.chunks[0].parameters()).dtype),
               "logits_dtypes": logits_dtype_into_ce(engine, batch)}
+    if name == "tp2":
+        # T = 24, unlike head_dim (16): a [B * heads, T, head_dim] query is not counted as scores.
+        result["attention_bytes_per_score"] = attention_bytes_per_score(engine, lib.global_batch(config, 1, t=24)[0])
     losses, grads, params = lib.run_engine(engine, batch, grads_fn=engine.full_grad_state_dict)
     result["optimizer"] = type(engine.megatron_optimizer).__name__
     result["loss"] = lib.compare_losses(f"bf16 {name} loss", losses, losses_ref, tol=1.0)

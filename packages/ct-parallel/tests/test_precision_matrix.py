@@ -172,6 +172,17 @@ def test_megatron_bf16_without_distributed_optimizer_matches_native_bf16(megatro
 
 @pytest.mark.dist
 @pytest.mark.slow
+def test_local_spec_attention_memory_is_what_the_transformer_engine_refusal_states(megatron_bf16):
+    """distributed.transformer_impl=auto refuses the local spec on CUDA naming its cost per
+    attention score; that figure is measured here, on the engine's bf16 local spec (TP=2): the
+    softmax's fp32 output and the bf16 probabilities saved for backward, 6 bytes per score."""
+    from ct_parallel.megatron.transformer_impl import LOCAL_ATTENTION_BYTES_PER_SCORE
+
+    assert megatron_bf16["tp2"]["attention_bytes_per_score"] == LOCAL_ATTENTION_BYTES_PER_SCORE == 6
+
+
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["pp2", "pp2_interleaved"])
 def test_megatron_bf16_pipeline_parallel_matches_native_bf16(megatron_bf16, layout):
     """megatron PP=2 (1F1B, and interleaved with 2 virtual stages) at precision=bf16: stage 0

@@ -37,8 +37,9 @@ from ..engine import (IGNORE_INDEX, LossFn, Microbatch, StepResult, is_modelopt_
                       scored_tokens, vocab_shard_impl)
 from ..vocab import vocab_shard
 from . import bridge
-from .model import build_gpt_chunks, transformer_config, use_transformer_engine
+from .model import build_gpt_chunks, transformer_config
 from .packed import flatten_rows, packed_seq_params, unflatten_rows
+from .transformer_impl import use_transformer_engine
 from .write_queue import install_write_results_queue
 
 
@@ -136,6 +137,8 @@ class MegatronEngine:
         """``distill_teacher``: a ct-model Decoder; the student is converted into nvidia-modelopt's
         DistillationModel around it (modelopt_kd.py), and a loss marked ``modelopt_kd`` gets
         modelopt's KD term (``distill_kind`` at ``distill_temperature``) added."""
+        # First: on CUDA without Transformer Engine this refuses (transformer_impl.py) before any work.
+        self.te = use_transformer_engine(dist_config)
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("megatron parallel state is not initialised; call ct_parallel.init_distributed first")
         if autocast_dtype not in (None, torch.float32, torch.bfloat16):
@@ -148,7 +151,6 @@ class MegatronEngine:
         # buffers stage 0 fills with bf16 activations) and makes the local attention softmax
         # upcast (FusedScaleMaskSoftmax reads config.bf16 when it is built, not later).
         self.config = transformer_config(self.model_config, dist_config, bf16=self.bf16, recompute=recompute, fp8=fp8)
-        self.te = use_transformer_engine(dist_config)
         self.thd = use_thd(self.te)
         chunks = build_gpt_chunks(self.model_config, self.config, self.te, thd=self.thd)
         ct_state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}

@@ -61,28 +61,11 @@ from ct_model import ModelConfig
 from ct_model.mla import LATENT_NORM_EPS
 
 from ..config import DistributedConfig
+from .transformer_impl import have_transformer_engine, use_transformer_engine  # noqa: F401 - the spec choice
 
 
 class UnsupportedModelError(UserError):
     """A ModelConfig field has no exact megatron-core equivalent."""
-
-
-def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
-        return False
-    return torch.cuda.is_available()
-
-
-def use_transformer_engine(dist_config: DistributedConfig) -> bool:
-    if dist_config.transformer_impl == "local":
-        return False
-    if dist_config.transformer_impl == "transformer_engine":
-        if not have_transformer_engine():
-            raise RuntimeError("distributed.transformer_impl=transformer_engine needs transformer_engine and CUDA")
-        return True
-    return have_transformer_engine()
 
 
 def check_supported(model_config: ModelConfig, dist_config: DistributedConfig) -> None:
