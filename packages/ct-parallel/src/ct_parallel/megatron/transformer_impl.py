@@ -24,7 +24,7 @@ from ..config import DistributedConfig
 
 log = logging.getLogger(__name__)
 
-INSTALL = "uv sync --extra te (see docs/ct-parallel.md, 'On a GPU')"
+INSTALL = "`uv sync --extra te` (docs/ct-parallel.md, 'On a GPU')"
 # Saved for backward per attention score (row, head, query, key) by the local spec under bf16:
 # the softmax's fp32 output and the bf16 probabilities (measured in the engine by
 # packages/ct-parallel/tests/dist_megatron_bf16_checks.py, asserted by test_precision_matrix.py).
@@ -69,9 +69,9 @@ def use_transformer_engine(dist_config: DistributedConfig) -> bool:
 def _refusal(impl: str, why: str) -> str:
     if impl == "transformer_engine":
         return (f"distributed.transformer_impl=transformer_engine needs Transformer Engine on CUDA ({why}). "
-                f"Install it with `{INSTALL}`, or set distributed.transformer_impl=local")
+                f"Install it with {INSTALL}, or set distributed.transformer_impl=local")
     return (f"distributed.transformer_impl=auto on a CUDA machine without a usable Transformer Engine ({why}). "
-            f"Install it with `{INSTALL}`. Refusing to fall back silently to megatron's local spec: its "
+            f"Install it with {INSTALL}. Refusing to fall back silently to megatron's local spec: its "
             f"attention keeps a dense [B, 1, T, T] document mask and {LOCAL_ATTENTION_BYTES_PER_SCORE} bytes per "
             "score for backward (O(T^2): 106 GB for mobilellm_950m at 8 x 2048), no THD packing, no FP8. To run "
             "it anyway (short sequences, debugging), set distributed.transformer_impl=local")
@@ -81,5 +81,5 @@ def _refusal(impl: str, why: str) -> str:
 def _warn_local_on_cuda() -> None:
     log.warning("distributed.transformer_impl=local on CUDA: megatron's local spec, attention with a dense "
                 "[B, 1, T, T] mask and %d bytes per score saved for backward (O(T^2) in the sequence length); "
-                "`%s` gives the Transformer Engine spec (THD packed attention, fused kernels, FP8)",
+                "%s gives the Transformer Engine spec (THD packed attention, fused kernels, FP8)",
                 LOCAL_ATTENTION_BYTES_PER_SCORE, INSTALL)
