@@ -128,21 +128,64 @@ def test_bf16_and_fp8_under_ddp_and_fsdp2_equal_single_process(tmp_path):
     assert results["fp8 fsdp2"]["loss"] <= 1e-3 and results["fp8 fsdp2"]["grad"] <= 0.3, results
 
 
-@pytest.mark.dist
-@pytest.mark.slow
-def test_megatron_bf16_without_distributed_optimizer_matches_native_bf16(tmp_path):
-    """megatron TP=2, precision=bf16, no distributed optimizer (Float16OptimizerWithFloat16Params over
-    bf16 Float16Module chunks) on the CPU shim, against the native single-process bf16 engine."""
-    out = tmp_path / "megatron_bf16.json"
+@pytest.fixture(scope="module")
+def megatron_bf16(tmp_path_factory):
+    """One launch (megatron's import dominates) of dist_megatron_bf16_checks.py: megatron TP=2,
+    PP=2 and PP=2 interleaved at precision=bf16 on the CPU shim, against the native single-process
+    bf16 engine; and how far that engine's bf16 is from fp32 (the noise the differences are held to)."""
+    tmp = tmp_path_factory.mktemp("megatron_bf16")
+    out = tmp / "megatron_bf16.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(29400 + os.getpid() % 1000 + 11), str(HERE / "megatron_cpu_run.py"),
-           str(HERE / "dist_megatron_bf16_checks.py"), str(out), str(tmp_path / "ckpt")]
+           str(HERE / "dist_megatron_bf16_checks.py"), str(out), str(tmp / "ckpt")]
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    r = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def _assert_bf16_layout_matches_native(r: dict, noise: dict) -> None:
+    """One megatron bf16 layout against the native bf16 engine (3 AdamW steps)."""
     assert r["optimizer"] == "Float16OptimizerWithFloat16Params" and r["param_dtype"] == "torch.bfloat16", r
+    # Built in bf16, not flipped to it afterwards: bf16 p2p buffers, attention softmax upcast to fp32.
+    assert r["config"] == {"bf16": True, "params_dtype": "torch.bfloat16", "pipeline_dtype": "torch.bfloat16"}, r
+    assert r["softmax_in_fp32"], r
+    # The CE receives bf16 logits (megatron upcasts one shard inside its CE), not an fp32 copy.
+    assert r["logits_dtypes"] == ["torch.bfloat16"], r
     # Megatron holds every weight in bf16 (the native reference: fp32 weights under autocast), so
-    # they agree to bf16 resolution (measured: loss 4.3e-4, grads 2.4e-2, updates 8.4e-2, norms 0.35 ulp).
-    assert r["loss"] <= 1e-2 and r["grad"] <= 5e-2 and r["update"] <= 0.15 and r["norm_ulps"] <= 1.0, r
-    assert r["reload"] == 0.0, r
+    # the loss agrees to bf16 resolution, 2^-8 (measured: 4.2e-4 TP2, 4.0e-4 PP2); gradients and
+    # updates differ from it by about what bf16 moves the native engine from fp32 (measured
+    # noise: grads 1.6e-2, updates 7.3e-2; megatron: grads 2.3e-2 / 2.2e-2, updates 8.5e-2 /
+    # 8.1e-2 for TP2 / PP2). Norm weights in bf16 ulps (measured 0.35).
+    assert r["loss"] <= 2**-8 and r["norm_ulps"] <= 1.0, (r, noise)
+    assert r["grad"] <= 3 * noise["grad"] and r["update"] <= 3 * noise["update"], (r, noise)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_megatron_bf16_without_distributed_optimizer_matches_native_bf16(megatron_bf16):
+    """megatron TP=2, precision=bf16, no distributed optimizer (Float16OptimizerWithFloat16Params over
+    bf16 Float16Module chunks) on the CPU shim, against the native single-process bf16 engine."""
+    _assert_bf16_layout_matches_native(megatron_bf16["tp2"], megatron_bf16["noise"])
+    assert megatron_bf16["tp2"]["reload"] == 0.0, megatron_bf16["tp2"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_local_spec_attention_memory_is_what_the_transformer_engine_refusal_states(megatron_bf16):
+    """distributed.transformer_impl=auto refuses the local spec on CUDA naming its cost per
+    attention score; that figure is measured here, on the engine's bf16 local spec (TP=2): the
+    softmax's fp32 output and the bf16 probabilities saved for backward, 6 bytes per score."""
+    from ct_parallel.megatron.transformer_impl import LOCAL_ATTENTION_BYTES_PER_SCORE
+
+    assert megatron_bf16["tp2"]["attention_bytes_per_score"] == LOCAL_ATTENTION_BYTES_PER_SCORE == 6
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["pp2", "pp2_interleaved"])
+def test_megatron_bf16_pipeline_parallel_matches_native_bf16(megatron_bf16, layout):
+    """megatron PP=2 (1F1B, and interleaved with 2 virtual stages) at precision=bf16: stage 0
+    sends bf16 activations, which stage 1 must receive as bf16 (TransformerConfig.pipeline_dtype;
+    an fp32 buffer fails on gloo and would hang or corrupt on NCCL)."""
+    _assert_bf16_layout_matches_native(megatron_bf16[layout], megatron_bf16["noise"])

@@ -42,8 +42,10 @@ class DistributedConfig:
     use_distributed_optimizer: bool = False
     # megatron engine: overlap the data-parallel gradient reduction with the backward pass.
     overlap_grad_reduce: bool = False
-    # megatron engine: "local" (megatron-core modules, CPU and GPU), "transformer_engine" (GPU),
-    # or "auto" (Transformer Engine when it is installed and CUDA is available, else local).
+    # megatron engine: "transformer_engine" (GPU: fused kernels, THD packed attention, FP8),
+    # "local" (megatron-core's plain modules: a dense T x T document mask, O(T^2) attention memory;
+    # explicit opt-in on a GPU), or "auto" (Transformer Engine on CUDA, where it refuses to run if
+    # TE is missing rather than fall back to local silently; local without CUDA, i.e. the CPU shim).
     transformer_impl: str = "auto"
     # FSDP2: free the gathered parameters after forward (ZeRO-3) or keep them to backward (ZeRO-2).
     fsdp_reshard_after_forward: bool = True

@@ -37,8 +37,9 @@ from ..engine import (IGNORE_INDEX, LossFn, Microbatch, StepResult, is_modelopt_
                       scored_tokens, vocab_shard_impl)
 from ..vocab import vocab_shard
 from . import bridge
-from .model import build_gpt_chunks, transformer_config, use_transformer_engine
+from .model import build_gpt_chunks, transformer_config
 from .packed import flatten_rows, packed_seq_params, unflatten_rows
+from .transformer_impl import use_transformer_engine
 from .write_queue import install_write_results_queue
 
 
@@ -57,12 +58,19 @@ def _attention_mask(mb: Microbatch) -> torch.Tensor:
 
 
 def _loss_on_vocab_shards(loss_fn: LossFn, mb: Microbatch, logits: torch.Tensor) -> torch.Tensor:
-    """``loss_fn`` on this rank's vocabulary shard of the logits [B, T, vocab / TP].
+    """``loss_fn`` on this rank's vocabulary shard of the logits [B, T, vocab / TP] (all of it at TP=1).
 
-    A loss with its own shard implementation (``ct_model.batch.on_vocab_shards``: the KD losses)
-    runs it; cross-entropy (a loss marked ``next_token_cross_entropy``) runs as megatron's
-    vocab-parallel cross-entropy: each rank keeps its shard, only per-token max and sum-exp are
-    all-reduced over TP. Other losses get the full vocabulary, gathered (differentiably) over TP."""
+    Cross-entropy (a loss marked ``next_token_cross_entropy``) runs as megatron's vocab-parallel
+    cross-entropy at every TP size, as GPTModel's own loss does: it upcasts the (bf16) shard to
+    fp32 once, in place of the softmax it keeps for backward, and only per-token max and sum-exp
+    are all-reduced over TP. A loss with its own shard implementation
+    (``ct_model.batch.on_vocab_shards``: the KD losses) runs it; other losses get the full
+    vocabulary, gathered (differentiably) over TP. Those upcast themselves where they need to."""
+    if is_next_token_cross_entropy(loss_fn):
+        labels = mb["labels"]
+        scored = labels != IGNORE_INDEX
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.masked_fill(~scored, 0))
+        return (per_token * scored).sum()
     if ps.get_tensor_model_parallel_world_size() == 1:
         return loss_fn(mb, logits)
     on_shards = vocab_shard_impl(loss_fn)
@@ -70,11 +78,6 @@ def _loss_on_vocab_shards(loss_fn: LossFn, mb: Microbatch, logits: torch.Tensor)
         local = logits.shape[-1]
         start = ps.get_tensor_model_parallel_rank() * local
         return on_shards(mb, logits, vocab_shard(ps.get_tensor_model_parallel_group(), start, start + local))
-    if is_next_token_cross_entropy(loss_fn):
-        labels = mb["labels"]
-        scored = labels != IGNORE_INDEX
-        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.masked_fill(~scored, 0))
-        return (per_token * scored).sum()
     return loss_fn(mb, tensor_parallel.gather_from_tensor_model_parallel_region(logits))
 
 
@@ -134,6 +137,8 @@ class MegatronEngine:
         """``distill_teacher``: a ct-model Decoder; the student is converted into nvidia-modelopt's
         DistillationModel around it (modelopt_kd.py), and a loss marked ``modelopt_kd`` gets
         modelopt's KD term (``distill_kind`` at ``distill_temperature``) added."""
+        # First: on CUDA without Transformer Engine this refuses (transformer_impl.py) before any work.
+        self.te = use_transformer_engine(dist_config)
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("megatron parallel state is not initialised; call ct_parallel.init_distributed first")
         if autocast_dtype not in (None, torch.float32, torch.bfloat16):
@@ -142,8 +147,10 @@ class MegatronEngine:
         self.dist_config = dist_config
         self.bf16 = autocast_dtype == torch.bfloat16
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.config = transformer_config(self.model_config, dist_config, bf16=False, recompute=recompute, fp8=fp8)
-        self.te = use_transformer_engine(dist_config)
+        # Built in the precision it runs in: bf16 sets params_dtype and pipeline_dtype (the p2p
+        # buffers stage 0 fills with bf16 activations) and makes the local attention softmax
+        # upcast (FusedScaleMaskSoftmax reads config.bf16 when it is built, not later).
+        self.config = transformer_config(self.model_config, dist_config, bf16=self.bf16, recompute=recompute, fp8=fp8)
         self.thd = use_thd(self.te)
         chunks = build_gpt_chunks(self.model_config, self.config, self.te, thd=self.thd)
         ct_state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
@@ -154,7 +161,9 @@ class MegatronEngine:
         chunks = [c.to(self.device) for c in chunks]
         if self.bf16:
             from megatron.core.transformer.module import Float16Module
-            self.config.bf16 = True
+            # The chunks already hold bf16 weights (params_dtype; the bridge rounded the fp32
+            # ct-model weights into them); Float16Module casts what else is floating (buffers,
+            # a modelopt teacher) and the first stage's inputs.
             chunks = [Float16Module(self.config, c) for c in chunks]
         self.ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -242,7 +251,8 @@ class MegatronEngine:
         if teacher_config.vocab_size != self.model_config.vocab_size:
             raise ValueError(f"stage.distill.backend=modelopt: the teacher's vocab_size {teacher_config.vocab_size} "
                              f"differs from the student's {self.model_config.vocab_size} (model.vocab_size)")
-        tconfig = transformer_config(teacher_config, self.dist_config, bf16=False, recompute=recompute)
+        # The teacher runs inside the student's Float16Module: the same precision fields.
+        tconfig = transformer_config(teacher_config, self.dist_config, bf16=self.bf16, recompute=recompute)
         (teacher_chunk,) = build_gpt_chunks(teacher_config, tconfig, self.te, thd=self.thd)
         teacher_state = {k: v.detach().to("cpu", torch.float32) for k, v in teacher.state_dict().items()}
         bridge.load_ct_state_dict([teacher_chunk], teacher_state, teacher_config)
@@ -347,13 +357,17 @@ class MegatronEngine:
         forward_context = self._forward_context(loss_fn)
 
         def loss_func(mb, logits):
+            # bf16 logits under bf16: each loss upcasts where it needs to (megatron's CE one
+            # vocabulary shard at a time), rather than one fp32 copy of [B, T, V / TP] up front.
             logits = model_logits(logits, b, self.thd)
-            loss_sum = self._loss_sum(loss_fn, mb, logits.float() if self.bf16 else logits)
+            loss_sum = self._loss_sum(loss_fn, mb, logits)
             return loss_sum * scale, scored_tokens(mb).to(torch.int), {"loss_sum": loss_sum.detach().to(torch.float64)}
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             args, kwargs = model_inputs(mb, self.thd)
+            if self.bf16:
+                kwargs["fp32_output"] = False  # Float16Module: keep the last stage's logits in bf16
             with forward_context():
                 return model(*args, **kwargs), partial(loss_func, mb)
 

@@ -61,28 +61,11 @@ from ct_model import ModelConfig
 from ct_model.mla import LATENT_NORM_EPS
 
 from ..config import DistributedConfig
+from .transformer_impl import have_transformer_engine, use_transformer_engine  # noqa: F401 - the spec choice
 
 
 class UnsupportedModelError(UserError):
     """A ModelConfig field has no exact megatron-core equivalent."""
-
-
-def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
-        return False
-    return torch.cuda.is_available()
-
-
-def use_transformer_engine(dist_config: DistributedConfig) -> bool:
-    if dist_config.transformer_impl == "local":
-        return False
-    if dist_config.transformer_impl == "transformer_engine":
-        if not have_transformer_engine():
-            raise RuntimeError("distributed.transformer_impl=transformer_engine needs transformer_engine and CUDA")
-        return True
-    return have_transformer_engine()
 
 
 def check_supported(model_config: ModelConfig, dist_config: DistributedConfig) -> None:
@@ -192,7 +175,11 @@ def transformer_config(model_config: ModelConfig, dist_config: DistributedConfig
 
     ``recompute``: recompute_granularity / recompute_method / recompute_num_layers fields
     (ct_parallel.recompute.megatron_recompute), none by default. ``fp8``: the fp8 / fp8_recipe
-    fields (ct_parallel.precision.megatron_fp8_fields), none by default."""
+    fields (ct_parallel.precision.megatron_fp8_fields), none by default. ``bf16``: the precision
+    the chunks run in, given here and not set afterwards: it makes the parameters (params_dtype)
+    and the pipeline's p2p buffers (pipeline_dtype) bf16, and modules read it when they are built
+    (the local attention upcasts its softmax to fp32 only for bf16 inputs, which it learns from
+    config.bf16). attention_softmax_in_fp32 is on either way."""
     check_supported(model_config, dist_config)
     c = model_config
     on_gpu = torch.cuda.is_available()
