@@ -2,8 +2,9 @@
 exports, and ``close`` releases what setup took (loader threads, wandb, process groups).
 
 setup order: refuse unsupported layouts -> process groups -> device defaults (precision=auto, TF32,
-fp8 -> compile; decided once, logged) -> peak FLOP/s (before any other work) -> run directory -> sample data and tokenizer -> model (fresh or from the previous phase's HF
-export) -> data -> stage -> engine, optimizer, schedule -> trainer -> resume.
+fp8 -> compile; decided once, logged) -> peak FLOP/s (before any other work) -> run directory ->
+sample data and tokenizer -> model (fresh or from the previous phase's HF export) -> data -> stage
+-> engine, optimizer, schedule -> trainer -> resume.
 """
 
 from __future__ import annotations
