@@ -108,3 +108,17 @@ def test_setup_on_a_cuda_device_builds_the_resolved_run(monkeypatch, caplog, tmp
     assert torch.backends.cuda.matmul.fp32_precision == ("ieee" if dtype == "fp32" else "tf32")
     assert f"precision={dtype} (" in caplog.text and "TF32 " in caplog.text
     assert ("compile.enabled=true (precision=fp8 on cuda" in caplog.text) is compiled
+
+
+def test_megatron_without_transformer_engine_on_cuda_is_refused_before_any_work(monkeypatch):
+    """The refusal comes from check_supported, the first thing setup does (before data and model)."""
+    from ct_model import UserError
+    from ct_parallel.megatron import transformer_impl
+    from ct_stages.run import check_supported
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transformer_impl, "transformer_engine_import_error", lambda: "ModuleNotFoundError: x")
+    with pytest.raises(UserError, match="distributed.transformer_impl=auto.*uv sync --extra te"):
+        check_supported(composed("distributed=megatron_tp2"))
+    transformer_impl._warn_local_on_cuda.cache_clear()
+    check_supported(composed("distributed=megatron_tp2", "distributed.transformer_impl=local"))  # the opt-in runs

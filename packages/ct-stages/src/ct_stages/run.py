@@ -81,6 +81,11 @@ def check_supported(run: RunConfig) -> None:
     if d.engine == "megatron" and not megatron_can_run():
         raise UserError("distributed.engine=megatron needs CUDA (megatron-core calls it unconditionally) and "
                         "this machine has none; on CPU use distributed=single, ddp or fsdp2 (the native engine)")
+    if d.engine == "megatron":
+        # Before data and model work: Transformer Engine missing on a GPU is refused naming the key.
+        from ct_parallel.megatron.transformer_impl import use_transformer_engine
+
+        use_transformer_engine(d)
     if run.stage.kind == "midtrain" and run.stage.distill.backend == "modelopt":
         if d.engine != "megatron":
             raise UserError(f"stage.distill.backend=modelopt with distributed.engine={d.engine}: modelopt distils "
