@@ -123,8 +123,10 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def backward_op_counts(config, mode):
+def backward_op_counts(config, mode, prepare=lambda model: model):
+    """Ops the backward runs under checkpointing ``mode``; ``prepare`` converts the model first."""
     model = build_model(config, seed=0)
+    prepare(model)
     apply_activation_checkpointing(model, ActivationCheckpointConfig(mode=mode))
     ids, labels, pos, doc = batch(config)
     loss = F.cross_entropy(model(ids, pos, doc).flatten(0, 1), labels.flatten())
@@ -258,14 +260,7 @@ def test_selective_recomputes_no_gemm_of_fp8_linears():
                                 fp8_min_matmul_elements=0)
 
     def counts(mode):
-        model = build_model(config, seed=0)
-        convert_to_fp8(model, precision)
-        apply_activation_checkpointing(model, ActivationCheckpointConfig(mode=mode))
-        ids, labels, pos, doc = batch(config)
-        loss = F.cross_entropy(model(ids, pos, doc).flatten(0, 1), labels.flatten())
-        with OpCounter() as counter:
-            loss.backward()
-        return counter.counts
+        return backward_op_counts(config, mode, prepare=lambda model: convert_to_fp8(model, precision))
 
     none, selective = counts("none"), counts("selective")
     assert none["mm"] > 0 and selective["mm"] == none["mm"]
