@@ -53,11 +53,12 @@ def init_distributed(config: DistributedConfig) -> DistInfo:
         device = torch.device("cuda", local_rank)
     needs_group = world_size > 1 or config.engine == "megatron" or config.strategy != "single"
     if needs_group and not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ and world_size == 1:
-            # One process without torchrun (e.g. a notebook): a private single-rank group.
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if "MASTER_ADDR" not in os.environ and world_size == 1:
+            # One process without torchrun (a notebook, ct-export): a private single-rank group whose
+            # store lives in this process. A TCP store would need a free port, and one picked in
+            # advance can be taken by another process before the store binds it (EADDRINUSE seen).
+            kwargs["store"] = dist.HashStore()
         dist.init_process_group(backend=_backend(config), rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=config.timeout_minutes), **kwargs)
     if dist.is_initialized():
@@ -71,16 +72,6 @@ def init_distributed(config: DistributedConfig) -> DistInfo:
     if config.strategy == "single" and world_size > 1:
         raise ValueError(f"distributed.strategy=single launched with {world_size} processes; use ddp or fsdp2")
     return DistInfo(rank, world_size, local_rank, rank, world_size, 0, 0, device)
-
-
-def _free_port() -> int:
-    """A port nothing listens on now (the OS picks it): a private group's store must not meet
-    another process's socket, which a port derived from the pid did (EADDRINUSE)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # Set by the test-only megatron CPU shim (packages/ct-parallel/tests): megatron then runs on CPU.
