@@ -18,12 +18,16 @@ import json
 import os
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
 from .errors import UserError
-from .model import Decoder, model_from_state
+from .model import Decoder, build_model
+from .weights import load_into
 
 ARCHS = {
     "llama4": ("Llama4ForCausalLM", "llama4_text", "feed_forward"),
@@ -228,56 +232,127 @@ def _check_llama4_dense(meta: dict, source: str) -> None:
         raise HFFormatError(f"{source}: no_rope_layers has NoPE layers; every layer must use RoPE")
 
 
-def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu",
-            dtype: torch.dtype | None = None) -> tuple[Decoder, ModelConfig]:
-    """Load an HF ``Llama4ForCausalLM``, ``LlamaForCausalLM`` or ``DeepseekV3ForCausalLM``
-    directory into a Decoder."""
+def read_hf_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
+    """(ModelConfig, arch) of an HF model directory, from its config.json alone."""
     root = Path(path)
     config_path = root / "config.json"
     if not config_path.is_file():
         raise HFFormatError(f"{config_path}: not found (is {root} an HF model directory?)")
-    config, arch = config_from_hf(json.loads(config_path.read_text()), str(config_path))
-    tensors = _read_safetensors(root)
-    state = _from_hf_names(tensors, config, arch, root)
-    model, missing, unexpected = model_from_state(config, state, device, strict=False)
-    if missing or unexpected:
-        raise HFFormatError(f"{root}: weights missing {missing[:5]} / unexpected {unexpected[:5]}")
+    return config_from_hf(json.loads(config_path.read_text()), str(config_path))
+
+
+def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu",
+            dtype: torch.dtype | None = None) -> tuple[Decoder, ModelConfig]:
+    """Load an HF ``Llama4ForCausalLM``, ``LlamaForCausalLM`` or ``DeepseekV3ForCausalLM``
+    directory into a Decoder: built on ``meta``, then filled one tensor at a time from the files
+    (no second copy of the weights in memory), in ``dtype`` when given."""
+    weights = HFWeights(path)
+    model = build_model(weights.config, device="meta")
+    model.to_empty(device=device)
     if dtype is not None:
         model.to(dtype)
-    return model, config
+    try:
+        load_into(model, weights)
+    except KeyError as err:
+        raise HFFormatError(f"{Path(path)}: {err.args[0]}") from None
+    return model, weights.config
 
 
-def _read_safetensors(root: Path) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class Rename:
+    """One of our tensors is one file tensor."""
+
+    key: str
+
+    def shape(self, shape_of) -> tuple[int, ...]:
+        return shape_of(self.key)
+
+    def rows(self, read, start: int, stop: int) -> torch.Tensor:
+        return read(self.key, start, stop)
+
+
+@dataclass(frozen=True)
+class StackExperts:
+    """A 3D expert tensor [E, ...]: expert j is its file tensors ``parts[j]`` joined along rows."""
+
+    parts: tuple[tuple[str, ...], ...]
+
+    def shape(self, shape_of) -> tuple[int, ...]:
+        first = [shape_of(k) for k in self.parts[0]]
+        return (len(self.parts), sum(s[0] for s in first), *first[0][1:])
+
+    def rows(self, read, start: int, stop: int) -> torch.Tensor:
+        return torch.stack([torch.cat([read(k, 0, None) for k in self.parts[j]]) for j in range(start, stop)])
+
+
+class HFWeights:
+    """An HF model directory as a weight source (ct_model.weights): our state-dict names, read
+    lazily from the safetensors files (one file or ``model.safetensors.index.json`` shards), a
+    slice of rows at a time (``safe_open(...).get_slice``), so a rank reads only what it holds."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path)
+        self.config, self.arch = read_hf_config(self.root)
+        self.files = _tensor_files(self.root)
+        self.plan = _plan_from_hf_names(list(self.files), self.config, self.arch, self.root)
+
+    def names(self) -> list[str]:
+        return list(self.plan)
+
+    def _file_shape(self, key: str) -> tuple[int, ...]:
+        with safe_open(str(self.root / self.files[key]), framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def _read(self, key: str, start: int, stop: int | None) -> torch.Tensor:
+        with safe_open(str(self.root / self.files[key]), framework="pt") as f:
+            piece = f.get_slice(key)
+            if not piece.get_shape():
+                return f.get_tensor(key)
+            return piece[start:stop if stop is not None else piece.get_shape()[0]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.plan[name].shape(self._file_shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.plan[name].rows(self._read, start, stop)
+
+    def full(self, name: str) -> torch.Tensor:
+        shape = self.shape(name)
+        return self.rows(name, 0, shape[0]) if shape else self._read(self.plan[name].key, 0, None)
+
+
+def _tensor_files(root: Path) -> dict[str, str]:
+    """Every file tensor's name -> the file holding it."""
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in root.glob("*.safetensors"))
+        return dict(json.loads(index.read_text())["weight_map"])
+    files = sorted(p.name for p in root.glob("*.safetensors"))
     if not files:
         raise HFFormatError(f"{root}: no *.safetensors weights found")
-    tensors: dict[str, torch.Tensor] = {}
+    out = {}
     for name in files:
-        tensors.update(load_file(str(root / name)))
-    return tensors
+        with safe_open(str(root / name), framework="pt") as f:
+            out.update({key: name for key in f.keys()})
+    return out
 
 
-def _from_hf_names(tensors: dict, config: ModelConfig, arch: str, root: Path) -> dict:
+def _plan_from_hf_names(keys: list[str], config: ModelConfig, arch: str, root: Path) -> dict:
     if arch == DEEPSEEK:
         from . import hf_deepseek
 
-        return hf_deepseek.from_hf_names(tensors, config, root)
+        return hf_deepseek.plan_from_hf_names(keys, config, root)
     mlp_name = ARCHS[arch][2]
-    state = {}
-    for key, value in tensors.items():
+    plan = {}
+    for key in keys:
         # Multimodal Llama-4 checkpoints nest the text model under language_model.
-        key = key.removeprefix("language_model.")
-        if key == "lm_head.weight":
+        name = key.removeprefix("language_model.")
+        if name == "lm_head.weight":
             if not config.share_embeddings_and_output_weights:
-                state[key] = value
+                plan[name] = Rename(key)
             continue
-        if not key.startswith("model."):
+        if not name.startswith("model."):
             raise HFFormatError(f"{root}: unexpected tensor {key!r}")
-        state[key.removeprefix("model.").replace(f".{mlp_name}.", ".mlp.")] = value
-    if not config.share_embeddings_and_output_weights and "lm_head.weight" not in state:
+        plan[name.removeprefix("model.").replace(f".{mlp_name}.", ".mlp.")] = Rename(key)
+    if not config.share_embeddings_and_output_weights and "lm_head.weight" not in plan:
         raise HFFormatError(f"{root}: lm_head.weight missing and tie_word_embeddings is false")
-    return state
+    return plan

@@ -181,42 +181,41 @@ def to_hf_names(state: dict, c: ModelConfig) -> dict:
     return out
 
 
-def from_hf_names(tensors: dict, c: ModelConfig, root) -> dict:
-    """HF file tensors -> our state dict (per-expert matrices stacked into 3D tensors)."""
-    state, experts = {}, {}
-    for key, value in tensors.items():
+def plan_from_hf_names(keys, c: ModelConfig, root) -> dict:
+    """HF file tensor names -> how each of our state-dict tensors is read (``hf.Rename`` or, for
+    per-expert matrices, ``hf.StackExperts`` into the 3D tensors)."""
+    from .hf import Rename, StackExperts
+
+    plan, experts = {}, {}
+    for key in keys:
         if key.endswith("weight_scale_inv"):
             raise HFFormatError(f"{root}: {key!r} is an FP8 scale (quantised checkpoint); dequantise first")
         if key == "lm_head.weight":
             if not c.share_embeddings_and_output_weights:
-                state[key] = value
+                plan[key] = Rename(key)
             continue
         if not key.startswith("model."):
             raise HFFormatError(f"{root}: unexpected tensor {key!r}")
-        key = key.removeprefix("model.")
-        if key.startswith("layers.") and int(key.split(".")[1]) >= c.num_layers:
+        name = key.removeprefix("model.")
+        if name.startswith("layers.") and int(name.split(".")[1]) >= c.num_layers:
             continue  # multi-token-prediction module(s): not part of this model
-        if match := _EXPERT.match(key):
+        if match := _EXPERT.match(name):
             layer, j, kind = int(match[1]), int(match[2]), match[3]
-            experts.setdefault(layer, {}).setdefault(kind, {})[j] = value
+            experts.setdefault(layer, {}).setdefault(kind, {})[j] = key
             continue
-        key = (key.replace(".mlp.experts.gate_up_proj", ".mlp.gate_up_proj")
-               .replace(".mlp.experts.down_proj", ".mlp.down_proj")
-               .replace(".mlp.gate.e_score_correction_bias", ".mlp.gate.expert_bias"))
-        state[key] = value
+        name = (name.replace(".mlp.experts.gate_up_proj", ".mlp.gate_up_proj")
+                .replace(".mlp.experts.down_proj", ".mlp.down_proj")
+                .replace(".mlp.gate.e_score_correction_bias", ".mlp.gate.expert_bias"))
+        plan[name] = Rename(key)
     for layer, kinds in experts.items():
-        state.update(_stack_experts(layer, kinds, c, root))
-    if not c.share_embeddings_and_output_weights and "lm_head.weight" not in state:
+        e = c.num_moe_experts
+        for kind in ("gate_proj", "up_proj", "down_proj"):
+            if sorted(kinds.get(kind, {})) != list(range(e)):
+                raise HFFormatError(f"{root}: layer {layer} needs {kind} of experts 0..{e - 1}, found "
+                                    f"{sorted(kinds.get(kind, {}))[:8]}")
+        plan[f"layers.{layer}.mlp.gate_up_proj"] = StackExperts(
+            tuple((kinds["gate_proj"][j], kinds["up_proj"][j]) for j in range(e)))
+        plan[f"layers.{layer}.mlp.down_proj"] = StackExperts(tuple((kinds["down_proj"][j],) for j in range(e)))
+    if not c.share_embeddings_and_output_weights and "lm_head.weight" not in plan:
         raise HFFormatError(f"{root}: lm_head.weight missing and tie_word_embeddings is false")
-    return state
-
-
-def _stack_experts(layer: int, kinds: dict, c: ModelConfig, root) -> dict:
-    e = c.num_moe_experts
-    for kind in ("gate_proj", "up_proj", "down_proj"):
-        if sorted(kinds.get(kind, {})) != list(range(e)):
-            raise HFFormatError(f"{root}: layer {layer} needs {kind} of experts 0..{e - 1}, found "
-                                f"{sorted(kinds.get(kind, {}))[:8]}")
-    gate_up = torch.stack([torch.cat((kinds["gate_proj"][j], kinds["up_proj"][j])) for j in range(e)])
-    down = torch.stack([kinds["down_proj"][j] for j in range(e)])
-    return {f"layers.{layer}.mlp.gate_up_proj": gate_up, f"layers.{layer}.mlp.down_proj": down}
+    return plan

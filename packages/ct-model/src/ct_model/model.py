@@ -12,7 +12,7 @@ from .batch import ModelOutput
 from .config import ModelConfig
 from .layers import DecoderBlock, KVCache, RMSNorm
 from .attention import build_mask_info
-from .moe import MoE, Router, reset_router_load
+from .moe import reset_router_load
 from .rope import rope_angles
 
 
@@ -80,34 +80,30 @@ class Decoder(nn.Module):
         return F.linear(hidden, self.output_weight)
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> "Decoder":
-        """Materialise every parameter: normal(0, init_method_std) for matrices (expert tensors and
-        the router included), ones for norms; the routers' bias and load counters start at zero."""
-        std = self.config.init_method_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, Router)):
-                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, MoE):
-                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std, generator=generator)
-                nn.init.normal_(module.down_proj, mean=0.0, std=std, generator=generator)
-            if isinstance(module, Router):
-                module.expert_bias.zero_()
-        reset_router_load(self)
+    def init_weights(self, seed: int | None = None) -> "Decoder":
+        """Fill every parameter and buffer with its initial value (ct_model.init): normal(0,
+        init_method_std) for matrices (expert tensors and the router included), ones for norms,
+        zeros for the routers' bias and load counters. The values depend on ``seed`` and each
+        parameter's name only, so any layout that builds this model gets the same weights.
+        ``seed=None`` draws one from torch's global generator."""
+        from .init import SeededInit
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        source = SeededInit(self, seed)
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            tensor.copy_(source.full(name))
         return self
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None, seed: int | None = None) -> Decoder:
-    """Build a Decoder. On ``meta`` nothing is allocated (call ``to_empty`` + ``init_weights``)."""
+    """Build a Decoder. On ``meta`` nothing is allocated (a parallelize step materialises it, or
+    call ``to_empty`` + ``init_weights``)."""
     with torch.device(device):
         model = Decoder(config)
     if torch.device(device).type != "meta":
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
-        model.init_weights(generator)
+        model.init_weights(seed)
     if dtype is not None:
         model.to(dtype)
     return model
