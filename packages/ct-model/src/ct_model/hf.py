@@ -251,10 +251,7 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu",
     model.to_empty(device=device)
     if dtype is not None:
         model.to(dtype)
-    try:
-        load_into(model, weights)
-    except KeyError as err:
-        raise HFFormatError(f"{Path(path)}: {err.args[0]}") from None
+    load_into(model, weights)
     return model, weights.config
 
 

@@ -17,6 +17,15 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .errors import UserError
+
+
+class WeightsMismatch(UserError, KeyError):
+    """The weights do not fit the model: names missing or unexpected, or a shape differs."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
 
 class WeightSource(Protocol):
     def names(self) -> list[str]: ...
@@ -26,6 +35,39 @@ class WeightSource(Protocol):
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
 
     def full(self, name: str) -> torch.Tensor: ...
+
+
+class ModuleWeights:
+    """A materialised model's own tensors as a weight source (read in place, copied to the CPU a
+    slice at a time)."""
+
+    def __init__(self, model: nn.Module):
+        keys = set(model.state_dict())
+        self.tensors = {k: v for k, v in state_tensors(model).items() if k in keys}
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.tensors[name].detach()[start:stop].cpu()
+
+    def full(self, name: str) -> torch.Tensor:
+        return self.tensors[name].detach().cpu()
+
+
+class DictWeights(ModuleWeights):
+    """A state dict (name -> tensor) as a weight source."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.tensors = dict(state)
+
+
+def as_source(weights) -> WeightSource:
+    """``weights`` as a weight source: a source as it is, a state dict wrapped."""
+    return DictWeights(weights) if isinstance(weights, dict) else weights
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -45,7 +87,8 @@ def load_into(model: nn.Module, source: WeightSource, strict: bool = True) -> No
     missing = sorted(n for n in targets if n in persistent and n not in available)
     unexpected = sorted(n for n in available if n not in targets)
     if strict and (missing or unexpected):
-        raise KeyError(f"weights missing {missing[:5]} / unexpected {unexpected[:5]}")
+        raise WeightsMismatch(f"{_describe(source)}: weights missing {missing[:5]} / unexpected {unexpected[:5]} "
+                              f"for a {type(model).__name__} of this configuration")
     for name, tensor in targets.items():
         if name in available:
             _fill(tensor, name, source)
@@ -56,10 +99,15 @@ def load_into(model: nn.Module, source: WeightSource, strict: bool = True) -> No
 def _fill(tensor: torch.Tensor, name: str, source: WeightSource) -> None:
     want = tuple(source.shape(name))
     if tuple(tensor.shape) != want:
-        raise ValueError(f"{name}: the model's shape {tuple(tensor.shape)} differs from the weights' {want}")
+        raise WeightsMismatch(f"{_describe(source)}: {name} has shape {want}, the model's is {tuple(tensor.shape)}")
     local = _local_part(tensor, name, source)
     target = tensor.to_local() if _is_dtensor(tensor) else tensor
     target.copy_(local.to(target.dtype))
+
+
+def _describe(source) -> str:
+    root = getattr(source, "root", None)
+    return str(root) if root is not None else type(source).__name__
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

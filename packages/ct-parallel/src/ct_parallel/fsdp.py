@@ -28,11 +28,12 @@ class FSDP2Engine(NativeEngine):
         return contextlib.nullcontext()
 
 
-def build_fsdp2_engine(model: nn.Module, *, param_dtype: str | None = None, reduce_dtype: str = "float32",
-                       reshard_after_forward: bool = True) -> FSDP2Engine:
+def shard_fsdp2(model: nn.Module, device: torch.device, *, param_dtype: str | None = None,
+                reduce_dtype: str = "float32", reshard_after_forward: bool = True):
+    """``fully_shard`` every block, then the root, on a 1-D data-parallel mesh of ``device``'s
+    type; returns the mesh. Works on a ``meta`` model (shards are materialised afterwards)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("strategy 'fsdp2' needs torch.distributed initialised (call init_distributed)")
-    device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
     policy = MixedPrecisionPolicy(
         param_dtype=_DTYPES[param_dtype] if param_dtype else None,
@@ -42,4 +43,12 @@ def build_fsdp2_engine(model: nn.Module, *, param_dtype: str | None = None, redu
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root keeps embeddings + final norm; no point resharding what backward needs first.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    return mesh
+
+
+def build_fsdp2_engine(model: nn.Module, *, param_dtype: str | None = None, reduce_dtype: str = "float32",
+                       reshard_after_forward: bool = True) -> FSDP2Engine:
+    """FSDP2 around an already materialised model (the parallelize step shards meta models itself)."""
+    mesh = shard_fsdp2(model, next(model.parameters()).device, param_dtype=param_dtype,
+                       reduce_dtype=reduce_dtype, reshard_after_forward=reshard_after_forward)
     return FSDP2Engine(model, model, dp_group=mesh.get_group())

@@ -59,10 +59,12 @@ def _cuda_capability_at_least(need: tuple[int, int]) -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= need
 
 
-def prepare_native_model(model: torch.nn.Module, precision: PrecisionConfig) -> torch.nn.Module:
+def prepare_native_model(model: torch.nn.Module, precision: PrecisionConfig,
+                         device: torch.device | None = None) -> torch.nn.Module:
     """What the native engines do to the model itself before wrapping it: FP8 layers (torchao)
-    are swapped in before DDP/FSDP2 sees the parameters, so sharding wraps the Float8Linear."""
-    return convert_to_fp8(model, precision) if precision.fp8 else model
+    are swapped in before DDP/FSDP2 sees the parameters, so sharding wraps the Float8Linear.
+    ``device``: where it will run (the model may still be on ``meta``)."""
+    return convert_to_fp8(model, precision, device) if precision.fp8 else model
 
 
 def native_autocast_dtype(precision: PrecisionConfig) -> torch.dtype | None:

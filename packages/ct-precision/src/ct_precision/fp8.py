@@ -78,12 +78,17 @@ def float8_linear_config(precision: PrecisionConfig, device: torch.device):
     return dataclasses.replace(config, enable_fsdp_float8_all_gather=False, emulate=device.type == "cpu")
 
 
-def convert_to_fp8(model: nn.Module, precision: PrecisionConfig) -> nn.Module:
-    """Swap the model's eligible nn.Linear layers for torchao Float8Linear, in place; returns it."""
+def convert_to_fp8(model: nn.Module, precision: PrecisionConfig, device: torch.device | None = None) -> nn.Module:
+    """Swap the model's eligible nn.Linear layers for torchao Float8Linear, in place; returns it.
+
+    ``device``: where the model will run (default: where its parameters are; a model still on
+    ``meta`` must say)."""
     global _warned_cpu
     if not precision.fp8:
         raise ValueError(f"convert_to_fp8 needs precision.dtype=fp8, got {precision.dtype!r}")
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
+    if device.type == "meta":
+        raise ValueError("convert_to_fp8: the model is on meta; pass the device it will run on")
     check_fp8_device(precision, device)
     if device.type == "cpu" and not _warned_cpu:
         log.warning("FP8 on CPU is emulated (slow); numerics only")

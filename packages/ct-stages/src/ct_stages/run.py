@@ -149,12 +149,18 @@ def prepare_tokenizer(run: RunConfig, init_from: Path | None, sample_dir: Path |
 
 
 def build_phase_model(run: RunConfig, init_from: Path | None):
+    """The phase's model on the ``meta`` device (nothing allocated), its config, and the weight
+    source the parallelize step fills this rank's shards from: the previous phase's HF export
+    (read lazily, a slice at a time) or fresh layout-independent initial values."""
+    from ct_model.init import SeededInit
+
+    weights = None
     if init_from is not None:
-        model, config = ct_model.hf.load_hf(init_from)
+        weights = ct_model.hf.HFWeights(init_from)
+        config = weights.config
         log.info("initialised from %s", init_from)
     else:
         config = run.model.resolve()
-        model = ct_model.build_model(config, seed=run.trainer.seed)
     changes = {}
     if run.seq_len > config.max_position_embeddings:
         changes["max_position_embeddings"] = run.seq_len
@@ -163,10 +169,8 @@ def build_phase_model(run: RunConfig, init_from: Path | None):
     if changes:
         # RoPE is computed from the config at every call, so changing it needs no weight surgery.
         config = config.replace(**changes)
-        for module in model.modules():
-            if hasattr(module, "config"):
-                module.config = config
-    return model, config
+    model = ct_model.build_model(config, device="meta")
+    return model, config, weights if weights is not None else SeededInit(model, run.trainer.seed)
 
 
 def build_stage(run: RunConfig, model_config, device: torch.device, cache_loader_factory) -> Stage:
@@ -273,11 +277,10 @@ def _build(run: RunConfig, info: DistInfo, init_from: Path | None, peak: PeakFlo
     torch.manual_seed(run.trainer.seed)
     sample_dir = prepare_sample_data(run, info.is_main)
     tokenizer = prepare_tokenizer(run, init_from, sample_dir, info.is_main)
-    model, model_config = build_phase_model(run, init_from)
+    model, model_config, weights = build_phase_model(run, init_from)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                         f"{model_config.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
-    model.to(info.device)
     if info.is_main:
         (run_dir / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
 
@@ -289,9 +292,10 @@ def _build(run: RunConfig, info: DistInfo, init_from: Path | None, peak: PeakFlo
 
     # The teacher cache is written in the global order: a 1-process loader yields it.
     stage = build_stage(run, model_config, info.device, lambda: loader_factory(0, 1))
+    # The parallelize step: each rank materialises only what it holds, from the weight source.
     engine = build_engine(model, run.distributed, precision=run.precision,
                           activation_checkpointing=run.activation_checkpointing, compile=run.compile,
-                          **modelopt_teacher(run, model_config, info.device))
+                          weights=weights, device=info.device, **modelopt_teacher(run, model_config, info.device))
     engine.setup_optimizer(lambda named: build_optimizer(named, run.optimizer))
     scheduler = build_scheduler(engine.optimizer, t.max_steps, run.schedule)
     loader = loader_factory()

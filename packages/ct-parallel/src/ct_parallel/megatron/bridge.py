@@ -157,11 +157,13 @@ def _split_qkv(fused, config: ModelConfig):
     return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
 
 
-def shard(m: Mapping, ct_state: dict[str, torch.Tensor], config: ModelConfig, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This TP rank's piece of the megatron tensor built from ct-model tensors."""
-    tensors = [ct_state[n] for n in m.ct_names]
+def shard(m: Mapping, source, config: ModelConfig, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's piece of the megatron tensor built from ct-model tensors (read from a weight
+    source, ct_model.weights: one routed expert reads only its own rows of the 3D tensor)."""
     if m.expert is not None:
-        tensors = [t[m.expert] for t in tensors]
+        tensors = [source.rows(n, m.expert, m.expert + 1)[0] for n in m.ct_names]
+    else:
+        tensors = [source.full(n) for n in m.ct_names]
     if m.kind == "gated_expert":
         tensors = list(tensors[0].chunk(2, dim=0))
     if m.kind in ("gated", "gated_expert"):
@@ -187,10 +189,14 @@ def unshard(m: Mapping, pieces: list[torch.Tensor], config: ModelConfig) -> dict
 
 
 @torch.no_grad()
-def load_ct_state_dict(chunks: list[nn.Module], ct_state: dict[str, torch.Tensor], config: ModelConfig) -> None:
-    """Copy a full ct-model state dict into this rank's megatron chunks (every rank passes the
-    same full dict; each takes its TP shard of its PP layers). Tied output layers on the last
-    stage receive the embedding."""
+def load_ct_state_dict(chunks: list[nn.Module], weights, config: ModelConfig) -> None:
+    """Fill this rank's megatron chunks from ct-model weights: a weight source (ct_model.weights:
+    fresh initial values, an HF directory, a model's own tensors) or a full state dict. Each rank
+    takes its TP shard of its PP layers, reading one ct-model tensor at a time (a routed expert:
+    its own rows). Tied output layers on the last stage receive the embedding."""
+    from ct_model.weights import as_source
+
+    source = as_source(weights)
     tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     etp = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
     for chunk in map(unwrap, chunks):
@@ -198,9 +204,9 @@ def load_ct_state_dict(chunks: list[nn.Module], ct_state: dict[str, torch.Tensor
             m = mapping(name, chunk, config)
             if m is None:  # tied output layer on a later pipeline stage
                 m = Mapping("plain", ("embed_tokens.weight",), 0)
-            param.copy_(shard(m, ct_state, config, *(etp if m.expert is not None else tp)).to(param.dtype))
+            param.copy_(shard(m, source, config, *(etp if m.expert is not None else tp)).to(param.dtype))
         for ct_name, buffer in _router_buffers(chunk, config):
-            buffer.copy_(ct_state[ct_name])
+            buffer.copy_(source.full(ct_name))
 
 
 def export_ct_state_dict(chunks: list[nn.Module], config: ModelConfig,

@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import _init_optim_state
 
 from ct_model import ModelConfig
+from ct_model.weights import ModuleWeights
 from ct_model.masking import document_causal_mask
 
 from ..config import DistributedConfig
@@ -131,7 +132,7 @@ def _count_experts_once_in_grad_norm(mopt, ep: int) -> None:
 
 class MegatronEngine:
     def __init__(self, model: nn.Module, dist_config: DistributedConfig, *, autocast_dtype: torch.dtype | None = None,
-                 recompute: dict | None = None, fp8: dict | None = None,
+                 recompute: dict | None = None, fp8: dict | None = None, weights=None,
                  distill_teacher: nn.Module | None = None, distill_temperature: float = 1.0,
                  distill_kind: str = "forward_kl"):
         """``distill_teacher``: a ct-model Decoder; the student is converted into nvidia-modelopt's
@@ -153,8 +154,10 @@ class MegatronEngine:
         self.config = transformer_config(self.model_config, dist_config, bf16=self.bf16, recompute=recompute, fp8=fp8)
         self.thd = use_thd(self.te)
         chunks = build_gpt_chunks(self.model_config, self.config, self.te, thd=self.thd)
-        ct_state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-        bridge.load_ct_state_dict(chunks, ct_state, self.model_config)
+        # Each rank fills only its own chunks, one ct-model tensor at a time: from the weight source
+        # (a meta model: fresh initial values or an HF directory), or from the model's own tensors.
+        bridge.load_ct_state_dict(chunks, weights if weights is not None else ModuleWeights(model),
+                                  self.model_config)
         self.kd_model = None  # modelopt's DistillationModel (the student chunk itself, converted)
         if distill_teacher is not None:
             chunks = [self._convert_for_modelopt(chunks, distill_teacher, distill_temperature, distill_kind, recompute)]
@@ -254,8 +257,7 @@ class MegatronEngine:
         # The teacher runs inside the student's Float16Module: the same precision fields.
         tconfig = transformer_config(teacher_config, self.dist_config, bf16=self.bf16, recompute=recompute)
         (teacher_chunk,) = build_gpt_chunks(teacher_config, tconfig, self.te, thd=self.thd)
-        teacher_state = {k: v.detach().to("cpu", torch.float32) for k, v in teacher.state_dict().items()}
-        bridge.load_ct_state_dict([teacher_chunk], teacher_state, teacher_config)
+        bridge.load_ct_state_dict([teacher_chunk], ModuleWeights(teacher), teacher_config)
         (student,) = chunks
         self.kd_model = modelopt_kd.convert(student, teacher_chunk, temperature, kind)
         self.kd_temperature = temperature
@@ -474,8 +476,8 @@ class MegatronEngine:
 
 def build_megatron_engine(model: nn.Module, dist_config: DistributedConfig, *,
                           autocast_dtype: torch.dtype | None = None, recompute: dict | None = None,
-                          fp8: dict | None = None, distill_teacher: nn.Module | None = None,
+                          fp8: dict | None = None, weights=None, distill_teacher: nn.Module | None = None,
                           distill_temperature: float = 1.0, distill_kind: str = "forward_kl") -> MegatronEngine:
     return MegatronEngine(model, dist_config, autocast_dtype=autocast_dtype, recompute=recompute, fp8=fp8,
-                          distill_teacher=distill_teacher, distill_temperature=distill_temperature,
+                          weights=weights, distill_teacher=distill_teacher, distill_temperature=distill_temperature,
                           distill_kind=distill_kind)
