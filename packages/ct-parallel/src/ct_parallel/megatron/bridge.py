@@ -143,10 +143,15 @@ def optimizer_name(name: str, chunk: nn.Module, config: ModelConfig) -> str:
 
 
 def _fuse_qkv(q, k, v, config: ModelConfig) -> torch.Tensor:
-    g, d = config.num_query_groups, config.kv_channels
-    per = config.num_attention_heads // g
+    g = config.num_query_groups
+    return _fuse_groups(q, k, v, g, config.num_attention_heads // g, config.kv_channels)
+
+
+def _fuse_groups(q, k, v, groups: int, per: int, d: int) -> torch.Tensor:
+    """[q heads of g ; k_g ; v_g] for each of ``groups`` query groups (``per`` heads of width ``d``)."""
     hidden = q.shape[1]
-    return torch.cat((q.view(g, per * d, hidden), k.view(g, d, hidden), v.view(g, d, hidden)), dim=1).reshape(-1, hidden)
+    return torch.cat((q.view(groups, per * d, hidden), k.view(groups, d, hidden), v.view(groups, d, hidden)),
+                     dim=1).reshape(-1, hidden)
 
 
 def _split_qkv(fused, config: ModelConfig):
@@ -157,9 +162,29 @@ def _split_qkv(fused, config: ModelConfig):
     return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
 
 
+def _row_share(source, name: str, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous share of ``name``'s rows (``chunk`` semantics), read as just those rows."""
+    rows = source.shape(name)[0]
+    per = -(-rows // size)
+    start = min(rank * per, rows)
+    return source.rows(name, start, min(start + per, rows))
+
+
 def shard(m: Mapping, source, config: ModelConfig, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This TP rank's piece of the megatron tensor built from ct-model tensors (read from a weight
-    source, ct_model.weights: one routed expert reads only its own rows of the 3D tensor)."""
+    """This TP rank's piece of the megatron tensor built from ct-model tensors, read from a weight
+    source (ct_model.weights) as little as the layout allows: a row-split (column-parallel,
+    fused QKV by whole query groups, gated [gate_r ; up_r]) reads only this rank's rows, a routed
+    expert only its own rows of the 3D tensor; a column-split weight is read whole, then sliced."""
+    if m.expert is None and m.kind in ("gated", "qkv") and tp_size > 1:
+        # Whole query groups per rank: q, k and v rows of this rank's groups are contiguous in each.
+        parts = [_row_share(source, n, tp_rank, tp_size) for n in m.ct_names]
+        if m.kind == "gated":
+            return torch.cat(parts, dim=0)
+        groups = config.num_query_groups // tp_size
+        return _fuse_groups(*parts, groups, config.num_attention_heads // config.num_query_groups,
+                            config.kv_channels)
+    if m.expert is None and m.kind == "plain" and m.tp_dim == 0 and tp_size > 1:
+        return _row_share(source, m.ct_names[0], tp_rank, tp_size)
     if m.expert is not None:
         tensors = [source.rows(n, m.expert, m.expert + 1)[0] for n in m.ct_names]
     else:
