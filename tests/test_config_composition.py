@@ -52,7 +52,7 @@ def test_a_key_override_wins_over_the_group_and_the_phase():
 
 
 def test_checkpointing_and_compile_are_command_line_keys():
-    from ct_precision import ActivationCheckpointConfig, CompileConfig
+    from ct_parallel import ActivationCheckpointConfig, CompileConfig
 
     default = RunConfig.from_dict(compose("pretrain_phase1", [], CONFIGS))
     assert (default.activation_checkpointing, default.compile) == (ActivationCheckpointConfig(), CompileConfig())

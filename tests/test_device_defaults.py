@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from ct_cli.common import config_dir, run_config
-from ct_precision import CompileConfig, PrecisionConfig
+from ct_precision import PrecisionConfig
+from ct_parallel import CompileConfig
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

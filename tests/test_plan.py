@@ -270,7 +270,7 @@ def _net_forward_bytes(config, mode: str, ac: str, runs: list[tuple[int, int]]) 
 
     from ct_model.attention import build_mask_info
     from ct_model.rope import rope_angles
-    from ct_precision import ActivationCheckpointConfig, apply_activation_checkpointing
+    from ct_parallel import ActivationCheckpointConfig, apply_activation_checkpointing
 
     dtype = torch.bfloat16 if mode == "bf16_params" else torch.float32
     alive = []  # nothing from one region is freed inside another

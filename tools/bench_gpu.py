@@ -195,7 +195,7 @@ def ct_step(config, batch, row: str, smoke: bool, device: torch.device):
     """CheaperTraining's engine for ``row`` (the rows are cumulative, see the module docstring)."""
     from ct_model import build_model
     from ct_parallel import DistributedConfig, build_engine, init_distributed
-    from ct_precision import ActivationCheckpointConfig, CompileConfig
+    from ct_parallel import ActivationCheckpointConfig, CompileConfig
     from ct_stages.stages import LossConfig, make_ce_loss
 
     rank = ROWS.index(row)

@@ -57,7 +57,7 @@ def _one(args) -> dict:
 
     from ct_model import build_model, count_parameters
     from ct_model.chunked_ce import linear_cross_entropy
-    from ct_precision import ActivationCheckpointConfig, apply_activation_checkpointing
+    from ct_parallel import ActivationCheckpointConfig, apply_activation_checkpointing
 
     torch.manual_seed(0)
     config = _config(args)

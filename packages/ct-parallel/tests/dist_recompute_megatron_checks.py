@@ -17,7 +17,7 @@ import torch.distributed as dist
 import parallel_testlib as lib
 from ct_model import build_model
 from ct_parallel import DistributedConfig, build_engine, init_distributed
-from ct_precision import ActivationCheckpointConfig
+from ct_parallel import ActivationCheckpointConfig
 
 LAYOUTS = {"tp2": dict(tensor_model_parallel_size=2), "pp2": dict(pipeline_model_parallel_size=2)}
 # (layout, mode, every_n_blocks) -> the TransformerConfig fields megatron must run with, and how

@@ -16,7 +16,7 @@ import dist_moe_native_checks as moe_checks  # noqa: E402
 import parallel_testlib as lib  # noqa: E402
 from ct_model import build_model  # noqa: E402
 from ct_parallel import DistributedConfig, build_engine  # noqa: E402
-from ct_precision import ActivationCheckpointConfig  # noqa: E402
+from ct_parallel import ActivationCheckpointConfig  # noqa: E402
 
 
 STEPS = 2

@@ -1,12 +1,15 @@
 """ct_parallel: engines (native single/DDP/FSDP2, megatron-core), process groups, weight bridge.
 
-Trainer API: ``info = init_distributed(cfg)``; build the ct-model (same seed everywhere);
-``engine = build_engine(model, cfg, precision=..., activation_checkpointing=..., compile=...)``; then
+Trainer API: ``info = init_distributed(cfg)``; build the ct-model on ``meta``;
+``engine = build_engine(model, cfg, precision=..., activation_checkpointing=..., compile=...,
+weights=..., device=info.device)`` (the parallelize step: parallelize.py); then
 ``engine.setup_optimizer(build)``, ``forward_backward`` / ``clip_grad_norm`` / ``optimizer_step`` /
 ``zero_grad`` per step and ``save_checkpoint`` / ``load_checkpoint`` / ``full_model_state_dict``. Importing this package
 does not import megatron-core; only ``engine: megatron`` does.
 """
 
+from .checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing
+from .compile import CompileConfig, apply_compile, resolve_compile
 from .config import DistributedConfig
 from .distributed import (DistInfo, barrier, global_rank, init_distributed, is_distributed, main_first,
                           megatron_can_run, shutdown_distributed, world_size)
@@ -17,6 +20,7 @@ from .precision import check_combination
 from .recompute import check_recompute_combination
 
 __all__ = [
+    "ActivationCheckpointConfig", "CompileConfig", "apply_activation_checkpointing", "apply_compile", "resolve_compile",
     "IGNORE_INDEX", "DistInfo", "DistributedConfig", "Engine", "LossFn", "Microbatch", "NativeEngine",
     "StepResult", "barrier", "build_engine", "build_native_engine", "check_combination", "check_recompute_combination",
     "global_rank", "is_modelopt_kd", "modelopt_kd",

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import torch
 from ct_model.weights import WeightSource
-from ct_precision import ActivationCheckpointConfig, CompileConfig, PrecisionConfig
+from ct_precision import PrecisionConfig
 from torch import nn
 
+from .checkpointing import ActivationCheckpointConfig
+from .compile import CompileConfig
 from .config import DistributedConfig
 from .engine import Engine
 from .parallelize import parallelize

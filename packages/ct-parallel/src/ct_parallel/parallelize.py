@@ -25,10 +25,11 @@ from __future__ import annotations
 import torch
 from ct_model.init import SeededInit
 from ct_model.weights import WeightSource, load_into
-from ct_precision import (ActivationCheckpointConfig, CompileConfig, PrecisionConfig, apply_activation_checkpointing,
-                          apply_compile)
+from ct_precision import PrecisionConfig
 from torch import nn
 
+from .checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing
+from .compile import CompileConfig, apply_compile
 from .config import DistributedConfig
 from .engine import Engine
 from .native import NativeEngine, build_native_engine

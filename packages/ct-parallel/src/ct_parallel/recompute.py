@@ -26,8 +26,9 @@ import math
 from typing import Any
 
 from ct_model import ModelConfig
-from ct_precision import ActivationCheckpointConfig, CompileConfig
 
+from .checkpointing import ActivationCheckpointConfig
+from .compile import CompileConfig
 from .config import DistributedConfig
 from .precision import layout_name
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import ct_model
 from ct_model import UserError
-from ct_parallel import DistributedConfig
-from ct_precision import AUTO, ActivationCheckpointConfig, CompileConfig, PrecisionConfig, resolve_compile
+from ct_parallel import ActivationCheckpointConfig, CompileConfig, DistributedConfig, resolve_compile
+from ct_precision import AUTO, PrecisionConfig
 
 from .optim import OptimizerConfig, ScheduleConfig
 from .stages import LossConfig, StageConfig

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ct_model import build_model, presets
-from ct_precision import ActivationCheckpointConfig, CompileConfig, apply_activation_checkpointing, apply_compile
+from ct_parallel import ActivationCheckpointConfig, CompileConfig, apply_activation_checkpointing, apply_compile
 
 
 def tiny():
@@ -97,7 +97,8 @@ def test_inductor_compiled_blocks_equal_eager_on_gpu(ac_mode):
 def test_resolve_compile(enabled, dtype, device, native, want, level):
     import logging
 
-    from ct_precision import PrecisionConfig, resolve_compile
+    from ct_precision import PrecisionConfig
+    from ct_parallel import resolve_compile
 
     config, note = resolve_compile(CompileConfig(enabled=enabled), PrecisionConfig.preset(dtype),
                                    torch.device(device), engine_compiles=native)

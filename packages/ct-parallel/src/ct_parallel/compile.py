@@ -28,7 +28,7 @@ import torch
 from ct_model.config import from_known_fields
 from torch import nn
 
-from .policy import PrecisionConfig
+from ct_precision import PrecisionConfig
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
