@@ -111,7 +111,11 @@ def _describe(source) -> str:
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" or hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _local_part(tensor: torch.Tensor, name: str, source: WeightSource) -> torch.Tensor:
