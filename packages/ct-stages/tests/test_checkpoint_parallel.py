@@ -81,3 +81,36 @@ def test_ranks_verify_disjoint_shares_and_all_skip_a_file_one_of_them_found_dama
     assert victim in r1["verify_damaged"] and victim not in r0["verify_damaged"]
     assert r0["verified_damaged"] == r1["verified_damaged"] == "step_00000001"
     assert any(victim in w and "checksum differs" in w for w in r0["warnings"])
+
+
+MEGATRON_RUNNER = HERE.parents[1] / "ct-parallel" / "tests" / "megatron_cpu_run.py"
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_megatron_async_checkpoint_holds_the_state_at_save_time_and_each_rank_hashes_its_files(tmp_path):
+    """megatron TP=2 under the CPU shim (dist_megatron_async_checks.py): the writer is held until
+    the loop has changed weights and optimizer state; the checkpoint still holds the save-time
+    state (a fresh engine loaded from it takes the next step with the original's loss), it counts
+    only once written, and each rank hashed the files it wrote (the coordinator's metadata on rank 0)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(MEGATRON_RUNNER), str(HERE / "dist_megatron_async_checks.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(MEGATRON_RUNNER.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["polled_while_held"] and r1["polled_while_held"]  # nothing counted before the write
+    assert r0["waited"] == r0["final"] == r1["waited"]
+    assert r0["weights_equal_at_save"]
+    assert r0["loss_after_load"] == r0["loss_after_save"] and r1["loss_after_load"] == r1["loss_after_save"]
+    step_dir = Path(r0["final"])
+    files = json.loads((step_dir / "meta.json").read_text())["files"]
+    assert files == hand_manifest(step_dir)
+    # megatron's torch_dist writer: __{r}_{n}.distcp per rank; .metadata and metadata.json by rank 0
+    want0 = {n for n in files if n.startswith("engine/__0_")} | {"engine/.metadata", "engine/metadata.json",
+                                                                 "trainer_rank0.pt"}
+    want1 = {n for n in files if n.startswith("engine/__1_")} | {"trainer_rank1.pt"}
+    assert want0 | want1 == set(files)
+    assert (relative(r0["hashed_at_save"], "step_00000001"), relative(r1["hashed_at_save"], "step_00000001")) \
+        == (want0, want1)

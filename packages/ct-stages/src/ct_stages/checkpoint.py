@@ -107,7 +107,11 @@ class CheckpointManager:
         this returns as soon as the copy is made. The checkpoint becomes complete (meta.json with
         the manifest, then the rename) only after every file is on disk and hashed: ``poll``
         reports it, ``wait`` blocks for it (the next save, the end of training and every stop
-        call it)."""
+        call it). The engine returns either a future of the whole write (DCP: done when every
+        rank's files and the metadata are on disk) or, for a write whose last step is collective
+        (megatron's: the coordinator gathers the write results and writes the metadata), a handle
+        with ``done``/``result`` for this rank's files and a ``finalize`` that every rank calls on
+        the main thread: ``poll`` then agrees on "all written" with one tiny all-reduce."""
         self.wait()  # one checkpoint in flight at a time
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-step_{step:08d}"
@@ -127,6 +131,8 @@ class CheckpointManager:
             self._raise_write_error(err, step, tmp)
         if future is None:
             self._complete_now(step, tmp, final)
+        elif hasattr(future, "finalize"):
+            self._pending = _Pending(step, tmp, final, future, self._hash_when_written)
         else:
             self._pending = _Pending(step, tmp, final, future, self._complete_when_written, group)
         return final
@@ -141,12 +147,15 @@ class CheckpointManager:
         return self._group
 
     def poll(self) -> Path | None:
-        """The async checkpoint that completed since the last call (rank 0; others: None)."""
+        """The async checkpoint that completed since the last call (rank 0; others: None).
+        Collective while a write with a collective finalisation is in flight."""
         pending = self._pending
-        if pending is None or not pending.done():
+        if pending is None:
+            return None
+        if not (_everywhere(pending.done()) if pending.collective else pending.done()):
             return None
         self._pending = None
-        pending.result(self._raise_write_error)
+        self._settle(pending)
         return pending.final if _rank() == 0 else None
 
     def wait(self) -> Path | None:
@@ -154,16 +163,39 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        pending.result(self._raise_write_error)
+        self._settle(pending)
         return pending.final
 
-    def _complete_now(self, step: int, tmp: Path, final: Path) -> None:
+    def _settle(self, pending: "_Pending") -> None:
+        if not pending.collective:
+            pending.result(self._raise_write_error)
+            return
+        pending.thread.join()
+        if not _everywhere(pending.error is None):  # then no rank runs the collective finalisation
+            self._raise_write_error(pending.error or OSError("another rank could not write or hash its files"),
+                                    pending.step, pending.tmp)
+        try:
+            pending.future.finalize()
+        except BaseException as err:  # megatron raises a write failure on every rank
+            self._raise_write_error(err, pending.step, pending.tmp)
+        self._complete_now(pending.step, pending.tmp, pending.final, known=pending.part)
+
+    def _hash_when_written(self, pending: "_Pending") -> None:
+        """Background thread for a write finalised collectively: wait for this rank's files, hash
+        them; the coordinator's files come at ``finalize`` (rank 0 hashes those, small, then)."""
+        pending.future.result()
+        part = _own_part(pending.tmp, _rank(), None)
+        if "error" in part:
+            raise (OSError if part["write_error"] else RuntimeError)(part["error"])
+        pending.part = part["files"]
+
+    def _complete_now(self, step: int, tmp: Path, final: Path, known: dict | None = None) -> None:
         """After a synchronous save (every rank's files are on disk when the engine returns): the
         manifest, then rank 0 makes the step count; its outcome is broadcast so that every rank
         returns only once the step counts, or raises if it does not."""
         error = None
         try:
-            self._assemble(step, tmp, final, group=None)
+            self._assemble(step, tmp, final, group=None, known=known)
         except BaseException as err:
             error = err
         outcome = _broadcast_from_first(None if error is None else (_is_write_error(error), _cause(error)))
@@ -187,10 +219,12 @@ class CheckpointManager:
         if write_error is not None:
             raise write_error
 
-    def _assemble(self, step: int, tmp: Path, final: Path, group, write_error: BaseException | None = None) -> None:
-        """Every rank hashes the files it wrote; rank 0 gathers the parts (names, sizes, hashes)
-        and finalises. O(checkpoint size / world size) per rank."""
-        parts = _gather_to_first(_own_part(tmp, _rank(), write_error), group)
+    def _assemble(self, step: int, tmp: Path, final: Path, group, write_error: BaseException | None = None,
+                  known: dict | None = None) -> None:
+        """Every rank hashes the files it wrote (but those in ``known``, hashed already); rank 0
+        gathers the parts (names, sizes, hashes) and finalises. O(checkpoint size / world size)
+        per rank."""
+        parts = _gather_to_first(_own_part(tmp, _rank(), write_error, known), group)
         if _rank() == 0:
             self._finalize(step, tmp, final, _merged(parts))
 
@@ -265,10 +299,13 @@ def _layout_keys(layout: dict[str, Any]) -> str:
 
 class _Pending:
     """An async checkpoint in flight: the engine's write future and, on every rank, a thread that
-    waits for it, hashes this rank's files and (rank 0) finalises the step (manifest, rename)."""
+    waits for it, hashes this rank's files and (rank 0) finalises the step (manifest, rename); for
+    a write finalised collectively the thread only hashes, and ``_settle`` does the rest."""
 
     def __init__(self, step: int, tmp: Path, final: Path, future, complete, group=None):
         self.step, self.tmp, self.final, self.future, self.group = step, tmp, final, future, group
+        self.collective = hasattr(future, "finalize")  # finalised on the main thread, all ranks
+        self.part: dict[str, dict[str, Any]] | None = None  # this rank's hashed files (collective case)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(complete,), name=f"ckpt-{step}", daemon=True)
         self.thread.start()
@@ -342,20 +379,21 @@ def _listing(directory: Path) -> list[str]:
     return [str(p.relative_to(directory)) for p in sorted(directory.rglob("*")) if p.is_file()]
 
 
-def manifest(directory: Path, rank: int | None = None) -> dict[str, dict[str, Any]]:
+def manifest(directory: Path, rank: int | None = None, skip=()) -> dict[str, dict[str, Any]]:
     """Relative path -> size and sha256 of every file under ``directory`` or, with ``rank``, of
-    the files that rank wrote (``writer_of``)."""
-    names = [n for n in _listing(directory) if rank is None or writer_of(n) == rank]
+    the files that rank wrote (``writer_of``); ``skip``: names left out."""
+    names = [n for n in _listing(directory) if (rank is None or writer_of(n) == rank) and n not in skip]
     return {n: {"size": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in names}
 
 
-def _own_part(tmp: Path, rank: int, write_error: BaseException | None) -> dict[str, Any]:
-    """This rank's part of the manifest, or what went wrong (sent on, so rank 0 never waits for
-    a part that does not come)."""
+def _own_part(tmp: Path, rank: int, write_error: BaseException | None, known: dict | None = None) -> dict[str, Any]:
+    """This rank's part of the manifest (``known``: entries hashed already), or what went wrong
+    (sent on, so rank 0 never waits for a part that does not come)."""
     if write_error is not None:
         return {"rank": rank, "error": _cause(write_error), "write_error": _is_write_error(write_error)}
     try:
-        return {"rank": rank, "files": manifest(tmp, rank)}
+        known = known or {}
+        return {"rank": rank, "files": {**known, **manifest(tmp, rank, skip=known)}}
     except Exception as err:  # an unreadable file of ours: the step must not count
         return {"rank": rank, "error": _cause(err), "write_error": _is_write_error(err)}
 
@@ -436,6 +474,16 @@ def _all_gather(obj: Any) -> list[Any]:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _everywhere(flag: bool) -> bool:
+    """True on every rank iff ``flag`` is true on every rank (one tiny all-reduce)."""
+    if not _distributed():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(bool(flag))], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _broadcast_from_first(obj: Any) -> Any:
