@@ -33,6 +33,7 @@ def launch_and_terminate(out: Path, grace_s: int) -> subprocess.CompletedProcess
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("grace_s, finishes", [(1, False), (30, True)])
 def test_sigterm_gives_the_workers_the_shutdown_timeout(tmp_path, grace_s, finishes):
     """A grace shorter than the worker needs (1 s, standing in for torch's 30 s default) kills

@@ -50,6 +50,7 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_each_rank_hashes_the_files_it_wrote_and_meta_lists_every_file(two_ranks):
     out, ranks = two_ranks
     for step, phase in ((1, "save_sync"), (2, "save_async")):
@@ -70,6 +71,7 @@ def test_each_rank_hashes_the_files_it_wrote_and_meta_lists_every_file(two_ranks
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_ranks_verify_disjoint_shares_and_all_skip_a_file_one_of_them_found_damaged(two_ranks):
     out, (r0, r1) = two_ranks
     intact = set(json.loads((out / "checkpoints" / "step_00000001" / "meta.json").read_text())["files"])
