@@ -80,14 +80,6 @@ def test_layouts_this_machine_cannot_run_are_refused(capsys, monkeypatch, tmp_pa
     assert code == 2 and needle in err, err
 
 
-def test_async_checkpoints_on_the_megatron_engine_are_refused(capsys, monkeypatch, tmp_path):
-    # As on a CUDA machine: megatron could run, but it writes checkpoints synchronously only.
-    monkeypatch.setattr("ct_stages.run.megatron_can_run", lambda: True)
-    code, err = train(capsys, f"run_dir={tmp_path / 'run'}", "distributed=megatron_tp2", "trainer.async_checkpoint=true")
-    assert code == 2 and "trainer.async_checkpoint=true with distributed.engine=megatron" in err, err
-    assert not (tmp_path / "run").exists()
-
-
 def test_bad_paths_exit_2_naming_the_path(capsys, tmp_path, sample_dir):
     base = [f"run_dir={tmp_path / 'run'}", f"sample_data.dir={sample_dir}", *TINY]
     cases = [

@@ -13,8 +13,11 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
+# After SIGTERM, how long torchrun's ranks get to finish their step and checkpoint before SIGKILL
+# (torch's default, 30 s, is too short for a large model): the scheduler's warning lead time.
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-120}
 # megatron-core wants one CUDA connection per device for its TP/SP comm/compute ordering.
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" \
-  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "$@"
+  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --shutdown-timeout "$SHUTDOWN_TIMEOUT" "$@"

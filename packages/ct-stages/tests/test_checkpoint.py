@@ -149,10 +149,10 @@ def test_an_async_write_that_fails_is_reported_and_removed(tmp_path, monkeypatch
     source, _ = engine(0)
     manager.save(1, source, {"step": 1})
 
-    def full(directory):
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "manifest", full)  # fails in the background finaliser
+    monkeypatch.setattr(ckpt, "manifest", full)  # fails in the background thread, hashing
     manager.save(2, source, {"step": 2}, asynchronous=True)
     with pytest.raises(ckpt.CheckpointError, match="No space left"):
         manager.wait()
@@ -182,3 +182,43 @@ def test_megatron_resume_refuses_another_world_size_and_a_resharded_distributed_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ckpt.CheckpointError, match="distributed optimizer.*GPU only.*use_distributed_optimizer=True"):
         manager.load(path, engine=None)
+
+
+def test_writer_of_reads_the_writing_rank_off_dcp_megatron_and_trainer_names():
+    from ct_stages.checkpoint import writer_of
+
+    by_hand = {"engine/__3_0.distcp": 3, "engine/__12_7.distcp": 12, "engine/__5.metadata": 5,
+               "trainer_rank9.pt": 9, "engine/.metadata": 0, "engine/metadata.json": 0, "engine/common.pt": 0,
+               "engine/x_trainer_rank4.pt": 0, "engine/__1_0.distcp.tmp": 0}
+    assert {name: writer_of(name) for name in by_hand} == by_hand
+
+
+def test_the_manifest_is_every_file_hashed_and_a_share_per_rank_covers_it_once(tmp_path):
+    import hashlib
+
+    from ct_stages.checkpoint import shares
+
+    manager = CheckpointManager(tmp_path)
+    source, _ = engine(0)
+    path = manager.save(1, source, {"step": 1})
+    files = json.loads((path / "meta.json").read_text())["files"]
+    by_hand = {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+               for p in path.rglob("*") if p.is_file() and p.name != "meta.json"}
+    assert files == by_hand
+    # Balanced by bytes, largest first to the least-loaded rank (ties: the lower rank), by hand:
+    sizes = {"a": {"size": 10}, "b": {"size": 9}, "c": {"size": 8}, "d": {"size": 2}, "e": {"size": 1}}
+    assert shares(sizes, 2) == [["a", "d", "e"], ["b", "c"]]
+    assert shares(sizes, 1) == [["a", "b", "c", "d", "e"]]
+    assert shares(sizes, 7)[5:] == [[], []]
+
+
+def test_each_share_checks_only_its_files_and_together_they_find_a_damaged_one(tmp_path):
+    from ct_stages.checkpoint import verify
+
+    manager = CheckpointManager(tmp_path)
+    source, _ = engine(0)
+    path = manager.save(1, source, {"step": 1})
+    victim = _damage_flip(path)
+    found = [verify(path, rank, 3) for rank in range(3)]
+    assert sorted(len(f) for f in found) == [0, 0, 1]  # one rank holds the damaged file
+    assert sum(found, []) == verify(path) == [f"{victim}: checksum differs from the manifest"]

@@ -96,9 +96,6 @@ def check_supported(run: RunConfig) -> None:
             check_layout(d)
         except ValueError as err:
             raise UserError(str(err)) from None
-    if d.engine == "megatron" and run.trainer.async_checkpoint:
-        raise UserError("trainer.async_checkpoint=true with distributed.engine=megatron: the megatron engine "
-                        "writes checkpoints synchronously; set trainer.async_checkpoint=false")
     try:  # a precision, checkpointing or compile x layout pair that cannot run: named, both keys, now
         check_combination(run.precision, d)
         check_recompute_combination(run.activation_checkpointing, run.compile, d)

@@ -442,16 +442,25 @@ class MegatronEngine:
             state["optimizer"] = self.megatron_optimizer.sharded_state_dict(state, is_loading=is_loading)
         return state
 
-    def save_checkpoint(self, path: str, *, asynchronous: bool = False) -> None:
+    def save_checkpoint(self, path: str, *, asynchronous: bool = False) -> "AsyncSave | None":  # noqa: F821
         """megatron dist_checkpointing directory: loads at another TP/PP split of the same world
         (model and plain optimizer; the distributed optimizer's state is GPU-verified only).
-        Written synchronously (run.py refuses trainer.async_checkpoint with this engine)."""
-        if asynchronous:
-            raise ValueError("the megatron engine writes checkpoints synchronously (trainer.async_checkpoint=false)")
+
+        ``asynchronous``: plan the save (collective), copy this rank's state to host memory and
+        return an AsyncSave whose thread writes the files; the caller (CheckpointManager) calls
+        its ``finalize`` on every rank once all have written, which writes the metadata."""
         os.makedirs(path, exist_ok=True)
         install_write_results_queue()  # its writer process must not outlive a killed rank
         dist.barrier()
-        dist_checkpointing.save(self._sharded_state(True, False), str(path))
+        if not asynchronous:
+            dist_checkpointing.save(self._sharded_state(True, False), str(path))
+            return None
+        from .write_queue import AsyncSave
+
+        # "mcore": megatron's built-in async writer (the default, "nvrx", needs nvidia-resiliency-ext).
+        request = dist_checkpointing.save(self._sharded_state(True, False), str(path), async_sharded_save=True,
+                                          async_strategy="mcore")
+        return AsyncSave(request)
 
     def load_checkpoint(self, path: str, *, load_optimizer: bool = True) -> None:
         state = dist_checkpointing.load(self._sharded_state(load_optimizer, True), str(path))

@@ -38,3 +38,58 @@ def install_write_results_queue() -> None:
     _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
     _manager.start(initializer=_die_with_parent)
     filesystem_async._results_queue = _manager.Queue()
+
+
+def _host_copy(write_buckets: list) -> list:
+    """megatron's write buckets with every tensor copied to host memory now. megatron's own
+    preload (``preload_tensors``) moves GPU tensors to the host but leaves host tensors as they
+    are: on the CPU it would write whatever the training loop has made of them by then."""
+    copied = []
+    for file_name, storage_key, (bytes_data, tensor_data) in write_buckets:
+        tensors = [(item, tensor.detach().to("cpu", copy=True)) for item, tensor in tensor_data]
+        copied.append((file_name, storage_key, (bytes_data, tensors)))  # bytes_data: serialised at planning
+    return copied
+
+
+class AsyncSave:
+    """A megatron dist_checkpointing save in flight (``save(..., async_sharded_save=True)``'s
+    AsyncRequest). The state is copied to host memory when this is made; a thread of this process
+    writes this rank's files (megatron's own writer, its threads and results queue);
+    ``finalize``, which every rank calls on the main thread once all are ``done``, runs megatron's
+    finalisation: the coordinator gathers the write results and writes ``.metadata`` and
+    ``metadata.json`` (collectives on the default group, hence not from the thread).
+
+    Instead of megatron's AsyncCallsQueue, which forks a writer process and checks completion
+    with CUDA tensors: the checkpoint manager decides when to finalise."""
+
+    def __init__(self, request):
+        import threading
+
+        self._request = request
+        self._error: BaseException | None = None
+        args = list(request.async_fn_args)
+        if request.async_fn is not None:
+            args[1] = _host_copy(args[1])  # (rank, write_buckets, results_queue)
+        self._thread = threading.Thread(target=self._write, args=(args,), name="megatron-ckpt-write", daemon=True)
+        self._thread.start()
+
+    def _write(self, args: list) -> None:
+        try:
+            if self._request.async_fn is not None:  # None: nothing of this rank's to write
+                self._request.async_fn(*args, **self._request.async_fn_kwargs)
+        except BaseException as err:  # re-raised by result()
+            self._error = err
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> None:
+        """Wait for this rank's files; raise what the write raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def finalize(self) -> None:
+        """Collective, main thread, after every rank's ``result``: the metadata, last."""
+        for fn in self._request.finalize_fns:
+            fn()
