@@ -47,7 +47,7 @@ class TrainerConfig:
     # Watchdog: warn when a step takes this many times the median step (0: off). A true hang is
     # ended by the collective timeout (distributed.timeout_minutes) instead.
     slow_step_factor: float = 5.0
-    # Write checkpoints in the background (native engines): the loop is blocked only while the
+    # Write checkpoints in the background (every engine): the loop is blocked only while the
     # state is copied to memory; a checkpoint counts once its files and manifest are on disk.
     async_checkpoint: bool = False
 
