@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,7 +99,9 @@ def native_state_items(ckpt: Path, config) -> Iterator[tuple[str, "torch.Tensor"
             raise UserFacingError(f"{ckpt / 'engine'}: no tensor 'model.{name}' in the checkpoint "
                                   f"(written for another model config than {ckpt.parent.parent / 'model_config.json'}?)")
         tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
-        dcp.load({"model": {name: tensor}}, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": {name: tensor}}, storage_reader=reader, no_dist=True)
         yield name, tensor
         del tensor
 
