@@ -62,7 +62,8 @@ def export(checkpoint: Path, out: Path, arch: str | None, max_shard_bytes: int |
     if engine_kind == "megatron":
         items = megatron_state_items(ckpt, config, meta)
     elif engine_kind == "native":
-        items = native_state_items(ckpt, config) if main else iter(())
+        # One process reads a DCP checkpoint tensor by tensor; other torchrun ranks have no part.
+        items = native_state_items(ckpt, config) if main else (item for item in ())
     else:
         raise UserFacingError(f"{ckpt}: written by an unknown engine {engine_kind!r} (meta.json)")
     with contextlib.closing(items):
@@ -85,19 +86,26 @@ def _rank() -> int:
 def native_state_items(ckpt: Path, config) -> Iterator[tuple[str, "torch.Tensor"]]:
     """A DCP checkpoint of the native engine (any world size, single/DDP/FSDP2), read one tensor
     at a time: DCP assembles each full tensor from the saved shards into a buffer of its size, so
-    the process holds one tensor (never the model)."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-
+    the process holds one tensor (never the model). Checked against the config before any is read."""
     import ct_model
 
     reader = _metadata_once_reader(str(ckpt / "engine"))
     saved = reader.read_metadata().state_dict_metadata
+    entries = {}
     for name in ct_model.build_model(config, device="meta").state_dict():
         entry = saved.get(f"model.{name}")
         if entry is None or not hasattr(entry, "size"):
             raise UserFacingError(f"{ckpt / 'engine'}: no tensor 'model.{name}' in the checkpoint "
                                   f"(written for another model config than {ckpt.parent.parent / 'model_config.json'}?)")
+        entries[name] = entry
+    return _read_one_by_one(reader, entries)
+
+
+def _read_one_by_one(reader, entries: dict) -> Iterator[tuple[str, "torch.Tensor"]]:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    for name, entry in entries.items():
         tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -152,6 +160,17 @@ def megatron_state_items(ckpt: Path, config, meta: dict) -> Iterator[tuple[str, 
         model = ct_model.build_model(config, device="meta")
         engine = build_engine(model, dcfg, weights=_Zeros(model))
         engine.load_checkpoint(str(ckpt / "engine"), load_optimizer=False)
+    except BaseException:
+        if owns:
+            shutdown_distributed(dcfg)
+        raise
+    return _stream_then_shut_down(engine, dcfg, owns)
+
+
+def _stream_then_shut_down(engine, dcfg, owns: bool) -> Iterator[tuple[str, "torch.Tensor"]]:
+    from ct_parallel import shutdown_distributed
+
+    try:
         yield from engine.full_state_items()
     finally:
         if owns:
