@@ -2,14 +2,23 @@
 
 CKPT is a checkpoint directory (run_dir/checkpoints/step_NNNNNNNN) or a run directory (its newest
 complete checkpoint is used). The tokenizer of the run is copied beside the weights.
+
+The weights are streamed one tensor at a time into safetensors shards (``--max-shard-size``,
+default 5GB; ct_model.hf.write_hf holds at most one shard): a native (DCP) checkpoint is read
+tensor by tensor, never as a whole model; a megatron checkpoint is loaded by megatron, in one
+process resharded to TP=PP=1, or under torchrun in the layout it was written in, each rank
+holding its share (``torchrun --nproc-per-node N -m ct_cli.export CKPT OUT``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import shutil
+import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from .common import UserFacingError, run_guarded, setup_logging
@@ -33,9 +42,13 @@ def find_checkpoint(path: Path) -> tuple[Path, Path]:
     return latest, path
 
 
-def export(checkpoint: Path, out: Path, arch: str | None) -> Path:
+def export(checkpoint: Path, out: Path, arch: str | None, max_shard_bytes: int | None = None) -> Path:
+    """Stream the checkpoint's weights, one tensor at a time, into an HF directory (safetensors
+    shards of at most ``max_shard_bytes``, ct_model.hf.write_hf). Under torchrun (megatron
+    checkpoints) every rank reads its share and rank 0 writes."""
     import ct_data
     import ct_model
+    from ct_model.safetensors_shards import DEFAULT_MAX_SHARD_BYTES
     from ct_stages.checkpoint import read_meta
 
     ckpt, run_dir = find_checkpoint(checkpoint)
@@ -45,14 +58,20 @@ def export(checkpoint: Path, out: Path, arch: str | None) -> Path:
     config = ct_model.ModelConfig.from_dict(json.loads(config_path.read_text()))
     meta = read_meta(ckpt)
     engine_kind = meta.get("engine", "native")  # checkpoints from before the field were native
+    main = _rank() == 0
     if engine_kind == "megatron":
-        state = megatron_model_state(ckpt, config, meta)
+        items = megatron_state_items(ckpt, config, meta)
     elif engine_kind == "native":
-        state = native_model_state(ckpt, config)
+        # One process reads a DCP checkpoint tensor by tensor; other torchrun ranks have no part.
+        items = native_state_items(ckpt, config) if main else (item for item in ())
     else:
         raise UserFacingError(f"{ckpt}: written by an unknown engine {engine_kind!r} (meta.json)")
-    model, _, _ = ct_model.model_from_state(config, state)
-    ct_model.hf.save_hf(model, out, arch=arch)
+    with contextlib.closing(items):
+        if not main:
+            for _ in items:  # take part in the gathers; nothing arrives here
+                pass
+            return out
+        ct_model.hf.write_hf(items, config, out, arch=arch, max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     for candidate in (run_dir / "hf", run_dir / "tokenizer"):
         if (candidate / "tokenizer.json").is_file():
             ct_data.load_tokenizer(str(candidate)).save(str(out))
@@ -60,21 +79,63 @@ def export(checkpoint: Path, out: Path, arch: str | None) -> Path:
     return out
 
 
-def native_model_state(ckpt: Path, config) -> dict:
-    """A DCP checkpoint of the native engine (any world size, single/DDP/FSDP2) read in one process."""
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def native_state_items(ckpt: Path, config) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """A DCP checkpoint of the native engine (any world size, single/DDP/FSDP2), read one tensor
+    at a time: DCP assembles each full tensor from the saved shards into a buffer of its size, so
+    the process holds one tensor (never the model). Checked against the config before any is read."""
     import ct_model
-    from ct_parallel import build_native_engine
 
-    model = ct_model.build_model(config, device="meta")
-    model.to_empty(device="cpu")
-    engine = build_native_engine(model)
-    engine.load_checkpoint(str(ckpt / "engine"), load_optimizer=False)
-    return engine.full_model_state_dict()
+    reader = _metadata_once_reader(str(ckpt / "engine"))
+    saved = reader.read_metadata().state_dict_metadata
+    entries = {}
+    for name in ct_model.build_model(config, device="meta").state_dict():
+        entry = saved.get(f"model.{name}")
+        if entry is None or not hasattr(entry, "size"):
+            raise UserFacingError(f"{ckpt / 'engine'}: no tensor 'model.{name}' in the checkpoint "
+                                  f"(written for another model config than {ckpt.parent.parent / 'model_config.json'}?)")
+        entries[name] = entry
+    return _read_one_by_one(reader, entries)
 
 
-def megatron_model_state(ckpt: Path, config, meta: dict) -> dict:
-    """A megatron dist_checkpointing directory (any TP/PP layout) resharded to TP=PP=1 in this
-    process by megatron itself, then mapped to ct-model names by the bridge."""
+def _read_one_by_one(reader, entries: dict) -> Iterator[tuple[str, "torch.Tensor"]]:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    for name, entry in entries.items():
+        tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": {name: tensor}}, storage_reader=reader, no_dist=True)
+        yield name, tensor
+        del tensor
+
+
+def _metadata_once_reader(path: str):
+    """A DCP FileSystemReader that parses the checkpoint's metadata once, not once per tensor (it
+    lists every tensor and optimizer entry: re-reading it per tensor would be quadratic)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
+        _metadata = None
+
+        def read_metadata(self):
+            if self._metadata is None:
+                self._metadata = super().read_metadata()
+            return self._metadata
+
+    return Reader(path)
+
+
+def megatron_state_items(ckpt: Path, config, meta: dict) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """A megatron dist_checkpointing directory (any TP/PP/EP layout) loaded by megatron itself,
+    then streamed through the engine one tensor at a time (rank 0 receives; others yield nothing).
+    One process: resharded to TP=PP=1, so the model is in that process once (never a second copy).
+    Under torchrun: in the layout it was written in (TP, PP, EP from meta.json), each rank holding
+    its share only."""
     import torch
 
     import ct_model
@@ -87,17 +148,69 @@ def megatron_model_state(ckpt: Path, config, meta: dict) -> dict:
             f"{ckpt}: written by the megatron engine (TP={layout.get('tensor_model_parallel_size', '?')}, "
             f"PP={layout.get('pipeline_model_parallel_size', '?')}); reading it needs megatron-core with CUDA, "
             "and this machine has none. Export on a GPU machine, or use the run's own hf/ export")
-    single = DistributedConfig(engine="megatron", transformer_impl=layout.get("transformer_impl", "auto"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dcfg = DistributedConfig.from_dict({**layout, "engine": "megatron"})
+    else:
+        dcfg = DistributedConfig(engine="megatron", transformer_impl=layout.get("transformer_impl", "auto"))
     owns = not torch.distributed.is_initialized()
-    init_distributed(single)
+    init_distributed(dcfg)
     try:
-        model = ct_model.build_model(config, seed=0)  # overwritten by the checkpoint
-        engine = build_engine(model, single)
+        # Built on meta and filled with zeros (rank by rank, its share only): the checkpoint
+        # overwrites every weight, so drawing initial values would be wasted work.
+        model = ct_model.build_model(config, device="meta")
+        engine = build_engine(model, dcfg, weights=_Zeros(model))
         engine.load_checkpoint(str(ckpt / "engine"), load_optimizer=False)
-        return engine.full_model_state_dict()
+    except BaseException:
+        if owns:
+            shutdown_distributed(dcfg)
+        raise
+    return _stream_then_shut_down(engine, dcfg, owns)
+
+
+def _stream_then_shut_down(engine, dcfg, owns: bool) -> Iterator[tuple[str, "torch.Tensor"]]:
+    from ct_parallel import shutdown_distributed
+
+    try:
+        yield from engine.full_state_items()
     finally:
         if owns:
-            shutdown_distributed(single)
+            shutdown_distributed(dcfg)
+
+
+class _Zeros:
+    """A weight source (ct_model.weights) of zeros in ``model``'s shapes: a placeholder that a
+    checkpoint load then overwrites."""
+
+    def __init__(self, model):
+        self.shapes = {k: tuple(v.shape) for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def rows(self, name: str, start: int, stop: int):
+        import torch
+
+        return torch.zeros((stop - start, *self.shapes[name][1:]))
+
+    def full(self, name: str):
+        import torch
+
+        return torch.zeros(self.shapes[name])
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '5GB', '500MB', '100KB' (decimal, as transformers' max_shard_size) or a number."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(upper[: -len(unit)]) * factor)
+    if upper.isdigit():
+        return int(upper)
+    raise argparse.ArgumentTypeError(f"--max-shard-size: {text!r} is not a size such as 5GB, 500MB or 1000000")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,13 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", choices=["llama4", "llama", "deepseek_v3"],
                    help="default: deepseek_v3 for MLA/MoE models, llama4 for MobileLLM-style models "
                         "(QK-norm, interleaved RoPE), else llama")
+    p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+                   help="largest safetensors shard, e.g. 5GB (the default, as transformers), 500MB; the "
+                        "export holds at most one shard in memory")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
 
     def run() -> int:
         if not args.checkpoint.exists():
             raise UserFacingError(f"{args.checkpoint}: no such checkpoint or run directory")
-        print(export(args.checkpoint, args.out, args.arch))
+        out = export(args.checkpoint, args.out, args.arch, args.max_shard_size)
+        if _rank() == 0:
+            print(out)
         return 0
 
     return run_guarded(run)

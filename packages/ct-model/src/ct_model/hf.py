@@ -15,18 +15,20 @@ which is exact (a relabelling of the rotated pairs).
 from __future__ import annotations
 
 import json
+import logging
 import os
-from pathlib import Path
-
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
 from .errors import UserError
 from .model import Decoder, build_model
+from .safetensors_shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, is_weights_file
 from .weights import load_into
 
 ARCHS = {
@@ -37,6 +39,7 @@ _MODEL_TYPES = {"llama4_text": "llama4", "llama": "llama", "deepseek_v3": "deeps
 # DeepseekV3ForCausalLM: its mapping lives in hf_deepseek.py (imported lazily, it imports this).
 DEEPSEEK = "deepseek_v3"
 ALL_ARCHS = sorted([*ARCHS, DEEPSEEK])
+log = logging.getLogger("ct_model")
 
 
 class HFFormatError(UserError):
@@ -109,60 +112,126 @@ def default_arch(config: ModelConfig) -> str:
     return "llama4" if config.qk_layernorm or config.rope_style == "interleaved" else "llama"
 
 
-def save_hf(model: Decoder, path: str | os.PathLike, arch: str | None = None) -> Path:
+def save_hf(model: Decoder, path: str | os.PathLike, arch: str | None = None,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write ``model`` as an HF checkpoint directory that ``transformers`` loads (``arch``:
-    llama4 | llama | deepseek_v3; None picks ``default_arch``)."""
-    arch = arch or default_arch(model.config)
+    llama4 | llama | deepseek_v3; None picks ``default_arch``): ``write_hf`` fed with the model's
+    own tensors (no copy of the state dict beyond one shard)."""
+    items = ((name, value.detach()) for name, value in model.state_dict().items())
+    return write_hf(items, model.config, path, arch=arch, max_shard_bytes=max_shard_bytes)
+
+
+def write_hf(items: Iterable[tuple[str, torch.Tensor]], config: ModelConfig, path: str | os.PathLike,
+             arch: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write an HF checkpoint directory from ``items``, the model's (ct-model name, full tensor)
+    pairs one at a time (any order, each once; an engine's ``full_state_items()``), converted to
+    ``arch``'s names and layout as they arrive.
+
+    Holds at most one safetensors shard of ``max_shard_bytes`` (plus the tensor being converted;
+    a single tensor larger than that gets a shard of its own): shards are written as they fill,
+    under temporary names, then renamed (``model.safetensors`` when one shard holds everything,
+    else ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``), and config.json
+    comes last. A previous export in ``path`` is removed first (config.json before anything), so
+    an interrupted export never looks complete. Raises naming the tensor when one is unexpected,
+    repeated, of the wrong shape, or missing at the end (nothing is then left looking complete)."""
+    arch = arch or default_arch(config)
     if arch not in ALL_ARCHS:
         raise ConfigError(f"arch must be one of {ALL_ARCHS}, got {arch!r}")
-    config = model.config
-    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    dtype = state["embed_tokens.weight"].dtype
+    convert = _converter(config, arch)
+    # The config dict first: an architecture that cannot hold the model raises before any file.
+    hf_meta = _hf_meta(config, arch, torch.float32)
+    expected = {k: tuple(v.shape) for k, v in build_model(config, device="meta").state_dict().items()}
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_previous_export(out)
+    shards = ShardWriter(out, max_shard_bytes)
+    seen: set[str] = set()
+    dtype = None
+    try:
+        for name, tensor in items:
+            _check_item(name, tensor, expected, seen, out)
+            if name == "embed_tokens.weight":
+                dtype = tensor.dtype
+            for hf_name, value in convert(name, tensor):
+                shards.add(hf_name, value)
+            tensor = value = None  # dropped before the next one is produced, not after
+        if missing := sorted(set(expected) - seen):
+            raise HFFormatError(f"{out}: export incomplete: {len(missing)} tensors never arrived, e.g. {missing[:5]}")
+        files = shards.finish()
+    except BaseException:
+        shards.abort()
+        raise
+    hf_meta["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config_tmp = out / "config.json.tmp"
+    config_tmp.write_text(json.dumps(hf_meta, indent=2) + "\n")
+    os.replace(config_tmp, out / "config.json")
+    log.info("HF export %s: %d weight file(s), %d bytes; at most %d bytes buffered (max_shard_bytes %d)",
+             out, len(files), shards.total_size, shards.peak_buffered_bytes, max_shard_bytes)
+    return out
+
+
+def _hf_meta(config: ModelConfig, arch: str, dtype: torch.dtype) -> dict:
     if arch == DEEPSEEK:
         from . import hf_deepseek
 
-        meta = hf_deepseek.hf_config(config, dtype)
-        tensors = hf_deepseek.to_hf_names(state, config)
-    else:
-        if config.multi_latent_attention or config.is_moe:
-            raise ConfigError(f"an MLA/MoE model cannot be exported as arch={arch!r}; use 'deepseek_v3'")
-        target_style = "interleaved" if arch == "llama4" else "rotate_half"
-        meta = hf_config(config, arch, dtype)
-        tensors = _to_hf_names(state, config, arch, config.rope_style != target_style)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    # Write under temporary names and rename, so an interrupted export never looks complete.
-    weights_tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
-    os.replace(weights_tmp, out / "model.safetensors")
-    config_tmp = out / "config.json.tmp"
-    config_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(config_tmp, out / "config.json")
-    return out
+        return hf_deepseek.hf_config(config, dtype)
+    if config.multi_latent_attention or config.is_moe:
+        raise ConfigError(f"an MLA/MoE model cannot be exported as arch={arch!r}; use 'deepseek_v3'")
+    return hf_config(config, arch, dtype)
 
 
-def _to_hf_names(state: dict, config: ModelConfig, arch: str, permute: bool) -> dict:
-    mlp_name = ARCHS[arch][2]
-    order = _interleaved_to_rotate_half(config.kv_channels)
-    if config.rope_style == "rotate_half":
-        order = torch.argsort(order)  # inverse: rotate-half rows back to interleaved
+def _converter(config: ModelConfig, arch: str) -> Callable[[str, torch.Tensor], Iterator[tuple[str, torch.Tensor]]]:
+    """(our name, tensor) -> its HF file tensors, for ``arch``."""
+    if arch == DEEPSEEK:
+        from . import hf_deepseek
+
+        return partial(hf_deepseek.hf_items, c=config)
+    target_style = "interleaved" if arch == "llama4" else "rotate_half"
+    return partial(_llama_items, config=config, arch=arch, permute=config.rope_style != target_style)
+
+
+def _check_item(name: str, tensor: torch.Tensor, expected: dict, seen: set, out: Path) -> None:
+    if name not in expected:
+        raise HFFormatError(f"{out}: tensor {name!r} is not part of a model of this configuration")
+    if name in seen:
+        raise HFFormatError(f"{out}: tensor {name!r} arrived twice")
+    if tuple(tensor.shape) != expected[name]:
+        raise HFFormatError(f"{out}: {name} has shape {tuple(tensor.shape)}, the configuration's is {expected[name]}")
+    seen.add(name)
+
+
+def _remove_previous_export(out: Path) -> None:
+    """config.json first (the directory stops looking complete), then old weights and index: a
+    smaller model's single file must not sit beside a new index, nor old shards beside new ones."""
+    (out / "config.json").unlink(missing_ok=True)
+    for path in out.iterdir():
+        if path.is_file() and is_weights_file(path.name):
+            path.unlink()
+
+
+def _llama_items(name: str, value: torch.Tensor, config: ModelConfig, arch: str,
+                 permute: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """One of our tensors as Llama / Llama-4 file tensors: a layer-shared block's tensors twice
+    (exact, larger file); q/k rows permuted per head when the RoPE layouts differ."""
+    if name in ("embed_tokens.weight", "norm.weight"):
+        yield "model." + name, value
+        return
+    if name == "lm_head.weight":
+        yield name, value
+        return
+    parts = name.split(".", 2)
+    if parts[0] != "layers" or len(parts) < 3:
+        raise HFFormatError(f"tensor {name!r} has no {ARCHS[arch][0]} counterpart")
+    layer, rest = int(parts[1]), parts[2]
+    if permute and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+        order = _interleaved_to_rotate_half(config.kv_channels)
+        if config.rope_style == "rotate_half":
+            order = torch.argsort(order)  # inverse: rotate-half rows back to interleaved
+        value = _permute_heads(value, config.kv_channels, order)
+    rest = rest.replace("mlp.", f"{ARCHS[arch][2]}.")
     repeats = 2 if config.layer_sharing else 1
-    out = {"model.embed_tokens.weight": state["embed_tokens.weight"],
-           "model.norm.weight": state["norm.weight"]}
-    if not config.share_embeddings_and_output_weights:
-        out["lm_head.weight"] = state["lm_head.weight"]
-    for i in range(config.num_layers):
-        for r in range(repeats):  # layer sharing exports each shared block twice (exact)
-            dst = f"model.layers.{i * repeats + r}."
-            for key, value in state.items():
-                prefix = f"layers.{i}."
-                if not key.startswith(prefix):
-                    continue
-                name = key[len(prefix):]
-                if permute and name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
-                    value = _permute_heads(value, config.kv_channels, order)
-                out[dst + name.replace("mlp.", f"{mlp_name}.")] = value.contiguous().clone()
-    return out
+    for r in range(repeats):
+        yield f"model.layers.{layer * repeats + r}.{rest}", value
 
 
 # ----------------------------------------------------------------------------- import

@@ -18,6 +18,7 @@ dequantise first), softmax routing, un-normalised top-k weights. Multi-token-pre
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import torch
 
@@ -151,34 +152,37 @@ def config_from_hf(meta: dict, source: str) -> ModelConfig:
 # ----------------------------------------------------------------------------- weights
 
 
+def hf_items(name: str, value: torch.Tensor, c: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """One of our tensors -> its HF file tensor(s): a 3D expert tensor one matrix per expert
+    (views into it: the writer copies what it keeps), the selection bias renamed."""
+    parts = name.split(".")
+    if name == "lm_head.weight":
+        yield name, value
+        return
+    if parts[0] == "layers" and c.is_moe_layer(int(parts[1])) and parts[2] == "mlp":
+        prefix = f"model.layers.{parts[1]}.mlp."
+        rest = ".".join(parts[3:])
+        if rest == "gate_up_proj":
+            gates, ups = value.chunk(2, dim=1)  # [E, 2I, H]: gate rows, then up rows
+            for j in range(value.shape[0]):
+                yield f"{prefix}experts.{j}.gate_proj.weight", gates[j]
+                yield f"{prefix}experts.{j}.up_proj.weight", ups[j]
+            return
+        if rest == "down_proj":
+            for j in range(value.shape[0]):
+                yield f"{prefix}experts.{j}.down_proj.weight", value[j]
+            return
+        if rest == "gate.expert_bias":
+            if not c.moe_router_enable_expert_bias:
+                value = torch.zeros_like(value)  # HF always adds it; ours ignores it
+            yield prefix + "gate.e_score_correction_bias", value
+            return
+    yield "model." + name, value
+
+
 def to_hf_names(state: dict, c: ModelConfig) -> dict:
     """Our state dict -> HF file tensors (experts split per expert, the bias renamed)."""
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if key == "lm_head.weight":
-            out[key] = value
-            continue
-        if parts[0] == "layers" and c.is_moe_layer(int(parts[1])) and parts[2] == "mlp":
-            prefix = f"model.layers.{parts[1]}.mlp."
-            name = ".".join(parts[3:])
-            if name == "gate_up_proj":
-                gates, ups = value.chunk(2, dim=1)  # [E, 2I, H]: gate rows, then up rows
-                for j in range(value.shape[0]):
-                    out[f"{prefix}experts.{j}.gate_proj.weight"] = gates[j].contiguous().clone()
-                    out[f"{prefix}experts.{j}.up_proj.weight"] = ups[j].contiguous().clone()
-                continue
-            if name == "down_proj":
-                for j, down in enumerate(value):
-                    out[f"{prefix}experts.{j}.down_proj.weight"] = down.contiguous().clone()
-                continue
-            if name == "gate.expert_bias":
-                if not c.moe_router_enable_expert_bias:
-                    value = torch.zeros_like(value)  # HF always adds it; ours ignores it
-                out[prefix + "gate.e_score_correction_bias"] = value.contiguous().clone()
-                continue
-        out["model." + key] = value.contiguous().clone()
-    return out
+    return {k: v.contiguous().clone() for name, value in state.items() for k, v in hf_items(name, value, c)}
 
 
 def plan_from_hf_names(keys, c: ModelConfig, root) -> dict:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import Future
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from ct_model import moe as ct_moe
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -204,10 +205,25 @@ class NativeEngine:
         dcp.load(state, checkpoint_id=str(path))
         self._load_checkpoint_state(state)
 
+    def full_state_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(ct-model name, full tensor on CPU) for every parameter and persistent buffer, one at a
+        time, on data-parallel rank 0; collective: every rank must iterate it to the end (it
+        yields nothing elsewhere). An FSDP2 shard is all-gathered for that one tensor only
+        (``DTensor.full_tensor``), so no process holds more than one full parameter beyond its
+        own shards and whatever the consumer keeps (the HF writer: one shard)."""
+        main = self.dp_rank == 0
+        # The sharded state dict: clean names (no checkpoint/compile wrappers), nothing gathered.
+        for name, value in get_model_state_dict(self.model).items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            out = full.detach().cpu() if main else None
+            del full
+            if main:
+                yield name, out
+            del out
+
     def full_model_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Unsharded ct-model state dict on CPU, on data-parallel rank 0 (None elsewhere)."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.model, options=options)
+        state = dict(self.full_state_items())
         return state if self.dp_rank == 0 else None
 
 

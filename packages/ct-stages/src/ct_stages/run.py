@@ -215,9 +215,12 @@ def fixed_batch_evaluator(engine, mixture, tokenizer, run: RunConfig, info: Dist
     return evaluate
 
 
-def export_hf(full_state: dict, model_config, tokenizer, hf_dir: Path) -> None:
-    model, _, _ = ct_model.model_from_state(model_config, full_state)
-    ct_model.hf.save_hf(model, hf_dir)
+def export_hf(weights, model_config, tokenizer, hf_dir: Path) -> None:
+    """The phase's HF export: ``weights`` is (ct-model name, full tensor) pairs, one at a time (an
+    engine's ``full_state_items()``), or a state dict; streamed into safetensors shards
+    (ct_model.hf.write_hf: at most one shard in memory), then the tokenizer beside them."""
+    items = weights.items() if isinstance(weights, dict) else weights
+    ct_model.hf.write_hf(items, model_config, hf_dir)
     tokenizer.save(str(hf_dir))
 
 
@@ -320,14 +323,19 @@ def finish(phase: Phase, state: LoopState) -> PhaseResult:
     """HF export, loss curve and summary.json (what the next phase and ct-pipeline read)."""
     run, info = phase.run, phase.info
     run_dir, hf_dir = run.run_path, run.run_path / "hf"
-    full_state = phase.engine.full_model_state_dict()
     peak = phase.reporter.throughput.peak
     summary = {"phase": run.phase.name, "steps": state.step, "final_loss": state.last_loss,
                "consumed_tokens": state.consumed_tokens, "skipped_steps": state.skipped_steps,
                "optimizer": type(phase.engine.optimizer).__name__, "peak_flops": peak.value,
                "peak_source": peak.source, "data": data_summary(phase.loader), "hf_dir": str(hf_dir)}
-    if info.is_main:
-        export_hf(full_state, phase.model_config, phase.tokenizer, hf_dir)
+    # Collective: the engine gathers one full tensor at a time and the main rank writes it; the
+    # other ranks walk the same stream to take part in the gathers (it yields nothing there).
+    items = phase.engine.full_state_items()
+    if not info.is_main:
+        for _ in items:
+            pass
+    else:
+        export_hf(items, phase.model_config, phase.tokenizer, hf_dir)
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", f"{run.phase.name} loss")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     barrier()

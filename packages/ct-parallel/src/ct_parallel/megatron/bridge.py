@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -290,3 +290,128 @@ def export_ct_state_dict(chunks: list[nn.Module], config: ModelConfig,
 def _ct_order(name: str):
     m = re.match(r"layers\.(\d+)\.", name)
     return (1, int(m.group(1)), name) if m else ((0, 0, name) if name.startswith("embed") else (2, 0, name))
+
+
+# ----------------------------------------------------------------------------- streaming export
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What one megatron tensor exports: its ct-model tensors (q/k/v of a fused qkv, gate/up of a
+    fused fc1, else one; a routed expert: its slice ``expert`` of a 3D tensor), sent to rank 0
+    by ``owner``, the TP rank 0 of the replica that exports it."""
+
+    names: tuple[str, ...]
+    expert: int | None
+    owner: int
+    dtype: torch.dtype
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return self.names[0], self.expert
+
+
+def _local_units(chunks: list[nn.Module], config: ModelConfig) -> dict[tuple[str, int | None], tuple]:
+    """This rank's part in the export: unit key -> (unit, mapping or None for a buffer, tensor),
+    for the tensors of the one data-parallel replica that exports them (dense: DP rank 0; routed
+    experts: expert-DP rank 0), whose TP (expert-TP) group gathers them."""
+    me = dist.get_rank()
+    dense = ps.get_data_parallel_rank() == 0
+    expert = ps.get_expert_data_parallel_rank() == 0
+    tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+    out = {}
+    for chunk in map(unwrap, chunks):
+        for name, param in chunk.named_parameters():
+            m = mapping(name, chunk, config)
+            if m is None or not (expert if m.expert is not None else dense):
+                continue  # a tied output copy, or another replica's
+            owner = (etp_rank if m.expert is not None else tp_rank) == 0
+            unit = _Unit(m.ct_names, m.expert, me if owner else -1, param.dtype)
+            out[unit.key] = (unit, m, param)
+        for ct_name, buffer in _router_buffers(chunk, config) if dense else ():
+            unit = _Unit((ct_name,), None, me if tp_rank == 0 else -1, buffer.dtype)
+            out[unit.key] = (unit, None, buffer)
+    return out
+
+
+def _export_plan(local: dict) -> list[_Unit]:
+    """Every rank's owned units, in ct-model order (experts of a tensor in expert order): the one
+    sequence all ranks walk, so their collectives and messages pair up."""
+    mine = [unit for unit, _, _ in local.values() if unit.owner >= 0]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    units = [u for part in everyone for u in part]
+    if len({u.key for u in units}) != len(units):
+        raise RuntimeError(f"megatron export: a tensor has two owners: {sorted(u.key for u in units)[:8]}")
+    return sorted(units, key=lambda u: (_ct_order(u.names[0]), -1 if u.expert is None else u.expert))
+
+
+def _gather_unit(m: Mapping | None, tensor: torch.Tensor, config: ModelConfig) -> list[torch.Tensor]:
+    """The full ct-model tensor(s) of one megatron tensor, in ``m.ct_names`` order: its TP
+    (expert-TP) pieces all-gathered within the group (collective there), unfused; a buffer as it is."""
+    value = tensor.detach()
+    if m is None:
+        return [value]
+    expert = m.expert is not None
+    group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
+    size = ps.get_expert_tensor_parallel_world_size() if expert else ps.get_tensor_model_parallel_world_size()
+    pieces = [value]
+    if size > 1 and m.tp_dim is not None:
+        pieces = [torch.empty_like(value) for _ in range(size)]
+        dist.all_gather(pieces, value.contiguous(), group=group)
+    return list(unshard(m, pieces, config).values())
+
+
+@torch.no_grad()
+def iter_ct_state(chunks: list[nn.Module], config: ModelConfig,
+                  device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(ct-model name, full tensor on CPU) of every parameter and router bias, one at a time, on
+    global rank 0; collective over all ranks, which must all iterate to the end (nothing is
+    yielded elsewhere). Per megatron tensor: its TP group all-gathers it, the owner (TP rank 0 of
+    the exporting replica, on whatever pipeline stage or expert-parallel rank holds it) sends it
+    to rank 0 point to point. Rank 0 holds one tensor at a time, a 3D routed-expert tensor while
+    its experts arrive; other ranks at most one gathered tensor beyond their shards."""
+    from ct_model import build_model
+
+    me = dist.get_rank()
+    local = _local_units(chunks, config)
+    plan = _export_plan(local)
+    shapes = {k: tuple(v.shape) for k, v in build_model(config, device="meta").state_dict().items()} if me == 0 else {}
+    experts: dict[str, tuple[torch.Tensor, int]] = {}  # rank 0: 3D tensors being filled, experts so far
+    for unit in plan:
+        # The replica that exports this tensor gathers it over TP (every rank of that TP group).
+        full = _gather_unit(*local[unit.key][1:], config) if unit.key in local else None
+        if me != 0:
+            for tensor in full if unit.owner == me else ():
+                dist.send(tensor.contiguous(), dst=0)
+            full = None
+            continue
+        for i, name in enumerate(unit.names):
+            shape = shapes[name] if unit.expert is None else shapes[name][1:]
+            value = full[i] if unit.owner == 0 else _recv(shape, unit.dtype, unit.owner, device)
+            if unit.expert is None:
+                yield name, value.cpu()
+            elif (done := _add_expert(experts, name, unit, value, shapes[name])) is not None:
+                yield name, done
+            value = done = None
+        full = None
+    if experts:
+        raise RuntimeError(f"megatron export: experts missing for {sorted(experts)}")
+
+
+def _add_expert(experts: dict, name: str, unit: _Unit, value: torch.Tensor, shape: tuple[int, ...]):
+    """File one routed expert's slice into its 3D tensor; the tensor once every expert is in."""
+    whole, count = experts.pop(name, (None, 0))
+    if whole is None:
+        whole = torch.empty(shape, dtype=unit.dtype)
+    whole[unit.expert].copy_(value)
+    if count + 1 < shape[0]:
+        experts[name] = (whole, count + 1)
+        return None
+    return whole
+
+
+def _recv(shape: tuple[int, ...], dtype: torch.dtype, src: int, device: torch.device) -> torch.Tensor:
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(buffer, src=src)
+    return buffer

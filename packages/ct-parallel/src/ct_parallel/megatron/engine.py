@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -470,10 +470,19 @@ class MegatronEngine:
         if load_optimizer and "optimizer" in state:
             self.megatron_optimizer.load_state_dict(state["optimizer"])
 
+    def full_state_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(ct-model name, full tensor on CPU) of every parameter and router bias, one at a time,
+        on global rank 0; collective: every rank must iterate it to the end (it yields nothing
+        elsewhere). One megatron tensor at a time is all-gathered over its TP group and sent to
+        rank 0 by its pipeline stage / expert-parallel rank (bridge.iter_ct_state), so no process
+        holds more than one full parameter beyond its shards (rank 0: one 3D expert tensor)."""
+        with self._student_only():
+            yield from bridge.iter_ct_state(self.chunks, self.model_config, self.device)
+
     def full_model_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full ct-model state dict (TP gathered, PP stages joined) on global rank 0, else None."""
-        with self._student_only():
-            return bridge.export_ct_state_dict(self.chunks, self.model_config)
+        state = dict(self.full_state_items())
+        return state if dist.get_rank() == 0 else None
 
     def full_grad_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Gradients in ct-model names on rank 0 (after forward_backward; not with the
