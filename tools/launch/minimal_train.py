@@ -13,14 +13,16 @@ import torch.nn.functional as F
 import yaml
 
 from ct_model import build_model, presets
+from ct_model.init import SeededInit
 from ct_parallel import DistributedConfig, build_engine, init_distributed
 
 
 def main(config_path: str, steps: int = 2) -> None:
     dcfg = DistributedConfig.from_dict(yaml.safe_load(open(config_path)))
     info = init_distributed(dcfg)  # the data loader shards by info.dp_rank / info.dp_size
-    model = build_model(presets.get("mobilellm_tiny", vocab_size=512, hidden_size=128), seed=0)
-    engine = build_engine(model, dcfg)
+    # Built on meta: each rank materialises only what it holds, the same weights at any layout.
+    model = build_model(presets.get("mobilellm_tiny", vocab_size=512, hidden_size=128), device="meta")
+    engine = build_engine(model, dcfg, weights=SeededInit(model, seed=0), device=info.device)
     engine.setup_optimizer(lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-3))
     g = torch.Generator().manual_seed(1000 + info.dp_rank)
 
@@ -46,9 +48,11 @@ def main(config_path: str, steps: int = 2) -> None:
         torch.distributed.broadcast_object_list(obj, src=0)
     engine.save_checkpoint(obj[0])
     engine.load_checkpoint(obj[0])
-    state = engine.full_model_state_dict()  # ct-model names on rank 0: feed ct_model.hf.save_hf
+    # One full tensor at a time on rank 0 (every rank iterates: the gathers are collective);
+    # ct_model.hf.write_hf(items, config, dir) writes them as HF safetensors shards.
+    count = sum(1 for _ in engine.full_state_items())
     if info.is_main:
-        print(f"checkpoint {obj[0]}; exported {len(state)} tensors", flush=True)
+        print(f"checkpoint {obj[0]}; streamed {count} tensors", flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -19,7 +19,7 @@ depend on how the global batch is split.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -109,6 +109,10 @@ class Engine(Protocol):
     def load_checkpoint(self, path: str, *, load_optimizer: bool = True) -> None: ...
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor] | None: ...
+
+    # (ct-model name, full CPU tensor) one at a time on the main rank; collective (every rank
+    # iterates in lockstep): what the HF export streams, never the whole model in one process.
+    def full_state_items(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
     # Optional (native engines): MoE expert-bias update after each optimizer step, returning the
     # per-layer load metrics; the trainer calls it when the engine has it.
