@@ -11,7 +11,7 @@ from typing import Any
 
 from ct_model.errors import UserError
 
-FILE_FORMATS = ("json", "parquet", "text")
+FILE_FORMATS = ("json", "parquet", "text", "indexed")  # indexed: pre-tokenized .bin/.idx shards
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
 
 
@@ -47,7 +47,7 @@ class SourceConfig:
     data_files: str | tuple[str, ...] | None = None
     revision: str | None = None
     # local files
-    file_format: str | None = None  # override the extension: json | parquet | text
+    file_format: str | None = None  # override the extension: json | parquet | text; indexed (ct-data tokenize)
     text_sample_by: str = "document"  # .txt files: one document per file, paragraph or line
     # a document containing U+FFFD (what an invalid UTF-8 byte decodes to) counts as undecodable
     allow_replacement_char: bool = False

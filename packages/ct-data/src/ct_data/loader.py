@@ -18,7 +18,6 @@ Semantics (see docs/ct-data.md):
 from __future__ import annotations
 
 import atexit
-from array import array
 import copy
 import logging
 import queue
@@ -32,9 +31,10 @@ from ct_model.batch import SEQUENCE_INDEX
 
 from ct_data.config import DataConfigError, SourceConfig, normalize_sources
 from ct_data.mixing import Mixer
-from ct_data.packing import PRETRAIN_PACKING, SFT_PACKING, RowStream
+from ct_data.packing import PRETRAIN_PACKING, SFT_PACKING, Columns, RowStream
+from ct_data.prepared import PreparedSource, is_prepared
 from ct_data.processing import LONG_DOC_POLICIES, SFT_LOSS, SFT_TRUNCATION, PretrainProcessor, SFTProcessor
-from ct_data.reader import SourceReader
+from ct_data.reader import IndexedReader, SourceReader
 from ct_data.sources import check_fields, check_local_records, first_record, open_dataset
 from ct_data.tokenizer import Tokenizer, load_tokenizer
 
@@ -63,14 +63,6 @@ class _End:
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
-
-
-def _stack(rows: list[list[int]]) -> torch.Tensor:
-    """[rows, T] int64 tensor from equal-length lists (via array: several times faster than torch.tensor)."""
-    flat = array("q")
-    for r in rows:
-        flat.extend(r)
-    return torch.frombuffer(flat, dtype=torch.int64).view(len(rows), -1).clone()
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -165,14 +157,11 @@ class PackedLoader:
             "mix_jitter": self.mix_jitter,
             "tokenizer_vocab_size": self.tokenizer.vocab_size,
         }
-        # Open every source now, so that a missing file or field fails before training starts.
+        # Open every source now, so that a missing file or field, or a prepared source that does not
+        # match its manifest or this tokenizer, fails before training starts.
         self._datasets = []
         for s in self.sources:
-            ds = open_dataset(s)
-            if validate:
-                check_local_records(s)
-                check_fields(s, first_record(s, ds), self.processor.fields(s))
-            self._datasets.append(ds)
+            self._datasets.append(self._open_source(s, validate))
 
         self._consumed_state: dict | None = None  # state after the last batch handed out
         self._streams: dict[int, RowStream] | None = None
@@ -182,6 +171,18 @@ class PackedLoader:
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._finished = False
+
+    def _open_source(self, s: SourceConfig, validate: bool):
+        if is_prepared(s):
+            if self.kind != "pretrain":
+                raise DataConfigError(f"source {s.name!r}: prepared (indexed) sources hold pretraining documents; "
+                                      f"SFT data is read from its jsonl/parquet/hub source")
+            return PreparedSource(s.path, name=s.name, tokenizer=self.tokenizer)
+        ds = open_dataset(s)
+        if validate:
+            check_local_records(s)
+            check_fields(s, first_record(s, ds), self.processor.fields(s))
+        return ds
 
     # ---------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Batch]:
@@ -222,6 +223,10 @@ class PackedLoader:
         for s, ds in zip(self.sources, self._datasets):
             cursors = {j: int(rows_state[j]["cursors"].get(s.name, 0)) if j in rows_state else 0
                        for j in self.rows}
+            if isinstance(ds, PreparedSource):
+                self._readers.append(IndexedReader(s, ds, self.processor, num_rows=self.batch_size, rows=self.rows,
+                                                   cursors=cursors, max_epochs=self.max_epochs))
+                continue
             self._readers.append(SourceReader(
                 s, ds, self.processor, num_rows=self.batch_size, rows=self.rows, cursors=cursors,
                 num_docs=num_docs.get(s.name), max_epochs=self.max_epochs, read_batch=self.read_batch))
@@ -240,18 +245,15 @@ class PackedLoader:
 
     def _produce(self) -> tuple[Batch, dict] | _End | _Failure:
         try:
-            seqs, reals = [], []
-            for j in self.rows:
-                seq, real = self._streams[j].next_sequence()
-                seqs.append(seq)
-                reals.append(real)
+            cols = Columns(len(self.rows), self.seq_len)
+            reals = [self._streams[j].next_sequence(cols.row(i)) for i, j in enumerate(self.rows)]
             if not any(reals) and all(s.done for s in self._streams.values()):
                 return _End()
             batch = {
-                "input_ids": _stack([s.ids for s in seqs]),
-                "labels": _stack([s.labels for s in seqs]),
-                "position_ids": _stack([s.pos for s in seqs]),
-                "document_ids": _stack([s.doc for s in seqs]),
+                "input_ids": torch.from_numpy(cols.ids),
+                "labels": torch.from_numpy(cols.labels),
+                "position_ids": torch.from_numpy(cols.pos),
+                "document_ids": torch.from_numpy(cols.doc),
                 # Global position of each row in the loader's order (the same for any world size).
                 SEQUENCE_INDEX: torch.tensor([self._step * self.batch_size + j for j in self.rows]),
             }

@@ -122,3 +122,47 @@ class SourceReader:
         else:
             logger.info("source %r wrapped around after %d documents; starting epoch %d",
                         self.src.name, self.num_docs, done)
+
+
+class IndexedReader:
+    """One prepared (pre-tokenized) source, read for the rows this rank owns.
+
+    The same positions as ``SourceReader`` (row j draws j, j + B, j + 2B ...; position p is
+    document ``p % num_docs`` of epoch ``p // num_docs``), but every document is read directly
+    from its shard: a rank touches only its rows' documents, and a cursor is the whole state,
+    so resuming at document 10**9 costs what resuming at 10 does.
+    """
+
+    def __init__(self, src: SourceConfig, prepared, processor, *, num_rows: int, rows: range,
+                 cursors: dict[int, int], max_epochs: int | None):
+        self.src, self.data, self.processor = src, prepared, processor
+        self.B, self.rows = num_rows, rows
+        self.cursor = {j: int(cursors.get(j, 0)) for j in rows}
+        self.num_docs = prepared.num_docs
+        self.max_epochs = max_epochs
+        self._exhausted_logged = False
+
+    def limit(self) -> int | None:
+        return None if self.max_epochs is None else self.max_epochs * self.num_docs
+
+    def _doc_at(self, position: int) -> Doc:
+        doc = self.processor.from_tokens(self.data.doc(position % self.num_docs))
+        for k, piece in enumerate(doc.pieces):
+            piece.ref = (position, k)
+        return doc
+
+    def piece_at(self, position: int, k: int):
+        """Piece k of the document at ``position`` (to restore a carried-over piece)."""
+        return self._doc_at(position).pieces[k]
+
+    def next_item(self, row: int) -> Doc | object:
+        p = row + self.B * self.cursor[row]
+        lim = self.limit()
+        if lim is not None and p >= lim:
+            if not self._exhausted_logged:
+                self._exhausted_logged = True
+                logger.info("source %r exhausted after %d epoch(s) of %d documents; it leaves the mix",
+                            self.src.name, self.max_epochs, self.num_docs)
+            return EXHAUSTED
+        self.cursor[row] += 1
+        return self._doc_at(p)
