@@ -207,6 +207,7 @@ def test_shard_that_does_not_match_its_manifest(prepared, tokenizer):
         build_pretrain_loader(prepared, tokenizer, 32, 2, seed=0)
 
 
+@pytest.mark.slow  # --workers 2: spawned processes
 def test_cli_tokenize_verify_and_train_config(raw, tokenizer, tmp_path, capsys):
     import yaml
 

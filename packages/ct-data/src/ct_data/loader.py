@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from ct_model.batch import SEQUENCE_INDEX
 
@@ -94,6 +95,8 @@ class PackedLoader:
         read_batch: int = 256,
         micro_batch_size: int | None = None,
         validate: bool = True,
+        workers: int = 0,
+        _rows: range | None = None,
     ):
         self.kind = kind
         self.seq_len = _check_int("seq_len", seq_len, 2)
@@ -123,6 +126,10 @@ class PackedLoader:
             max_epochs = 1
         self.on_exhausted, self.max_epochs = on_exhausted, max_epochs
         self.prefetch = _check_int("prefetch", prefetch, 0)
+        self.workers = _check_int("workers", workers, 0)
+        if workers > self.local_batch_size:
+            raise DataConfigError(f"loader: workers {workers} exceeds the per-rank batch {self.local_batch_size} "
+                                  f"(each worker process produces some of this rank's rows)")
         self.read_batch = _check_int("read_batch", read_batch, 1)
         self.mix_jitter = float(seq_len if mix_jitter is None else mix_jitter)
         if self.mix_jitter < 0:
@@ -144,6 +151,13 @@ class PackedLoader:
             self.processor = SFTProcessor(self.tokenizer, max_tokens=options["max_example_tokens"],
                                           truncation=options["truncation"], loss_on=options["loss_on"])
         self.rows = range(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
+        if _rows is not None:  # a worker process producing part of a rank's rows
+            self.rows = _rows
+        # What a worker process needs to build the same loader (everything here pickles).
+        self._spec = {"kind": kind, "sources": None, "tokenizer": self.tokenizer, "seq_len": seq_len,
+                      "batch_size": batch_size, "seed": seed, "rank": rank, "world_size": world_size,
+                      "packing": packing, "options": dict(options), "on_exhausted": on_exhausted,
+                      "max_epochs": max_epochs, "mix_jitter": mix_jitter, "read_batch": read_batch}
         self.fingerprint = {
             "kind": kind,
             "seq_len": self.seq_len,
@@ -162,6 +176,7 @@ class PackedLoader:
         self._datasets = []
         for s in self.sources:
             self._datasets.append(self._open_source(s, validate))
+        self._spec["sources"] = list(self.sources)
 
         self._consumed_state: dict | None = None  # state after the last batch handed out
         self._streams: dict[int, RowStream] | None = None
@@ -170,6 +185,7 @@ class PackedLoader:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
+        self._pool = None  # ProcessProducer when workers > 0
         self._finished = False
 
     def _open_source(self, s: SourceConfig, validate: bool):
@@ -191,23 +207,34 @@ class PackedLoader:
     def __next__(self) -> Batch:
         if self._finished:
             raise StopIteration
-        if self._streams is None:
-            self._start(self._consumed_state)
-        if self.prefetch == 0:
-            item = self._produce()
-        else:
-            if self._thread is None:
-                self._launch()
-            item = self._queue.get()
-        if isinstance(item, _Failure):
+        item = self._next_item()
+        if isinstance(item, (_Failure, _End)):
             self._finished = True
-            raise item.exc
-        if isinstance(item, _End):
-            self._finished = True
+            if self._pool is not None:  # the workers have nothing left to do
+                self._pool.close()
+                self._pool = None
+            if isinstance(item, _Failure):
+                raise item.exc
             raise StopIteration
         batch, state = item
         self._consumed_state = state
         return batch
+
+    def _next_item(self):
+        if self.workers:  # worker processes, each producing some of the rows
+            if self._pool is None:
+                from ct_data.workers import ProcessProducer
+
+                self._pool = ProcessProducer(self, self._consumed_state)
+                _LIVE.add(self)
+            return self._pool.get()
+        if self._streams is None:
+            self._start(self._consumed_state)
+        if self.prefetch == 0:
+            return self._produce()
+        if self._thread is None:
+            self._launch()
+        return self._queue.get()
 
     def micro_batches(self, batch: Batch, micro_batch_size: int | None = None) -> list[Batch]:
         """Split a per-rank batch into micro-batches along the batch dimension."""
@@ -243,22 +270,27 @@ class PackedLoader:
             self._streams[j] = stream
         self._consumed_state = self._snapshot()  # what state_dict() returns until a batch is taken
 
+    def _columns(self, always: bool = False) -> tuple[dict[str, np.ndarray], bool]:
+        """The next batch of this loader's rows as arrays, and whether every row has ended. Then,
+        unless ``always`` (a worker's block, which must pad while other blocks go on), no arrays
+        are returned and the step does not count."""
+        cols = Columns(len(self.rows), self.seq_len)
+        reals = [self._streams[j].next_sequence(cols.row(i)) for i, j in enumerate(self.rows)]
+        ended = not any(reals) and all(s.done for s in self._streams.values())
+        if ended and not always:
+            return {}, True
+        arrays = {"input_ids": cols.ids, "labels": cols.labels, "position_ids": cols.pos, "document_ids": cols.doc,
+                  # Global position of each row in the loader's order (the same for any world size).
+                  SEQUENCE_INDEX: np.array([self._step * self.batch_size + j for j in self.rows], dtype=np.int64)}
+        self._step += 1
+        return arrays, ended
+
     def _produce(self) -> tuple[Batch, dict] | _End | _Failure:
         try:
-            cols = Columns(len(self.rows), self.seq_len)
-            reals = [self._streams[j].next_sequence(cols.row(i)) for i, j in enumerate(self.rows)]
-            if not any(reals) and all(s.done for s in self._streams.values()):
+            arrays, ended = self._columns()
+            if ended:
                 return _End()
-            batch = {
-                "input_ids": torch.from_numpy(cols.ids),
-                "labels": torch.from_numpy(cols.labels),
-                "position_ids": torch.from_numpy(cols.pos),
-                "document_ids": torch.from_numpy(cols.doc),
-                # Global position of each row in the loader's order (the same for any world size).
-                SEQUENCE_INDEX: torch.tensor([self._step * self.batch_size + j for j in self.rows]),
-            }
-            self._step += 1
-            return batch, self._snapshot()
+            return {k: torch.from_numpy(v) for k, v in arrays.items()}, self._snapshot()
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             return _Failure(e)
 
@@ -296,7 +328,11 @@ class PackedLoader:
         _LIVE.add(self)
 
     def close(self) -> None:
-        """Stop the prefetch thread; a later next() resumes after the last batch handed out."""
+        """Stop the prefetch thread or worker processes; a later next() resumes after the last batch
+        handed out."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._thread is not None:
             self._stop.set()
             while self._thread.is_alive():
@@ -324,7 +360,7 @@ class PackedLoader:
         """Where the loader stands after the last batch it handed out (a plain, JSON-able dict)."""
         if self._consumed_state is None:
             self._start(None)
-        return copy.deepcopy(self._consumed_state)
+        return jsonable(self._consumed_state)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; it may hold more rows than this rank needs (see merge_states)."""
@@ -383,6 +419,18 @@ class PackedLoader:
             "packing_efficiency": real / total if total else 1.0,
             "sources": per_source,
         }
+
+
+def jsonable(x: Any) -> Any:
+    """A deep copy with arrays as lists. Snapshots keep carried tokens as (immutable) arrays, so
+    taking one per batch costs no per-token work; the conversion happens only when saved."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
 
 
 def merge_states(states: Sequence[dict]) -> dict:

@@ -253,8 +253,8 @@ class RowStream:
         def piece(src, p, off):
             if p.ref is not None:  # re-read from the prepared source on resume: O(1), no tokens saved
                 return {"source": self.names[src], "ref": list(p.ref), "pos": off}
-            return {"source": self.names[src], "ids": p.ids[off:].tolist(), "labels": p.labels[off:].tolist(),
-                    "pos": off}
+            # Array views (never modified in place): state_dict() turns them into lists when saved.
+            return {"source": self.names[src], "ids": p.ids[off:], "labels": p.labels[off:], "pos": off}
 
         return {
             "mixer": self.mixer.state(),
