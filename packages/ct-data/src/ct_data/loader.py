@@ -35,7 +35,7 @@ from ct_data.mixing import Mixer
 from ct_data.packing import PRETRAIN_PACKING, SFT_PACKING, Columns, RowStream
 from ct_data.prepared import PreparedSource, is_prepared
 from ct_data.processing import LONG_DOC_POLICIES, SFT_LOSS, SFT_TRUNCATION, PretrainProcessor, SFTProcessor
-from ct_data.reader import IndexedReader, SourceReader
+from ct_data.reader import GroupedReader, IndexedReader, SourceReader, epoch_of, source_groups
 from ct_data.sources import check_fields, check_local_records, first_record, open_dataset
 from ct_data.tokenizer import Tokenizer, load_tokenizer
 
@@ -177,6 +177,12 @@ class PackedLoader:
         for s in self.sources:
             self._datasets.append(self._open_source(s, validate))
         self._spec["sources"] = list(self.sources)
+        self.groups = {s.name: source_groups(self._num_shards(ds), batch_size)
+                       for s, ds in zip(self.sources, self._datasets)}
+        if any(g > 1 for g in self.groups.values()):  # what a position means depends on it
+            self.fingerprint["source_groups"] = dict(self.groups)
+        if self.rank == 0 and world_size > 1 and _rows is None:
+            self._report_reading()
 
         self._consumed_state: dict | None = None  # state after the last batch handed out
         self._streams: dict[int, RowStream] | None = None
@@ -199,6 +205,29 @@ class PackedLoader:
             check_local_records(s)
             check_fields(s, first_record(s, ds), self.processor.fields(s))
         return ds
+
+    @staticmethod
+    def _num_shards(ds) -> int:
+        if isinstance(ds, PreparedSource):
+            return len(ds.prefixes)
+        return int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", None) or 1)
+
+    def _report_reading(self) -> None:
+        """Name the cost where ranks read more of a text source than they use."""
+        for s, ds in zip(self.sources, self._datasets):
+            if isinstance(ds, PreparedSource):
+                continue  # each rank reads only its rows' documents
+            G = self.groups[s.name]
+            R = self.batch_size // G
+            share = len({j // R for j in self.rows}) / G
+            if share * self.world_size > 1.01:
+                logger.warning(
+                    "source %r: %d shard(s) and a global batch of %d give %d shard group(s), so each of the %d "
+                    "ranks reads %.0f%% of it to use %.1f%%: %.0fx the reading (and download) it needs. "
+                    "Prepare it with `ct-data tokenize` (each rank then reads only its documents), or give it a "
+                    "shard count sharing more factors with the global batch",
+                    s.name, self._num_shards(ds), self.batch_size, G, self.world_size, 100 * share,
+                    100 / self.world_size, share * self.world_size)
 
     # ---------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Batch]:
@@ -250,13 +279,7 @@ class PackedLoader:
         for s, ds in zip(self.sources, self._datasets):
             cursors = {j: int(rows_state[j]["cursors"].get(s.name, 0)) if j in rows_state else 0
                        for j in self.rows}
-            if isinstance(ds, PreparedSource):
-                self._readers.append(IndexedReader(s, ds, self.processor, num_rows=self.batch_size, rows=self.rows,
-                                                   cursors=cursors, max_epochs=self.max_epochs))
-                continue
-            self._readers.append(SourceReader(
-                s, ds, self.processor, num_rows=self.batch_size, rows=self.rows, cursors=cursors,
-                num_docs=num_docs.get(s.name), max_epochs=self.max_epochs, read_batch=self.read_batch))
+            self._readers.append(self._reader(s, ds, cursors, num_docs.get(s.name)))
         names = [s.name for s in self.sources]
         mode = self.packing
         self._streams = {}
@@ -285,6 +308,23 @@ class PackedLoader:
         self._step += 1
         return arrays, ended
 
+    def _reader(self, s: SourceConfig, ds, cursors: dict[int, int], num_docs):
+        G = self.groups[s.name]
+        R = self.batch_size // G
+
+        def make(g: int, rows: range, curs: dict[int, int], n):
+            if isinstance(ds, PreparedSource):
+                return IndexedReader(s, ds.group(g, G), self.processor, num_rows=R, rows=rows, cursors=curs,
+                                     max_epochs=self.max_epochs)
+            part = ds if G == 1 else ds.shard(num_shards=G, index=g, contiguous=False)
+            return SourceReader(s, part, self.processor, num_rows=R, rows=rows, cursors=curs, num_docs=n,
+                                max_epochs=self.max_epochs, read_batch=self.read_batch)
+
+        if G == 1:
+            return make(0, self.rows, cursors, num_docs)
+        return GroupedReader(make, groups=G, num_rows=self.batch_size, rows=self.rows, cursors=cursors,
+                             num_docs=num_docs)
+
     def _produce(self) -> tuple[Batch, dict] | _End | _Failure:
         try:
             arrays, ended = self._columns()
@@ -299,7 +339,8 @@ class PackedLoader:
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint,
             "step": self._step,
-            "num_docs": {r.src.name: r.num_docs for r in self._readers if r.num_docs is not None},
+            "num_docs": {s.name: n for s, r in zip(self.sources, self._readers)
+                         if (n := r.num_docs_state()) is not None},
             "rows": {str(j): s.state() for j, s in self._streams.items()},
         }
 
@@ -402,9 +443,7 @@ class PackedLoader:
                     agg[k] += v
                 for k, v in r["skipped"][s.name].items():
                     agg["skipped"][k] = agg["skipped"].get(k, 0) + v
-                c = r["cursors"][s.name]
-                if n and c:
-                    epoch = max(epoch, (int(j) + self.batch_size * (c - 1)) // n)
+                epoch = max(epoch, epoch_of(int(j), r["cursors"][s.name], self.batch_size, self.groups[s.name], n))
             agg["num_docs"] = n
             agg["epoch"] = epoch
             per_source[s.name] = agg
@@ -443,7 +482,10 @@ def merge_states(states: Sequence[dict]) -> dict:
             raise ValueError("merge_states: states come from different loaders or steps")
         out["rows"].update(copy.deepcopy(st["rows"]))
         for k, v in st.get("num_docs", {}).items():
-            out["num_docs"][k] = v
+            if isinstance(v, dict):  # per shard group: each rank knows its groups'
+                out["num_docs"][k] = {**out["num_docs"].get(k, {}), **v}
+            else:
+                out["num_docs"][k] = v
     return out
 
 

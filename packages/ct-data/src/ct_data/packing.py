@@ -225,7 +225,7 @@ class RowStream:
                            name, reason)
         counts[reason] = counts.get(reason, 0) + 1
         self._consecutive_skips[src] += 1
-        n = self.readers[src].num_docs
+        n = self.readers[src].docs_per_epoch(self.row)
         if n is not None and self._consecutive_skips[src] > n:
             raise RuntimeError(f"source {name!r}: every document is being skipped ({counts}); "
                                f"check the field names and the length limits")
@@ -258,7 +258,7 @@ class RowStream:
 
         return {
             "mixer": self.mixer.state(),
-            "cursors": {n: r.cursor[self.row] for n, r in zip(self.names, self.readers)},
+            "cursors": {n: r.cursor_of(self.row) for n, r in zip(self.names, self.readers)},
             "carry": [piece(*e) for s in sorted(self.carry) for e in self.carry[s]],
             "buffer": [piece(src, p, 0) for src, p in self.buffer],
             "stats": {n: dict(v) for n, v in self.stats.items()},
@@ -274,7 +274,7 @@ class RowStream:
         for e in st["carry"]:
             s = index[e["source"]]
             if "ref" in e:
-                p = self.readers[s].piece_at(*e["ref"])
+                p = self.readers[s].piece_at(self.row, *e["ref"])
             else:
                 pad = np.zeros(e["pos"], dtype=np.int64)
                 p = Piece(np.concatenate([pad, np.asarray(e["ids"], dtype=np.int64)]),

@@ -163,13 +163,38 @@ class PreparedSource:
     def doc(self, i: int) -> np.ndarray:
         """Token ids of document i (0 <= i < num_docs)."""
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.doc_in(k, i - int(self.offsets[k]))
+
+    def doc_in(self, k: int, i: int) -> np.ndarray:
+        """Token ids of document i of shard k."""
         shard = self.shard(k)
-        ids = shard.doc(i - int(self.offsets[k]))
+        ids = shard.doc(i)
         self.bytes_read += ids.nbytes
         if self.check_ids and self.vocab_size is not None and ids.size and int(ids.max()) >= self.vocab_size:
-            raise IndexedDataError(f"{shard.bin_file}: document {i - int(self.offsets[k])} holds token id "
-                                   f"{int(ids.max())}, beyond the tokenizer's vocabulary of {self.vocab_size}")
+            raise IndexedDataError(f"{shard.bin_file}: document {i} holds token id {int(ids.max())}, beyond the "
+                                   f"tokenizer's vocabulary of {self.vocab_size}")
         return ids
+
+    def group(self, g: int, groups: int) -> "PreparedSource | ShardGroup":
+        """Shards g, g + groups, g + 2*groups ... as one document sequence (see ct_data.reader)."""
+        return self if groups == 1 else ShardGroup(self, list(range(g, len(self.prefixes), groups)))
+
+
+class ShardGroup:
+    """Some shards of a prepared source, concatenated in order: ``num_docs`` and ``doc(i)``."""
+
+    def __init__(self, source: PreparedSource, shards: list[int]):
+        self.source, self.shards = source, shards
+        counts = np.diff(source.offsets)[shards]
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.num_docs = int(self.offsets[-1])
+        if self.num_docs == 0:
+            raise IndexedDataError(f"source {source.name!r}: shards {shards[:4]}{'...' if len(shards) > 4 else ''} "
+                                   f"of {source.path} (one group of the source's shards) hold no documents")
+
+    def doc(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.source.doc_in(self.shards[k], i - int(self.offsets[k]))
 
 
 def verify(directory: str | os.PathLike) -> list[str]:
