@@ -233,7 +233,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8, help="global batch (rows per step); ranks: rows per rank")
     p.add_argument("--tokens", type=int, default=1_000_000, help="tokens to produce per measurement")
-    p.add_argument("--rank-steps", type=int, default=20, help="steps per loader in the 128-rank simulation")
+    p.add_argument("--rank-steps", type=int, default=100, help="steps per loader in the 128-rank simulation")
     p.add_argument("--step-ms", type=float, default=200.0, help="simulated training step for the prefetch test")
     p.add_argument("--overlap-steps", type=int, default=20)
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")

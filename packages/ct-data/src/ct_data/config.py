@@ -24,7 +24,9 @@ class SourceConfig:
     """One data source.
 
     ``path`` is a local file, directory or glob (parquet, jsonl, json, txt), an ``hf://datasets/...``
-    file path or glob, or a HF hub dataset name (read with ``streaming=True``).
+    file path or glob, or a HF hub dataset name (read with ``streaming=True``). With
+    ``file_format="indexed"`` (pretraining only) it is a directory written by ``ct-data tokenize``
+    or megatron ``.bin``/``.idx`` data (ct_data.prepared).
 
     Pretraining reads ``text_field`` (or formats ``text_template`` with the record's fields, e.g.
     ``"{question}\\n{answer}"``). SFT reads ``messages_field`` (a list of {role, content}), or, when

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from ct_data.indexed import (
-    HEADER_BYTES,
     IndexedDataError,
     IndexedShard,
     bin_path,
@@ -212,6 +211,3 @@ def verify(directory: str | os.PathLike) -> list[str]:
         problems.append(f"{root / MANIFEST}: incomplete ({len(m['shards'])} shard(s) listed)")
     return problems
 
-
-__all__ = ["HEADER_BYTES", "MANIFEST", "PreparedSource", "is_prepared", "read_manifest", "tokenizer_fingerprint",
-           "verify"]

@@ -3,8 +3,8 @@
 The source's records, cycled epoch after epoch, form an endless sequence indexed by *position*
 (``epoch * num_docs + index``). Position ``p`` belongs to global row ``p % num_rows``: row j draws
 positions j, j + B, j + 2B, ... in order, so rows never share a document, none is skipped, and
-what a row sees does not depend on how rows are spread over ranks. Every rank reads all records
-(reading is cheap) but only processes and tokenises those of its own rows.
+what a row sees does not depend on how rows are spread over ranks. A rank reads every record of
+the source (or of its rows' shard groups, below) but processes and tokenises only its own rows'.
 
 A row's cursor is the number of positions it has drawn; cursors are the reader's whole state. On
 resume the reader re-opens the source at the smallest position still needed (``datasets``'
