@@ -287,10 +287,16 @@ def _run_pool(jobs: list[Job], tokenizer, workers: int, bar: Progress, finished)
                     finished(futures[f], f.result())  # re-raises a worker's error
                 bar.show()
         except BaseException:
-            for f in pending:
-                f.cancel()
+            # Ctrl-C or a failed shard: stop now, not after the running shards (a rerun redoes them).
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                proc.terminate()
             raise
-        _drain(queue, bar)
+        finally:
+            _drain(queue, bar)
+            queue.close()
+            queue.cancel_join_thread()
 
 
 def _drain(queue, bar: Progress) -> None:
