@@ -9,6 +9,11 @@ Semantics (see docs/ct-data.md):
   ``document_ids``, all ``[B/W, seq_len]``; ``labels`` are already shifted (target of position t);
   and ``sequence_index`` ``[B/W]``, each row's global position ``step * B + j`` in the loader's
   order (what teacher caches are keyed by; the trainer never re-derives it).
+- Sources are text (tokenised on the fly) or prepared (pre-tokenized indexed shards, read by
+  position: ct_data.prepared). A source of S shards is read as gcd(S, B) shard groups, so a rank
+  opens only its rows' files (ct_data.reader).
+- Batches are produced ahead by a thread (``prefetch``) or by ``workers`` processes, each making a
+  block of this rank's rows (ct_data.workers); neither changes a batch.
 - ``state_dict()`` describes the state after the last batch handed out (prefetched batches are
   not counted): per row its source cursors, mixer counters, carried-over tokens and statistics,
   plus each source's size once known. A new loader built with the same arguments and given that
@@ -511,7 +516,7 @@ def build_pretrain_loader(
     from one source, the public recipe). ``max_doc_tokens`` caps a document (BOS/EOS included;
     default ``seq_len``; None = no cap); longer ones are split into separate documents ("split") or
     cut ("truncate", counted). Other keyword arguments: see PackedLoader (on_exhausted, max_epochs,
-    mix_jitter, prefetch, read_batch, micro_batch_size, validate).
+    mix_jitter, prefetch, read_batch, micro_batch_size, validate, workers).
     """
     if packing not in PRETRAIN_PACKING:
         raise DataConfigError(f"loader: packing must be one of {PRETRAIN_PACKING}, got {packing!r}")
