@@ -1,14 +1,25 @@
 #!/usr/bin/env python
-"""Throughput of the ct-data pipeline: read + tokenize + pack + batch, in tokens per second.
+"""Throughput of the ct-data pipeline, in tokens per second per core, against what GPUs need.
 
-    .venv/bin/python tools/bench_data.py                      # sample corpus, 8k BPE, seq 2048
-    .venv/bin/python tools/bench_data.py --tokens 2000000 --json out.json
+    .venv/bin/python tools/bench_data.py                          # everything, sample corpus, 8k BPE
+    .venv/bin/python tools/bench_data.py --only shards,ranks --json out.json
 
-Measures, on the embedded sample corpus (built on first use):
-- pretrain: synchronous (prefetch=0) tokens/s of the pretraining loader (prose + code + math mix);
-- sft: the same for the reasoning-SFT loader (chat template + assistant masks + best-fit packing);
-- overlap: with the background prefetch thread and a simulated training step of --step-ms, the mean
-  time next() blocks, i.e. how long a training step would wait for data.
+Sections (``--only``, comma-separated; default all):
+- raw:      the on-the-fly loader (read + tokenize + pack + batch, synchronous) for pretraining and
+            reasoning SFT, and with its prefetch thread the mean time next() blocks per step;
+- tokenize: ``ct-data tokenize`` of the sample pretraining sources, in this process on one core
+            (Rust's own threads off), tokens/s per core;
+- shards:   the loader on those shards (memory-mapped, no tokenizing), seq 2048 and 32,768, both
+            packings: tokens/s per core, and the share of a GPU step the producing thread needs at
+            the per-GPU rates of the recipe's models (950M ~75k, 140M ~400k tokens/s);
+- ranks:    a simulated 128-rank job (rank r of 128, in this process): tokens/s of ranks 0, 64 and
+            127 against a 1-rank loader with the same rows per process, and bytes each rank reads
+            against what the whole global batch reads;
+- resume:   cost of resuming at ~10 vs ~10^6 documents drawn (a synthetic 1.1M-document source),
+            against the raw reader's skip to the same positions of a 1.1M-record jsonl file.
+
+Per-core figures divide by the process's CPU time (``time.process_time``), so other jobs on a
+shared machine slow the wall clock but not the figure; wall-clock rates are reported next to them.
 Tokens counted are all positions of the produced batches (padding included; pretraining has none).
 """
 
@@ -18,72 +29,240 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # per-core figures: one core for Rust too
 
-def run_loader(loader, tokens: int, seq_len: int, rows: int) -> dict:
-    steps = max(1, tokens // (seq_len * rows))
-    next(loader)  # first batch: opening files, warm-up
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        next(loader)
-    dt = time.perf_counter() - t0
-    n = steps * seq_len * rows
+GPU_NEEDS = {"mobilellm_950m": 75_000, "mobilellm_140m": 400_000}  # tokens/s per GPU (issue 25)
+SECTIONS = ("raw", "tokenize", "shards", "ranks", "resume")
+
+
+def timed(fn):
+    """(result, CPU seconds, wall seconds) of fn()."""
+    c, w = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, time.process_time() - c, time.perf_counter() - w
+
+
+def run_loader(loader, tokens: int) -> dict:
+    first = next(loader)  # opening files, warm-up
+    per_batch = first["input_ids"].numel()
+    steps = max(1, tokens // per_batch)
+
+    def go():
+        for _ in range(steps):
+            next(loader)
+
+    _, cpu, wall = timed(go)
+    n = steps * per_batch
     st = loader.stats()
-    return {"steps": steps, "tokens": n, "seconds": round(dt, 3), "tokens_per_s": round(n / dt),
+    return {"steps": steps, "tokens": n, "cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
+            "tokens_per_s_per_core": round(n / cpu), "tokens_per_s_wall": round(n / wall),
             "packing_efficiency": round(st["packing_efficiency"], 4)}
+
+
+def prefetch_wait(loader, steps: int, step_ms: float) -> dict:
+    next(loader)
+    waits = []
+    for _ in range(steps):
+        time.sleep(step_ms / 1000)
+        t = time.perf_counter()
+        next(loader)
+        waits.append(time.perf_counter() - t)
+    loader.close()
+    return {"step_ms": step_ms, "mean_wait_ms": round(1000 * sum(waits) / len(waits), 3),
+            "max_wait_ms": round(1000 * max(waits), 3)}
+
+
+# ----------------------------------------------------------------------------- sections
+def bench_raw(ctx, args) -> dict:
+    from ct_data import build_pretrain_loader, build_sft_loader, sample
+
+    tok, B, T = ctx["tok"], args.batch_size, args.seq_len
+    pre = sample.pretrain_sources(args.sample_dir)
+    return {
+        "pretrain": run_loader(build_pretrain_loader(pre, tok, T, B, seed=0, prefetch=0), args.tokens),
+        "sft": run_loader(build_sft_loader(sample.sft_sources(args.sample_dir, "reasoning"), tok, T, B, seed=0,
+                                           prefetch=0), args.tokens),
+        "prefetch": prefetch_wait(build_pretrain_loader(pre, tok, T, B, seed=0, prefetch=4), args.overlap_steps,
+                                  args.step_ms),
+    }
+
+
+def bench_tokenize(ctx, args) -> dict:
+    from ct_data import sample
+    from ct_data.prepare import tokenize_sources
+
+    out = Path(args.work_dir) / "shards"
+    shutil.rmtree(out, ignore_errors=True)
+    ms, cpu, wall = timed(lambda: tokenize_sources(sample.pretrain_sources(args.sample_dir), ctx["tok"], out,
+                                                   workers=0, progress_stream=open(os.devnull, "w")))
+    n = sum(m["totals"]["tokens"] for m in ms.values())
+    return {"tokens": n, "docs": sum(m["totals"]["docs"] for m in ms.values()), "cpu_s": round(cpu, 3),
+            "wall_s": round(wall, 3), "tokens_per_s_per_core": round(n / cpu), "tokens_per_s_wall": round(n / wall),
+            "bytes": sum(m["totals"]["bin_bytes"] + m["totals"]["idx_bytes"] for m in ms.values())}
+
+
+def prepared_sources(ctx, args):
+    from ct_data import SourceConfig, sample
+    from ct_data.prepare import tokenize_sources
+
+    out = Path(args.work_dir) / "shards"
+    srcs = sample.pretrain_sources(args.sample_dir)
+    if not all((out / s.name / "manifest.json").is_file() for s in srcs):
+        tokenize_sources(srcs, ctx["tok"], out, workers=0, progress_stream=open(os.devnull, "w"))
+    return [SourceConfig(s.name, str(out / s.name), weight=s.weight) for s in srcs]
+
+
+def bench_shards(ctx, args) -> dict:
+    from ct_data import build_pretrain_loader
+
+    prep = prepared_sources(ctx, args)
+    out = {}
+    for T in (2048, 32768):
+        for packing in ("mixed", "per_source"):
+            r = run_loader(build_pretrain_loader(prep, ctx["tok"], T, args.batch_size, seed=0, prefetch=0,
+                                                 packing=packing), max(args.tokens, 4 * args.batch_size * T))
+            # CPU time the producing thread spends per GPU step, as a share of that step.
+            r["thread_share_of_gpu_step"] = {m: round(need / r["tokens_per_s_per_core"], 4)
+                                             for m, need in GPU_NEEDS.items()}
+            out[f"seq{T}_{packing}"] = r
+    out["prefetch"] = prefetch_wait(build_pretrain_loader(prep, ctx["tok"], args.seq_len, args.batch_size, seed=0,
+                                                          prefetch=4), args.overlap_steps, args.step_ms)
+    return out
+
+
+def bench_ranks(ctx, args) -> dict:
+    from ct_data import build_pretrain_loader
+
+    prep = prepared_sources(ctx, args)
+    W, per_rank, T, steps = 128, args.batch_size, args.seq_len, args.rank_steps
+    B = W * per_rank
+
+    def read_bytes(loader):
+        return sum(ds.bytes_read for ds in loader._datasets)
+
+    def measure(rank, world, batch):
+        loader = build_pretrain_loader(prep, ctx["tok"], T, batch, seed=0, rank=rank, world_size=world, prefetch=0)
+        r = run_loader(loader, steps * (batch // world) * T)
+        r["bytes_read"] = read_bytes(loader)
+        return r
+
+    one = measure(0, 1, per_rank)
+    ranks = {r: measure(r, W, B) for r in (0, 64, 127)}
+    whole = build_pretrain_loader(prep, ctx["tok"], T, B, seed=0, prefetch=0)
+    for _ in range(steps + 1):  # the same steps as each rank (its warm-up batch included)
+        next(whole)
+    total = read_bytes(whole)
+    return {"world_size": W, "global_batch": B, "rows_per_rank": per_rank, "seq_len": T, "steps": steps,
+            "one_rank_loader": one,
+            "ranks": {r: {**v, "share_of_global_bytes": round(v["bytes_read"] / total, 5),
+                          "tokens_per_s_vs_one_rank": round(v["tokens_per_s_per_core"] / one["tokens_per_s_per_core"], 3)}
+                      for r, v in ranks.items()},
+            "global_batch_bytes_read": total}
+
+
+def bench_resume(ctx, args) -> dict:
+    import numpy as np
+
+    from ct_data import SourceConfig, build_pretrain_loader
+    from ct_data.indexed import IndexedWriter
+    from ct_data.sources import iter_record_batches, open_dataset
+
+    work = Path(args.work_dir) / "resume"
+    work.mkdir(parents=True, exist_ok=True)
+    n_docs = 1_100_000
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(8, 40, n_docs)
+    prefix = work / "big"
+    if not (work / "big.idx").is_file():
+        w = IndexedWriter(prefix, np.dtype(np.uint16))
+        w.add_many(rng.integers(300, ctx["tok"].vocab_size, int(lengths.sum())), lengths.tolist())
+        w.finish()
+    src = [SourceConfig("big", str(prefix), file_format="indexed")]
+    B, T = args.batch_size, args.seq_len
+
+    def build():
+        return build_pretrain_loader(src, ctx["tok"], T, B, seed=0, prefetch=0, packing="per_source")
+
+    loader = build()
+    states, drawn = {}, 0
+    while drawn < 1_000_000:
+        next(loader)
+        st = loader.state_dict()
+        drawn = sum(r["cursors"]["big"] for r in st["rows"].values())
+        states.setdefault("early", (drawn, st))
+        states["late"] = (drawn, st)
+
+    def resume(st):
+        fresh = build()
+        fresh.load_state_dict(st)
+        return next(fresh)
+
+    out = {}
+    for k, (d, st) in states.items():
+        resume(st)  # warm the page cache, as a restarted job on the same node would have it
+        _, cpu, wall = timed(lambda: resume(st))
+        out[f"shards_{k}"] = {"docs_drawn": d, "cpu_ms": round(1000 * cpu, 1), "wall_ms": round(1000 * wall, 1),
+                              "state_bytes": len(json.dumps(st))}
+    # The raw reader re-opens a jsonl source at the smallest cursor and skips the records before it.
+    jl = work / "big.jsonl"
+    if not jl.is_file():
+        with open(jl, "w") as f:
+            for i in range(n_docs):
+                f.write(json.dumps({"text": f"document {i}"}) + "\n")
+    raw = SourceConfig("big", str(jl))
+    ds = open_dataset(raw)
+    for k, start in (("raw_early", 10), ("raw_late", 1_000_000)):
+        _, cpu, wall = timed(lambda: next(iter(iter_record_batches(raw, ds, start, 256))))
+        out[k] = {"docs_skipped": start, "cpu_ms": round(1000 * cpu, 1), "wall_ms": round(1000 * wall, 1)}
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sample-dir", default=os.path.join(tempfile.gettempdir(), "ct_data_bench_sample"))
+    p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "ct_data_bench_work"))
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory or hub name (default: a BPE trained on the sample)")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8, help="global batch (rows per step)")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch (rows per step); ranks: rows per rank")
     p.add_argument("--tokens", type=int, default=1_000_000, help="tokens to produce per measurement")
-    p.add_argument("--step-ms", type=float, default=200.0, help="simulated training step for the overlap test")
+    p.add_argument("--rank-steps", type=int, default=100, help="steps per loader in the 128-rank simulation")
+    p.add_argument("--step-ms", type=float, default=200.0, help="simulated training step for the prefetch test")
     p.add_argument("--overlap-steps", type=int, default=20)
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
+    only = args.only.split(",")
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        p.error(f"--only: unknown section(s) {unknown}")
 
-    from ct_data import build_pretrain_loader, build_sft_loader, load_tokenizer, sample
+    from ct_data import load_tokenizer, sample
 
-    t0 = time.perf_counter()
-    sample.build(args.sample_dir, seed=0)
-    build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else sample.build_tokenizer(args.sample_dir, args.vocab_size)
-    tok_s = time.perf_counter() - t0
-
-    B, T = args.batch_size, args.seq_len
-    pre = sample.pretrain_sources(args.sample_dir)
+    (_, _, build_s) = timed(lambda: sample.build(args.sample_dir, seed=0))
+    tok, _, tok_s = timed(lambda: load_tokenizer(args.tokenizer) if args.tokenizer
+                          else sample.build_tokenizer(args.sample_dir, args.vocab_size))
+    ctx = {"tok": tok}
     results = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "config": {"seq_len": T, "batch_size": B, "vocab_size": tok.vocab_size, "tokens": args.tokens},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_average": os.getloadavg()},
+        "config": {"seq_len": args.seq_len, "batch_size": args.batch_size, "vocab_size": tok.vocab_size,
+                   "tokens": args.tokens},
+        "gpu_needs_tokens_per_s": GPU_NEEDS,
         "sample_build_s": round(build_s, 2),
         "tokenizer_s": round(tok_s, 2),
     }
-    results["pretrain"] = run_loader(build_pretrain_loader(pre, tok, T, B, seed=0, prefetch=0), args.tokens, T, B)
-    results["sft"] = run_loader(build_sft_loader(sample.sft_sources(args.sample_dir, "reasoning"), tok, T, B,
-                                                 seed=0, prefetch=0), args.tokens, T, B)
-    # Overlap: a training step of step_ms; how long does next() block with prefetching?
-    loader = build_pretrain_loader(pre, tok, T, B, seed=0, prefetch=4)
-    next(loader)
-    waits = []
-    for _ in range(args.overlap_steps):
-        time.sleep(args.step_ms / 1000)
-        t = time.perf_counter()
-        next(loader)
-        waits.append(time.perf_counter() - t)
-    loader.close()
-    results["overlap"] = {"step_ms": args.step_ms, "mean_wait_ms": round(1000 * sum(waits) / len(waits), 3),
-                          "max_wait_ms": round(1000 * max(waits), 3)}
-
+    for name in SECTIONS:
+        if name in only:
+            results[name] = globals()[f"bench_{name}"](ctx, args)
+            print(f"{name}: done", file=sys.stderr)
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -33,5 +33,5 @@ def test_declared_dependencies():
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     deps = {d.split(">")[0].split("=")[0].split("[")[0].strip() for d in pyproject["project"]["dependencies"]}
-    assert deps <= {"ct-model", "torch", "datasets", "tokenizers", "transformers", "pyarrow", "jinja2", "pyyaml"}
+    assert deps <= {"ct-model", "torch", "datasets", "tokenizers", "transformers", "pyarrow", "jinja2", "pyyaml", "numpy"}
     assert {d for d in deps if d.startswith("ct-")} == {"ct-model"}

@@ -11,7 +11,7 @@ from typing import Any
 
 from ct_model.errors import UserError
 
-FILE_FORMATS = ("json", "parquet", "text")
+FILE_FORMATS = ("json", "parquet", "text", "indexed")  # indexed: pre-tokenized .bin/.idx shards
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
 
 
@@ -24,7 +24,9 @@ class SourceConfig:
     """One data source.
 
     ``path`` is a local file, directory or glob (parquet, jsonl, json, txt), an ``hf://datasets/...``
-    file path or glob, or a HF hub dataset name (read with ``streaming=True``).
+    file path or glob, or a HF hub dataset name (read with ``streaming=True``). With
+    ``file_format="indexed"`` (pretraining only) it is a directory written by ``ct-data tokenize``
+    or megatron ``.bin``/``.idx`` data (ct_data.prepared).
 
     Pretraining reads ``text_field`` (or formats ``text_template`` with the record's fields, e.g.
     ``"{question}\\n{answer}"``). SFT reads ``messages_field`` (a list of {role, content}), or, when
@@ -47,7 +49,7 @@ class SourceConfig:
     data_files: str | tuple[str, ...] | None = None
     revision: str | None = None
     # local files
-    file_format: str | None = None  # override the extension: json | parquet | text
+    file_format: str | None = None  # override the extension: json | parquet | text; indexed (ct-data tokenize)
     text_sample_by: str = "document"  # .txt files: one document per file, paragraph or line
     # a document containing U+FFFD (what an invalid UTF-8 byte decodes to) counts as undecodable
     allow_replacement_char: bool = False

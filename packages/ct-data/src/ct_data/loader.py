@@ -9,6 +9,11 @@ Semantics (see docs/ct-data.md):
   ``document_ids``, all ``[B/W, seq_len]``; ``labels`` are already shifted (target of position t);
   and ``sequence_index`` ``[B/W]``, each row's global position ``step * B + j`` in the loader's
   order (what teacher caches are keyed by; the trainer never re-derives it).
+- Sources are text (tokenised on the fly) or prepared (pre-tokenized indexed shards, read by
+  position: ct_data.prepared). A source of S shards is read as gcd(S, B) shard groups, so a rank
+  opens only its rows' files (ct_data.reader).
+- Batches are produced ahead by a thread (``prefetch``) or by ``workers`` processes, each making a
+  block of this rank's rows (ct_data.workers); neither changes a batch.
 - ``state_dict()`` describes the state after the last batch handed out (prefetched batches are
   not counted): per row its source cursors, mixer counters, carried-over tokens and statistics,
   plus each source's size once known. A new loader built with the same arguments and given that
@@ -18,7 +23,6 @@ Semantics (see docs/ct-data.md):
 from __future__ import annotations
 
 import atexit
-from array import array
 import copy
 import logging
 import queue
@@ -27,14 +31,16 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from ct_model.batch import SEQUENCE_INDEX
 
 from ct_data.config import DataConfigError, SourceConfig, normalize_sources
 from ct_data.mixing import Mixer
-from ct_data.packing import PRETRAIN_PACKING, SFT_PACKING, RowStream
+from ct_data.packing import PRETRAIN_PACKING, SFT_PACKING, Columns, RowStream
+from ct_data.prepared import PreparedSource, is_prepared
 from ct_data.processing import LONG_DOC_POLICIES, SFT_LOSS, SFT_TRUNCATION, PretrainProcessor, SFTProcessor
-from ct_data.reader import SourceReader
+from ct_data.reader import GroupedReader, IndexedReader, SourceReader, epoch_of, source_groups
 from ct_data.sources import check_fields, check_local_records, first_record, open_dataset
 from ct_data.tokenizer import Tokenizer, load_tokenizer
 
@@ -63,14 +69,6 @@ class _End:
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
-
-
-def _stack(rows: list[list[int]]) -> torch.Tensor:
-    """[rows, T] int64 tensor from equal-length lists (via array: several times faster than torch.tensor)."""
-    flat = array("q")
-    for r in rows:
-        flat.extend(r)
-    return torch.frombuffer(flat, dtype=torch.int64).view(len(rows), -1).clone()
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -102,6 +100,8 @@ class PackedLoader:
         read_batch: int = 256,
         micro_batch_size: int | None = None,
         validate: bool = True,
+        workers: int = 0,
+        _rows: range | None = None,
     ):
         self.kind = kind
         self.seq_len = _check_int("seq_len", seq_len, 2)
@@ -131,6 +131,10 @@ class PackedLoader:
             max_epochs = 1
         self.on_exhausted, self.max_epochs = on_exhausted, max_epochs
         self.prefetch = _check_int("prefetch", prefetch, 0)
+        self.workers = _check_int("workers", workers, 0)
+        if workers > self.local_batch_size:
+            raise DataConfigError(f"loader: workers {workers} exceeds the per-rank batch {self.local_batch_size} "
+                                  f"(each worker process produces some of this rank's rows)")
         self.read_batch = _check_int("read_batch", read_batch, 1)
         self.mix_jitter = float(seq_len if mix_jitter is None else mix_jitter)
         if self.mix_jitter < 0:
@@ -152,6 +156,13 @@ class PackedLoader:
             self.processor = SFTProcessor(self.tokenizer, max_tokens=options["max_example_tokens"],
                                           truncation=options["truncation"], loss_on=options["loss_on"])
         self.rows = range(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
+        if _rows is not None:  # a worker process producing part of a rank's rows
+            self.rows = _rows
+        # What a worker process needs to build the same loader (everything here pickles).
+        self._spec = {"kind": kind, "sources": None, "tokenizer": self.tokenizer, "seq_len": seq_len,
+                      "batch_size": batch_size, "seed": seed, "rank": rank, "world_size": world_size,
+                      "packing": packing, "options": dict(options), "on_exhausted": on_exhausted,
+                      "max_epochs": max_epochs, "mix_jitter": mix_jitter, "read_batch": read_batch}
         self.fingerprint = {
             "kind": kind,
             "seq_len": self.seq_len,
@@ -165,14 +176,18 @@ class PackedLoader:
             "mix_jitter": self.mix_jitter,
             "tokenizer_vocab_size": self.tokenizer.vocab_size,
         }
-        # Open every source now, so that a missing file or field fails before training starts.
+        # Open every source now, so that a missing file or field, or a prepared source that does not
+        # match its manifest or this tokenizer, fails before training starts.
         self._datasets = []
         for s in self.sources:
-            ds = open_dataset(s)
-            if validate:
-                check_local_records(s)
-                check_fields(s, first_record(s, ds), self.processor.fields(s))
-            self._datasets.append(ds)
+            self._datasets.append(self._open_source(s, validate))
+        self._spec["sources"] = list(self.sources)
+        self.groups = {s.name: source_groups(self._num_shards(ds), batch_size)
+                       for s, ds in zip(self.sources, self._datasets)}
+        if any(g > 1 for g in self.groups.values()):  # what a position means depends on it
+            self.fingerprint["source_groups"] = dict(self.groups)
+        if self.rank == 0 and world_size > 1 and _rows is None:
+            self._report_reading()
 
         self._consumed_state: dict | None = None  # state after the last batch handed out
         self._streams: dict[int, RowStream] | None = None
@@ -181,7 +196,43 @@ class PackedLoader:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
+        self._pool = None  # ProcessProducer when workers > 0
         self._finished = False
+
+    def _open_source(self, s: SourceConfig, validate: bool):
+        if is_prepared(s):
+            if self.kind != "pretrain":
+                raise DataConfigError(f"source {s.name!r}: prepared (indexed) sources hold pretraining documents; "
+                                      f"SFT data is read from its jsonl/parquet/hub source")
+            return PreparedSource(s.path, name=s.name, tokenizer=self.tokenizer)
+        ds = open_dataset(s)
+        if validate:
+            check_local_records(s)
+            check_fields(s, first_record(s, ds), self.processor.fields(s))
+        return ds
+
+    @staticmethod
+    def _num_shards(ds) -> int:
+        if isinstance(ds, PreparedSource):
+            return len(ds.prefixes)
+        return int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", None) or 1)
+
+    def _report_reading(self) -> None:
+        """Name the cost where ranks read more of a text source than they use."""
+        for s, ds in zip(self.sources, self._datasets):
+            if isinstance(ds, PreparedSource):
+                continue  # each rank reads only its rows' documents
+            G = self.groups[s.name]
+            R = self.batch_size // G
+            share = len({j // R for j in self.rows}) / G
+            if share * self.world_size > 1.01:
+                logger.warning(
+                    "source %r: %d shard(s) and a global batch of %d give %d shard group(s), so each of the %d "
+                    "ranks reads %.0f%% of it to use %.1f%%: %.0fx the reading (and download) it needs. "
+                    "Prepare it with `ct-data tokenize` (each rank then reads only its documents), or give it a "
+                    "shard count sharing more factors with the global batch",
+                    s.name, self._num_shards(ds), self.batch_size, G, self.world_size, 100 * share,
+                    100 / self.world_size, share * self.world_size)
 
     # ---------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Batch]:
@@ -190,23 +241,34 @@ class PackedLoader:
     def __next__(self) -> Batch:
         if self._finished:
             raise StopIteration
-        if self._streams is None:
-            self._start(self._consumed_state)
-        if self.prefetch == 0:
-            item = self._produce()
-        else:
-            if self._thread is None:
-                self._launch()
-            item = self._queue.get()
-        if isinstance(item, _Failure):
+        item = self._next_item()
+        if isinstance(item, (_Failure, _End)):
             self._finished = True
-            raise item.exc
-        if isinstance(item, _End):
-            self._finished = True
+            if self._pool is not None:  # the workers have nothing left to do
+                self._pool.close()
+                self._pool = None
+            if isinstance(item, _Failure):
+                raise item.exc
             raise StopIteration
         batch, state = item
         self._consumed_state = state
         return batch
+
+    def _next_item(self):
+        if self.workers:  # worker processes, each producing some of the rows
+            if self._pool is None:
+                from ct_data.workers import ProcessProducer
+
+                self._pool = ProcessProducer(self, self._consumed_state)
+                _LIVE.add(self)
+            return self._pool.get()
+        if self._streams is None:
+            self._start(self._consumed_state)
+        if self.prefetch == 0:
+            return self._produce()
+        if self._thread is None:
+            self._launch()
+        return self._queue.get()
 
     def micro_batches(self, batch: Batch, micro_batch_size: int | None = None) -> list[Batch]:
         """Split a per-rank batch into micro-batches along the batch dimension."""
@@ -222,9 +284,7 @@ class PackedLoader:
         for s, ds in zip(self.sources, self._datasets):
             cursors = {j: int(rows_state[j]["cursors"].get(s.name, 0)) if j in rows_state else 0
                        for j in self.rows}
-            self._readers.append(SourceReader(
-                s, ds, self.processor, num_rows=self.batch_size, rows=self.rows, cursors=cursors,
-                num_docs=num_docs.get(s.name), max_epochs=self.max_epochs, read_batch=self.read_batch))
+            self._readers.append(self._reader(s, ds, cursors, num_docs.get(s.name)))
         names = [s.name for s in self.sources]
         mode = self.packing
         self._streams = {}
@@ -238,25 +298,44 @@ class PackedLoader:
             self._streams[j] = stream
         self._consumed_state = self._snapshot()  # what state_dict() returns until a batch is taken
 
+    def _columns(self, always: bool = False) -> tuple[dict[str, np.ndarray], bool]:
+        """The next batch of this loader's rows as arrays, and whether every row has ended. Then,
+        unless ``always`` (a worker's block, which must pad while other blocks go on), no arrays
+        are returned and the step does not count."""
+        cols = Columns(len(self.rows), self.seq_len)
+        reals = [self._streams[j].next_sequence(cols.row(i)) for i, j in enumerate(self.rows)]
+        ended = not any(reals) and all(s.done for s in self._streams.values())
+        if ended and not always:
+            return {}, True
+        arrays = {"input_ids": cols.ids, "labels": cols.labels, "position_ids": cols.pos, "document_ids": cols.doc,
+                  # Global position of each row in the loader's order (the same for any world size).
+                  SEQUENCE_INDEX: np.array([self._step * self.batch_size + j for j in self.rows], dtype=np.int64)}
+        self._step += 1
+        return arrays, ended
+
+    def _reader(self, s: SourceConfig, ds, cursors: dict[int, int], num_docs):
+        G = self.groups[s.name]
+        R = self.batch_size // G
+
+        def make(g: int, rows: range, curs: dict[int, int], n):
+            if isinstance(ds, PreparedSource):
+                return IndexedReader(s, ds.group(g, G), self.processor, num_rows=R, rows=rows, cursors=curs,
+                                     max_epochs=self.max_epochs)
+            part = ds if G == 1 else ds.shard(num_shards=G, index=g, contiguous=False)
+            return SourceReader(s, part, self.processor, num_rows=R, rows=rows, cursors=curs, num_docs=n,
+                                max_epochs=self.max_epochs, read_batch=self.read_batch)
+
+        if G == 1:
+            return make(0, self.rows, cursors, num_docs)
+        return GroupedReader(make, groups=G, num_rows=self.batch_size, rows=self.rows, cursors=cursors,
+                             num_docs=num_docs)
+
     def _produce(self) -> tuple[Batch, dict] | _End | _Failure:
         try:
-            seqs, reals = [], []
-            for j in self.rows:
-                seq, real = self._streams[j].next_sequence()
-                seqs.append(seq)
-                reals.append(real)
-            if not any(reals) and all(s.done for s in self._streams.values()):
+            arrays, ended = self._columns()
+            if ended:
                 return _End()
-            batch = {
-                "input_ids": _stack([s.ids for s in seqs]),
-                "labels": _stack([s.labels for s in seqs]),
-                "position_ids": _stack([s.pos for s in seqs]),
-                "document_ids": _stack([s.doc for s in seqs]),
-                # Global position of each row in the loader's order (the same for any world size).
-                SEQUENCE_INDEX: torch.tensor([self._step * self.batch_size + j for j in self.rows]),
-            }
-            self._step += 1
-            return batch, self._snapshot()
+            return {k: torch.from_numpy(v) for k, v in arrays.items()}, self._snapshot()
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             return _Failure(e)
 
@@ -265,7 +344,8 @@ class PackedLoader:
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint,
             "step": self._step,
-            "num_docs": {r.src.name: r.num_docs for r in self._readers if r.num_docs is not None},
+            "num_docs": {s.name: n for s, r in zip(self.sources, self._readers)
+                         if (n := r.num_docs_state()) is not None},
             "rows": {str(j): s.state() for j, s in self._streams.items()},
         }
 
@@ -294,7 +374,11 @@ class PackedLoader:
         _LIVE.add(self)
 
     def close(self) -> None:
-        """Stop the prefetch thread; a later next() resumes after the last batch handed out."""
+        """Stop the prefetch thread or worker processes; a later next() resumes after the last batch
+        handed out."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._thread is not None:
             self._stop.set()
             while self._thread.is_alive():
@@ -322,7 +406,7 @@ class PackedLoader:
         """Where the loader stands after the last batch it handed out (a plain, JSON-able dict)."""
         if self._consumed_state is None:
             self._start(None)
-        return copy.deepcopy(self._consumed_state)
+        return jsonable(self._consumed_state)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; it may hold more rows than this rank needs (see merge_states)."""
@@ -364,9 +448,7 @@ class PackedLoader:
                     agg[k] += v
                 for k, v in r["skipped"][s.name].items():
                     agg["skipped"][k] = agg["skipped"].get(k, 0) + v
-                c = r["cursors"][s.name]
-                if n and c:
-                    epoch = max(epoch, (int(j) + self.batch_size * (c - 1)) // n)
+                epoch = max(epoch, epoch_of(int(j), r["cursors"][s.name], self.batch_size, self.groups[s.name], n))
             agg["num_docs"] = n
             agg["epoch"] = epoch
             per_source[s.name] = agg
@@ -383,6 +465,18 @@ class PackedLoader:
         }
 
 
+def jsonable(x: Any) -> Any:
+    """A deep copy with arrays as lists. Snapshots keep carried tokens as (immutable) arrays, so
+    taking one per batch costs no per-token work; the conversion happens only when saved."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
 def merge_states(states: Sequence[dict]) -> dict:
     """Combine the states of all ranks into one that any world size can load."""
     if not states:
@@ -393,7 +487,10 @@ def merge_states(states: Sequence[dict]) -> dict:
             raise ValueError("merge_states: states come from different loaders or steps")
         out["rows"].update(copy.deepcopy(st["rows"]))
         for k, v in st.get("num_docs", {}).items():
-            out["num_docs"][k] = v
+            if isinstance(v, dict):  # per shard group: each rank knows its groups'
+                out["num_docs"][k] = {**out["num_docs"].get(k, {}), **v}
+            else:
+                out["num_docs"][k] = v
     return out
 
 
@@ -419,7 +516,7 @@ def build_pretrain_loader(
     from one source, the public recipe). ``max_doc_tokens`` caps a document (BOS/EOS included;
     default ``seq_len``; None = no cap); longer ones are split into separate documents ("split") or
     cut ("truncate", counted). Other keyword arguments: see PackedLoader (on_exhausted, max_epochs,
-    mix_jitter, prefetch, read_batch, micro_batch_size, validate).
+    mix_jitter, prefetch, read_batch, micro_batch_size, validate, workers).
     """
     if packing not in PRETRAIN_PACKING:
         raise DataConfigError(f"loader: packing must be one of {PRETRAIN_PACKING}, got {packing!r}")

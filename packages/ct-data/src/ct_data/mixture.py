@@ -23,7 +23,8 @@ from typing import Any
 from ct_data.config import DataConfigError, SourceConfig, normalize_sources
 
 KINDS = ("pretrain", "sft")
-_COMMON = {"on_exhausted", "max_epochs", "mix_jitter", "prefetch", "read_batch", "micro_batch_size", "validate"}
+_COMMON = {"on_exhausted", "max_epochs", "mix_jitter", "prefetch", "read_batch", "micro_batch_size", "validate",
+           "workers"}
 LOADER_OPTIONS = {
     "pretrain": _COMMON | {"packing", "add_bos", "add_eos", "max_doc_tokens", "long_doc_policy"},
     "sft": _COMMON | {"packing", "loss_on", "truncation", "max_example_tokens", "lookahead"},

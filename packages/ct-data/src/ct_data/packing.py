@@ -1,7 +1,7 @@
 """Packing documents into fixed-length rows, one independent stream per global batch row.
 
 A row's stream picks a source (``Mixer``), takes that source's next item for the row
-(``SourceReader``) and lays its pieces out back to back. Every piece gets its own document id and
+(``SourceReader`` or ``IndexedReader``) and lays its pieces out back to back. Every piece gets its own document id and
 position ids counting from 0 at its first token; a piece cut by the end of a row continues at the
 start of the row's next sequence with its positions continuing, so no token is lost and the
 concatenation of a row's sequences is exactly the concatenation of its documents.
@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 from collections import deque
 
+import numpy as np
+
 from ct_data.mixing import Mixer
 from ct_data.processing import IGNORE, Doc, Piece, Skip
-from ct_data.reader import EXHAUSTED, SourceReader
+from ct_data.reader import EXHAUSTED
 
 logger = logging.getLogger("ct_data")
 
@@ -33,42 +35,59 @@ PRETRAIN_PACKING = ("mixed", "per_source")
 SFT_PACKING = ("packed", "none")
 
 STAT_KEYS = ("docs", "tokens", "lost_tokens", "truncated", "split")
+_ARANGE = np.arange(1 << 16, dtype=np.int64)  # position ids are slices of this (no allocation)
+
+
+def _positions(start: int, n: int) -> np.ndarray:
+    return _ARANGE[start:start + n] if start + n <= len(_ARANGE) else np.arange(start, start + n, dtype=np.int64)
+
+
+class Columns:
+    """The four int64 columns of a batch, ``[rows, seq_len]``, filled row by row in place."""
+
+    def __init__(self, rows: int, seq_len: int):
+        self.ids = np.empty((rows, seq_len), dtype=np.int64)
+        self.labels = np.empty((rows, seq_len), dtype=np.int64)
+        self.pos = np.empty((rows, seq_len), dtype=np.int64)
+        self.doc = np.empty((rows, seq_len), dtype=np.int64)
+
+    def row(self, i: int) -> "_Row":
+        return _Row(self.ids[i], self.labels[i], self.pos[i], self.doc[i])
 
 
 class _Row:
-    """Column lists of one row under construction."""
+    """One row under construction: views into the batch columns and a fill level ``n``."""
 
-    __slots__ = ("ids", "labels", "pos", "doc", "ndocs")
+    __slots__ = ("ids", "labels", "pos", "doc", "n", "ndocs")
 
-    def __init__(self):
-        self.ids: list[int] = []
-        self.labels: list[int] = []
-        self.pos: list[int] = []
-        self.doc: list[int] = []
+    def __init__(self, ids: np.ndarray, labels: np.ndarray, pos: np.ndarray, doc: np.ndarray):
+        self.ids, self.labels, self.pos, self.doc = ids, labels, pos, doc
+        self.n = 0
         self.ndocs = 0
 
     def add(self, piece: Piece, start: int, n: int) -> None:
-        self.ids += piece.ids[start:start + n]
-        self.labels += piece.labels[start:start + n]
-        self.pos += range(start, start + n)
-        self.doc += [self.ndocs] * n
+        a, b = self.n, self.n + n
+        self.ids[a:b] = piece.ids[start:start + n]
+        self.labels[a:b] = piece.labels[start:start + n]
+        self.pos[a:b] = _positions(start, n)
+        self.doc[a:b] = self.ndocs
         self.ndocs += 1
+        self.n = b
 
     def pad(self, seq_len: int, pad_id: int) -> int:
-        real = len(self.ids)
-        n = seq_len - real
-        if n > 0:
-            self.ids += [pad_id] * n
-            self.labels += [IGNORE] * n
-            self.pos += range(n)
-            self.doc += [PAD_DOC_ID] * n
+        real = self.n
+        if real < seq_len:
+            self.ids[real:] = pad_id
+            self.labels[real:] = IGNORE
+            self.pos[real:] = _ARANGE[:seq_len - real] if seq_len - real <= len(_ARANGE) else np.arange(seq_len - real)
+            self.doc[real:] = PAD_DOC_ID
         return real
 
 
 class RowStream:
     """The endless (or, with the stop policy, finite) sequence stream of one global batch row."""
 
-    def __init__(self, row: int, *, names: list[str], readers: list[SourceReader], mixer: Mixer,
+    def __init__(self, row: int, *, names: list[str], readers: list, mixer: Mixer,
                  seq_len: int, pad_id: int, mode: str, sft_lookahead: int = 16):
         self.row = row
         self.names = names
@@ -89,9 +108,9 @@ class RowStream:
         self._consecutive_skips = [0] * len(names)
 
     # ---------------------------------------------------------------- one sequence
-    def next_sequence(self) -> tuple[_Row, int]:
-        """The next row; returns (columns, number of non-padding tokens). All padding when done."""
-        seq = _Row()
+    def next_sequence(self, seq: _Row) -> int:
+        """Fill ``seq`` with the next row; returns its number of non-padding tokens (0: all padding,
+        once the row is done)."""
         if not self.done:
             if self.mode == "mixed":
                 self._fill_mixed(seq)
@@ -99,20 +118,20 @@ class RowStream:
                 self._fill_per_source(seq)
             else:
                 self._fill_sft(seq)
-            if not seq.ids and self._drained():
+            if not seq.n and self._drained():
                 self.done = True
                 logger.info("row %d has used up every source", self.row)
         real = seq.pad(self.T, self.pad_id)
         self.seqs += 1
         self.real_tokens += real
-        return seq, real
+        return real
 
     def _drained(self) -> bool:
         return not self.mixer.any_active() and not self.buffer and not any(self.carry.values())
 
     def _fill_mixed(self, seq: _Row) -> None:
         queue = self.carry[0]  # mixed mode keeps a single carry queue (source noted per entry)
-        while len(seq.ids) < self.T:
+        while seq.n < self.T:
             if not queue and not self._load(None, queue):
                 return
             self._emit_from(queue, seq)
@@ -128,16 +147,16 @@ class RowStream:
             if not queue and not self._load(s, queue, count_tokens=False):
                 continue  # s just ran out: pick again
             break
-        while len(seq.ids) < self.T:
+        while seq.n < self.T:
             if not queue and not self._load(s, queue, count_tokens=False):
                 return  # s ran out mid-sequence: pad the rest
             self._emit_from(queue, seq)
-        self.mixer.add(s, len(seq.ids))
+        self.mixer.add(s, seq.n)
 
     def _emit_from(self, queue: deque, seq: _Row) -> None:
         entry = queue[0]
         _, piece, off = entry
-        n = min(self.T - len(seq.ids), len(piece.ids) - off)
+        n = min(self.T - seq.n, len(piece.ids) - off)
         seq.add(piece, off, n)
         if off + n == len(piece.ids):
             queue.popleft()
@@ -148,16 +167,16 @@ class RowStream:
         while True:
             while len(self.buffer) < self.lookahead and self.mixer.any_active():
                 self._load_sft()
-            if self.mode == "none" and seq.ids:
+            if self.mode == "none" and seq.n:
                 return
             # A row starts with the oldest buffered example (so none waits more than `lookahead`
             # rows), then takes the longest example that fits the room left (earliest on ties).
-            room = self.T - len(seq.ids)
+            room = self.T - seq.n
             i, best = -1, 0
             for k, (_, p) in enumerate(self.buffer):
                 if best < len(p.ids) <= room:
                     i, best = k, len(p.ids)
-                if not seq.ids and i == 0:
+                if not seq.n and i == 0:
                     break
             if i < 0:
                 return
@@ -206,7 +225,7 @@ class RowStream:
                            name, reason)
         counts[reason] = counts.get(reason, 0) + 1
         self._consecutive_skips[src] += 1
-        n = self.readers[src].num_docs
+        n = self.readers[src].docs_per_epoch(self.row)
         if n is not None and self._consecutive_skips[src] > n:
             raise RuntimeError(f"source {name!r}: every document is being skipped ({counts}); "
                                f"check the field names and the length limits")
@@ -232,11 +251,14 @@ class RowStream:
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
         def piece(src, p, off):
+            if p.ref is not None:  # re-read from the prepared source on resume: O(1), no tokens saved
+                return {"source": self.names[src], "ref": list(p.ref), "pos": off}
+            # Array views (never modified in place): state_dict() turns them into lists when saved.
             return {"source": self.names[src], "ids": p.ids[off:], "labels": p.labels[off:], "pos": off}
 
         return {
             "mixer": self.mixer.state(),
-            "cursors": {n: r.cursor[self.row] for n, r in zip(self.names, self.readers)},
+            "cursors": {n: r.cursor_of(self.row) for n, r in zip(self.names, self.readers)},
             "carry": [piece(*e) for s in sorted(self.carry) for e in self.carry[s]],
             "buffer": [piece(src, p, 0) for src, p in self.buffer],
             "stats": {n: dict(v) for n, v in self.stats.items()},
@@ -251,9 +273,16 @@ class RowStream:
         self.mixer.load(st["mixer"])
         for e in st["carry"]:
             s = index[e["source"]]
-            p = Piece([0] * e["pos"] + list(e["ids"]), [IGNORE] * e["pos"] + list(e["labels"]))
+            if "ref" in e:
+                p = self.readers[s].piece_at(self.row, *e["ref"])
+            else:
+                pad = np.zeros(e["pos"], dtype=np.int64)
+                p = Piece(np.concatenate([pad, np.asarray(e["ids"], dtype=np.int64)]),
+                          np.concatenate([pad + IGNORE, np.asarray(e["labels"], dtype=np.int64)]))
             self.carry[0 if self.mode == "mixed" else s].append([s, p, e["pos"]])
-        self.buffer = [(index[e["source"]], Piece(list(e["ids"]), list(e["labels"]))) for e in st["buffer"]]
+        self.buffer = [(index[e["source"]], Piece(np.asarray(e["ids"], dtype=np.int64),
+                                                  np.asarray(e["labels"], dtype=np.int64)))
+                       for e in st["buffer"]]
         for n in self.names:
             self.stats[n].update(st["stats"].get(n, {}))
             self.skipped[n].update(st["skipped"].get(n, {}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from ct_model.batch import IGNORE_INDEX as IGNORE
 
 from ct_data.chat import ChatFormatError, validate_messages
@@ -30,10 +31,16 @@ SFT_LOSS = ("assistant", "all")
 
 @dataclass(slots=True)
 class Piece:
-    """A run of tokens packed as one document (position_ids restart, own document_id)."""
+    """A run of tokens packed as one document (position_ids restart, own document_id).
 
-    ids: list[int]
-    labels: list[int]
+    ``ids`` and ``labels`` are int64 arrays: the packer copies slices of them into the batch, so
+    its cost is per piece, not per token. ``ref`` is (position, piece number) when the piece can be
+    read again from a prepared source: a carried-over piece is then saved as that, not its tokens.
+    """
+
+    ids: np.ndarray
+    labels: np.ndarray
+    ref: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -50,9 +57,17 @@ class Skip:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def next_token_labels(ids: list[int]) -> list[int]:
+def next_token_labels(ids: np.ndarray) -> np.ndarray:
     """labels[t] = ids[t+1]; the last token predicts nothing (the next document is not its continuation)."""
-    return ids[1:] + [IGNORE] if ids else []
+    labels = np.empty_like(ids)
+    labels[:-1] = ids[1:]
+    if len(ids):
+        labels[-1] = IGNORE
+    return labels
+
+
+def as_ids(ids) -> np.ndarray:
+    return np.asarray(ids, dtype=np.int64)
 
 
 class PretrainProcessor:
@@ -78,10 +93,21 @@ class PretrainProcessor:
         encoded = iter(self.tok.encode_batch(good, add_bos=self.add_bos, add_eos=self.add_eos) if good else [])
         out: list[Doc | Skip] = []
         for t in texts:
-            out.append(Skip(t[0]) if isinstance(t, tuple) else self._doc(next(encoded)))
+            out.append(Skip(t[0]) if isinstance(t, tuple) else self._doc(as_ids(next(encoded))))
         return out
 
-    def _doc(self, ids: list[int]) -> Doc:
+    def from_tokens(self, tokens: np.ndarray) -> Doc:
+        """A document from its text's token ids (a prepared source): BOS/EOS added as configured."""
+        n = len(tokens) + self.add_bos + self.add_eos
+        ids = np.empty(n, dtype=np.int64)
+        ids[self.add_bos:n - self.add_eos] = tokens
+        if self.add_bos:
+            ids[0] = self.tok.bos_id
+        if self.add_eos:
+            ids[-1] = self.tok.eos_id
+        return self._doc(ids)
+
+    def _doc(self, ids: np.ndarray) -> Doc:
         cap = self.cap
         if cap is None or len(ids) <= cap:
             return Doc([Piece(ids, next_token_labels(ids))], len(ids))
@@ -125,12 +151,15 @@ class SFTProcessor:
             out.append(Skip(c[0]) if isinstance(c, tuple) else self._doc(*next(encoded)))
         return out
 
-    def _doc(self, ids: list[int], mask: list[bool]) -> Doc | Skip:
+    def _doc(self, ids_list: list[int], mask: list[bool]) -> Doc | Skip:
+        ids = as_ids(ids_list)
         n = len(ids)
         if self.loss_on == "all":
             labels = next_token_labels(ids)
         else:
-            labels = [ids[t + 1] if mask[t + 1] else IGNORE for t in range(n - 1)] + [IGNORE]
+            labels = np.full(n, IGNORE, dtype=np.int64)
+            if n > 1:
+                labels[:-1] = np.where(np.asarray(mask[1:], dtype=bool), ids[1:], IGNORE)
         lost = 0
         if n > self.max_tokens:
             if self.truncation == "drop":
@@ -138,8 +167,8 @@ class SFTProcessor:
             # Keep the beginning (system, prompt, start of the answer); the last kept token
             # predicts nothing because its target was cut off.
             lost = n - self.max_tokens
-            ids, labels = ids[: self.max_tokens], labels[: self.max_tokens]
+            ids, labels = ids[: self.max_tokens], labels[: self.max_tokens].copy()
             labels[-1] = IGNORE
-            if all(x == IGNORE for x in labels):
+            if (labels == IGNORE).all():
                 return Skip(SKIP_NO_TARGET)
         return Doc([Piece(ids, labels)], len(ids), lost=lost)

@@ -102,6 +102,11 @@ def resolve_files(src: SourceConfig) -> tuple[str, list[str]] | None:
 
 def open_dataset(src: SourceConfig):
     """A streaming ``datasets.IterableDataset`` over the source's records."""
+    from ct_data.prepared import is_prepared
+
+    if is_prepared(src):
+        raise DataConfigError(f"source {src.name!r}: {src.path!r} is prepared (indexed token shards): it holds "
+                              f"token ids, not text records; the pretraining loader reads it (ct_data.PreparedSource)")
     import datasets
 
     datasets.disable_progress_bars()

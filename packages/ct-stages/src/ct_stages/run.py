@@ -203,7 +203,7 @@ def fixed_batch_evaluator(engine, mixture, tokenizer, run: RunConfig, info: Dist
     with another seed: a fixed monitor set (not a held-out split; ct-eval scores held-out data)."""
     t = run.trainer
     loader = mixture.build_loader(tokenizer, run.seq_len, t.global_batch_size, t.seed + 1,
-                                  info.dp_rank, info.dp_size, prefetch=0)
+                                  info.dp_rank, info.dp_size, prefetch=0, workers=0)
     batches = [next(loader) for _ in range(t.eval_batches)]
     splitter = Stage(StageConfig(), loss=run.loss)  # plain CE and no teacher, whatever the phase's stage
 
