@@ -255,7 +255,7 @@ def render(p, model=None, command: str | None = None) -> str:
     lines = [f"run       {command}"] if command else []
     lines += [
         f"model     {p.model}: {billions(p.total_parameters)} parameters, {billions(p.active_parameters)} active per token",
-        f"layout    {lay.world_size} {w.device.upper() if w.device == 'cpu' else 'GPU'}s ({p.nodes} node{"s" if p.nodes > 1 else ""} x {p.gpus_per_node}): TP {lay.tp}, PP {lay.pp} "
+        f"layout    {lay.world_size} {'CPU processes' if w.device == 'cpu' else 'GPUs'} ({p.nodes} node{"s" if p.nodes > 1 else ""} x {p.gpus_per_node}): TP {lay.tp}, PP {lay.pp} "
         f"({layer_split(p)}), EP {lay.ep}, expert-TP {lay.etp}, DP {lay.dp}, expert-DP {lay.edp}, "
         f"sequence parallel {'on' if lay.sequence_parallel else 'off'}, {ZERO_NAMES[lay.zero]}",
         f"workload  micro-batch {w.micro_batch_size} x {w.seq_len} tokens, {w.microbatches_per_step} "
