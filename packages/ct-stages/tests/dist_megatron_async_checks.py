@@ -60,7 +60,8 @@ def main():
     engine = build_engine(build_model(config, seed=0), dcfg)
     engine.setup_optimizer(lib.build_optimizer)
     step(engine, batches[0])
-    at_save = engine.full_model_state_dict()
+    # A snapshot: replicated tensors (the norms) come back as the live parameters themselves.
+    at_save = {k: v.clone() for k, v in (engine.full_model_state_dict() or {}).items()}  # collective
 
     write_queue.AsyncSave._write = _held_write
     ckpt._sha256 = _recording_sha256

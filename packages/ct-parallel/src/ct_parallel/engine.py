@@ -108,6 +108,8 @@ class Engine(Protocol):
 
     def load_checkpoint(self, path: str, *, load_optimizer: bool = True) -> None: ...
 
+    # Both below: a tensor the process holds whole on the CPU may be the live parameter itself
+    # (no copy is made where none is needed): clone what must outlive the next optimizer step.
     def full_model_state_dict(self) -> dict[str, torch.Tensor] | None: ...
 
     # (ct-model name, full CPU tensor) one at a time on the main rank; collective (every rank
