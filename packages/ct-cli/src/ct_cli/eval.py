@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                    "process on MODEL (results in MODEL/lm_eval_results.json); local task YAMLs work offline")
     p.add_argument("--lm-eval-include", type=Path, metavar="DIR", help="a directory of task YAMLs")
     p.add_argument("--limit", type=int, help="harness: at most this many documents per task")
+    p.add_argument("--lm-eval-seeds", metavar="R,N,T,F", help="harness seeds: random, numpy, torch, few-shot "
+                   "(default: lm-eval's own, 0,1234,1234,1234, so prompts match a standard lm-eval run)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
@@ -104,10 +106,21 @@ def run_lm_eval(args) -> int:
     if args.lm_eval_include is not None and not args.lm_eval_include.is_dir():
         raise UserFacingError(f"--lm-eval-include {args.lm_eval_include}: no such directory")
     tasks = [t for t in args.lm_eval.split(",") if t]
+    seeds = None
+    if args.lm_eval_seeds is not None:
+        names = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
+        try:
+            values = [int(v) for v in args.lm_eval_seeds.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise UserFacingError(f"--lm-eval-seeds {args.lm_eval_seeds}: four integers are needed "
+                                  "(random,numpy,torch,few-shot; lm-eval's defaults are 0,1234,1234,1234)")
+        seeds = dict(zip(names, values))
     out = args.model / "lm_eval_results.json"
     try:
         results = run_harness(args.model, tasks, include=args.lm_eval_include, limit=args.limit,
-                              batch_size=args.batch_size, out_path=out)
+                              batch_size=args.batch_size, out_path=out, seeds=seeds)
     except KeyError as err:  # the harness's word for an unknown task
         raise UserFacingError(f"--lm-eval {args.lm_eval}: unknown task {err}") from err
     table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}

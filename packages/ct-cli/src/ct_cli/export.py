@@ -66,16 +66,18 @@ def export(checkpoint: Path, out: Path, arch: str | None, max_shard_bytes: int |
         items = native_state_items(ckpt, config) if main else (item for item in ())
     else:
         raise UserFacingError(f"{ckpt}: written by an unknown engine {engine_kind!r} (meta.json)")
+    tokenizer = next((ct_data.load_tokenizer(str(c)) for c in (run_dir / "hf", run_dir / "tokenizer")
+                      if (c / "tokenizer.json").is_file()), None)
+    ids = None if tokenizer is None else ct_model.hf.token_ids(tokenizer.bos_id, tokenizer.stop_ids, tokenizer.pad_id)
     with contextlib.closing(items):
         if not main:
             for _ in items:  # take part in the gathers; nothing arrives here
                 pass
             return out
-        ct_model.hf.write_hf(items, config, out, arch=arch, max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
-    for candidate in (run_dir / "hf", run_dir / "tokenizer"):
-        if (candidate / "tokenizer.json").is_file():
-            ct_data.load_tokenizer(str(candidate)).save(str(out))
-            break
+        ct_model.hf.write_hf(items, config, out, arch=arch, token_ids=ids,
+                             max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    if tokenizer is not None:
+        tokenizer.save(str(out))
     return out
 
 

@@ -220,7 +220,8 @@ def export_hf(weights, model_config, tokenizer, hf_dir: Path) -> None:
     engine's ``full_state_items()``), or a state dict; streamed into safetensors shards
     (ct_model.hf.write_hf: at most one shard in memory), then the tokenizer beside them."""
     items = weights.items() if isinstance(weights, dict) else weights
-    ct_model.hf.write_hf(items, model_config, hf_dir)
+    ids = ct_model.hf.token_ids(tokenizer.bos_id, tokenizer.stop_ids, tokenizer.pad_id)
+    ct_model.hf.write_hf(items, model_config, hf_dir, token_ids=ids)
     tokenizer.save(str(hf_dir))
 
 
