@@ -261,9 +261,12 @@ def extract_messages(src: SourceConfig, record: dict[str, Any]) -> list[dict[str
                 return (SKIP_BAD_MESSAGES,)
             c = clean_text(m.get("content"), allow_replacement_char=src.allow_replacement_char)
             if isinstance(c, tuple):
-                if c[0] != SKIP_EMPTY or m.get("role") == "assistant":
-                    return c if c[0] != SKIP_EMPTY else (SKIP_BAD_MESSAGES,)
-                c = ""  # an empty system/user turn is allowed
+                if c[0] != SKIP_EMPTY:
+                    return c
+                # An empty turn of any role is kept as context; an empty assistant turn is not
+                # trained (chat.render_chat). validate_messages drops a conversation that has no
+                # non-empty assistant turn at all.
+                c = ""
             out.append({"role": m.get("role"), "content": c})
         if src.system_prompt is not None and not (out and out[0]["role"] == "system"):
             out.insert(0, {"role": "system", "content": src.system_prompt})
