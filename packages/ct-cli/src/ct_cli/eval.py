@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         from ct_stages import evaluate as ev
 
+        import ct_model
+
+        if (err := ct_model.hf.run_directory_error(args.model)) is not None:
+            raise UserFacingError(str(err))
+        if args.max_problems < 1:
+            raise UserFacingError(f"--max-problems {args.max_problems}: must be at least 1")
+        if args.limit is not None and args.limit < 1:
+            raise UserFacingError(f"--limit {args.limit}: must be at least 1 (leave it out for every document)")
         if not (args.model / "config.json").is_file():
             raise UserFacingError(f"{args.model}: not an HF model directory (config.json missing)")
         if args.problems is not None and not args.problems.is_file():
@@ -59,7 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = ev.load_model_and_tokenizer(args.model)
         with tempfile.TemporaryDirectory() as tmp:
             if args.problems is not None:
-                problems = ev.load_problems(args.problems, args.question_field, args.answer_field, args.max_problems)
+                try:
+                    problems = ev.load_problems(args.problems, args.question_field, args.answer_field,
+                                                args.max_problems)
+                except ev.ProblemsFormatError as err:
+                    raise UserFacingError(f"--problems: {err}; --question-field and --answer-field name "
+                                          "the fields to read instead") from err
+                if not problems:
+                    raise UserFacingError(f"--problems {args.problems}: no problems in the file")
                 texts = [f"{q['question']}\n{q['answer']}" for q in problems]
                 source = str(args.problems)
             else:

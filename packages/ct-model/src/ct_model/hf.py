@@ -324,10 +324,29 @@ def _check_llama4_dense(meta: dict, source: str) -> None:
         raise HFFormatError(f"{source}: no_rope_layers has NoPE layers; every layer must use RoPE")
 
 
+def run_directory_error(root: Path) -> HFFormatError | None:
+    """The error for a ct-train run directory given where an HF model directory is expected (its
+    config.json is the run's config, not a model's), pointing at its ``hf/``; None otherwise."""
+    if not ((root / "model_config.json").is_file() or (root / "checkpoints").is_dir()):
+        return None
+    try:
+        if "model_type" in json.loads((root / "config.json").read_text()):
+            return None
+    except (OSError, ValueError):
+        pass
+    hf = root / "hf"
+    where = (f"its HF export is {hf}" if (hf / "config.json").is_file() else
+             f"it has no HF export yet ({hf} is missing: `ct-export {root} OUT_DIR` writes one from its "
+             "newest checkpoint)")
+    return HFFormatError(f"{root} is a training run directory, not an HF model directory: {where}")
+
+
 def read_hf_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
     """(ModelConfig, arch) of an HF model directory, from its config.json alone."""
     root = Path(path)
     config_path = root / "config.json"
+    if (err := run_directory_error(root)) is not None:
+        raise err
     if not config_path.is_file():
         raise HFFormatError(f"{config_path}: not found (is {root} an HF model directory?)")
     return config_from_hf(json.loads(config_path.read_text()), str(config_path))

@@ -105,6 +105,8 @@ def check_supported(run: RunConfig) -> None:
 
 def resolve_init_from(run: RunConfig) -> Path | None:
     path = run.init_path
+    if path is not None and (err := ct_model.hf.run_directory_error(path)) is not None:
+        raise UserError(f"init_from={run.init_from}: {err}")
     if path is not None and not (path / "config.json").is_file():
         raise UserError(f"init_from={run.init_from}: no HF checkpoint there (config.json missing); run the "
                         "previous phase first or point init_from at an HF model directory")
