@@ -142,6 +142,13 @@ def prepare_tokenizer(run: RunConfig, init_from: Path | None, sample_dir: Path |
         raise UserError("tokenizer.path is not set and there is no sample data to train one on (sample_data.dir)")
     from ct_data import sample as sample_mod
 
+    sources = (run.data or {}).get("sources") or []
+    own = [str(s.get("name")) for s in sources if isinstance(s, dict) and "{sample_dir}" not in str(s.get("path"))]
+    (log.warning if own else log.info)(
+        "tokenizer: a byte-level BPE of %d tokens trained on the sample corpus (tokenizer.path is not set)%s",
+        tok.vocab_size, f"; it was not trained on your data ({', '.join(own)}): for real text set "
+        "tokenizer.path=DIR (a directory holding tokenizer.json, e.g. Llama-3.2's) and model.vocab_size "
+        "to at least its vocabulary" if own else "")
     # Trained once per sample-data directory (under run_dir by default) and reused from there.
     return main_first(is_main, lambda: sample_mod.build_tokenizer(sample_dir, tok.vocab_size,
                                                                   split_digits=tok.split_digits))
