@@ -11,7 +11,8 @@ What reaches the model is what lm-eval's own ``HFLM`` would give a transformers 
 context window is the model's ``max_position_embeddings`` (``max_length``); a generation prompt
 (BOS + context) keeps its last ``max_length - max_gen_toks`` tokens (left truncation, as HFLM;
 ``max_gen_toks`` defaults to 256 as there), a scored context + continuation its last
-``max_length + 1``; one warning per call says how many requests were truncated. The seeds are
+``max_length + 1``, and a rolling (perplexity) text is scored in disjoint windows of
+``max_length``; one warning per call says how many requests were truncated. The seeds are
 lm-eval's own defaults (``simple_evaluate``: random 0, numpy 1234, torch 1234, few-shot 1234),
 so few-shot prompts are those of a standard lm-eval run.
 """
@@ -94,7 +95,17 @@ class CTModelLM(_lm_base()):
         return out
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        return [self._logprob([self.tokenizer.bos_id], self.tokenizer.encode(r.args[0]))[0] for r in requests]
+        """As HFLM: a text longer than the context is scored in disjoint windows of ``max_length``
+        tokens, each conditioned on the token before it (the first on BOS)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for request in requests:
+            windows = map(make_disjoint_window, get_rolling_token_windows(
+                token_list=self.tokenizer.encode(request.args[0]), prefix_token=self.tokenizer.bos_id,
+                max_seq_len=self.max_length, context_len=1))
+            out.append(sum(self._logprob(list(ctx), list(cont))[0] for ctx, cont in windows))
+        return out
 
     # -- generation ------------------------------------------------------------------------------
     def generate_until(self, requests) -> list[str]:
