@@ -32,7 +32,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 SKIP_EMPTY = "empty"  # missing (None), empty or whitespace-only
 SKIP_NON_STRING = "non_string"  # a number, list, dict ... where text was expected
 SKIP_UNDECODABLE = "undecodable"  # bytes that are not UTF-8, lone surrogates, U+FFFD replacement chars
-SKIP_BAD_MESSAGES = "bad_messages"  # SFT: not a list of {role, content} with an assistant turn
+SKIP_BAD_MESSAGES = "bad_messages"  # SFT: not a list of {role, content} with a non-empty assistant turn
 SKIP_TOO_LONG = "too_long"  # SFT: longer than the limit, with the "drop" policy
 SKIP_NO_TARGET = "no_target"  # SFT: after truncation no assistant token is left
 
