@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import ct_model
+from ct_model.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,8 @@ class CTModelLM(_lm_base()):
             limit = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             window = self.max_length - limit  # HFLM: max_ctx_len, the prompt's share of max_length
             if window <= 0:
-                raise ValueError(f"lm-eval: max_gen_toks {limit} must be less than the model's context "
-                                 f"length {self.max_length}")
+                raise UserError(f"lm-eval: max_gen_toks {limit} must be less than the model's context "
+                                f"length {self.max_length} (max_position_embeddings)")
             prompts = [[self.tokenizer.bos_id] + self.tokenizer.encode(r.args[0]) for r in chunk]
             truncated += sum(len(p) > window for p in prompts)
             windows.add(window)
