@@ -156,6 +156,29 @@ def test_bad_conversations_are_counted(tmp_path, tokenizer):
     assert loader.stats()["sources"]["c"]["skipped"] == {"bad_messages": 3, "empty": 1, "non_string": 1}
 
 
+@pytest.mark.parametrize("empty", ["", "   \n"])
+def test_an_empty_assistant_turn_is_context_and_the_other_turns_train(tmp_path, tokenizer, empty):
+    """One rule in the loader and in encode_chat_with_mask: a conversation with an empty assistant
+    turn followed by a non-empty one is kept; the empty turn is rendered but not trained, the
+    non-empty one is. A conversation whose only assistant turn is empty is dropped (bad_messages)."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": empty},
+            {"role": "user", "content": "again?"}, {"role": "assistant", "content": "hello there"}]
+    only_empty = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": empty}]
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}, {"messages": only_empty}])
+    loader = build_sft_loader([SourceConfig("c", str(tmp_path / "c.jsonl"))], tokenizer, 128, 1, seed=0,
+                              on_exhausted="stop", prefetch=0)
+    docs = [d for b in loader for d in docs_of(b, 0)]
+    assert loader.stats()["sources"]["c"]["skipped"] == {"bad_messages": 1}
+    assert len(docs) == 1
+    ids, labels = docs[0]
+    cleaned = [{**m, "content": m["content"].strip()} for m in msgs]
+    assert ids == tokenizer.encode(tokenizer.render_chat(cleaned))
+    assert tokenizer.decode([x for x in labels if x != -100]) == "hello there<|eot_id|>"
+    # encode_chat_with_mask applies the same rule: only the non-empty turn's tokens are trained.
+    enc, mask = tokenizer.encode_chat_with_mask(msgs)
+    assert tokenizer.decode([t for t, m in zip(enc, mask) if m]) == "hello there<|eot_id|>"
+
+
 @pytest.mark.skipif(not GSM8K_DIR.is_dir(), reason=f"GSM8K data not found at {GSM8K_DIR} (only on the dev machines)")
 def test_gsm8k_through_sft_loader(tokenizer):
     src = SourceConfig("gsm8k", str(GSM8K_DIR / "train.jsonl"), prompt_field="question", response_field="answer",

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                    "process on MODEL (results in MODEL/lm_eval_results.json); local task YAMLs work offline")
     p.add_argument("--lm-eval-include", type=Path, metavar="DIR", help="a directory of task YAMLs")
     p.add_argument("--limit", type=int, help="harness: at most this many documents per task")
+    p.add_argument("--lm-eval-seeds", metavar="R,N,T,F", help="harness seeds: random, numpy, torch, few-shot "
+                   "(default: lm-eval's own, 0,1234,1234,1234, so prompts match a standard lm-eval run)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
@@ -48,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         from ct_stages import evaluate as ev
 
+        import ct_model
+
+        if (err := ct_model.hf.run_directory_error(args.model)) is not None:
+            raise UserFacingError(str(err))
+        if args.max_problems < 1:
+            raise UserFacingError(f"--max-problems {args.max_problems}: must be at least 1")
+        if args.limit is not None and args.limit < 1:
+            raise UserFacingError(f"--limit {args.limit}: must be at least 1 (leave it out for every document)")
         if not (args.model / "config.json").is_file():
             raise UserFacingError(f"{args.model}: not an HF model directory (config.json missing)")
         if args.problems is not None and not args.problems.is_file():
@@ -57,7 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = ev.load_model_and_tokenizer(args.model)
         with tempfile.TemporaryDirectory() as tmp:
             if args.problems is not None:
-                problems = ev.load_problems(args.problems, args.question_field, args.answer_field, args.max_problems)
+                try:
+                    problems = ev.load_problems(args.problems, args.question_field, args.answer_field,
+                                                args.max_problems)
+                except ev.ProblemsFormatError as err:
+                    raise UserFacingError(f"--problems: {err}; --question-field and --answer-field name "
+                                          "the fields to read instead") from err
+                if not problems:
+                    raise UserFacingError(f"--problems {args.problems}: no problems in the file")
                 texts = [f"{q['question']}\n{q['answer']}" for q in problems]
                 source = str(args.problems)
             else:
@@ -104,10 +121,21 @@ def run_lm_eval(args) -> int:
     if args.lm_eval_include is not None and not args.lm_eval_include.is_dir():
         raise UserFacingError(f"--lm-eval-include {args.lm_eval_include}: no such directory")
     tasks = [t for t in args.lm_eval.split(",") if t]
+    seeds = None
+    if args.lm_eval_seeds is not None:
+        names = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
+        try:
+            values = [int(v) for v in args.lm_eval_seeds.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise UserFacingError(f"--lm-eval-seeds {args.lm_eval_seeds}: four integers are needed "
+                                  "(random,numpy,torch,few-shot; lm-eval's defaults are 0,1234,1234,1234)")
+        seeds = dict(zip(names, values))
     out = args.model / "lm_eval_results.json"
     try:
         results = run_harness(args.model, tasks, include=args.lm_eval_include, limit=args.limit,
-                              batch_size=args.batch_size, out_path=out)
+                              batch_size=args.batch_size, out_path=out, seeds=seeds)
     except KeyError as err:  # the harness's word for an unknown task
         raise UserFacingError(f"--lm-eval {args.lm_eval}: unknown task {err}") from err
     table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}

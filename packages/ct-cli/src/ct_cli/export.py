@@ -1,7 +1,11 @@
 """ct-export CKPT OUT: a training checkpoint to an HF model directory (safetensors + config.json).
 
 CKPT is a checkpoint directory (run_dir/checkpoints/step_NNNNNNNN) or a run directory (its newest
-complete checkpoint is used). The tokenizer of the run is copied beside the weights.
+complete checkpoint is used). The tokenizer of the run is copied beside the weights, and its
+BOS/EOS ids go into config.json and generation_config.json.
+
+OUT must be a new or empty directory; ``--force`` replaces an export already there. The run
+directory itself and its checkpoints/ are refused even then (the run's config.json lives there).
 
 The weights are streamed one tensor at a time into safetensors shards (``--max-shard-size``,
 default 5GB; ct_model.hf.write_hf holds at most one shard): a native (DCP) checkpoint is read
@@ -42,7 +46,23 @@ def find_checkpoint(path: Path) -> tuple[Path, Path]:
     return latest, path
 
 
-def export(checkpoint: Path, out: Path, arch: str | None, max_shard_bytes: int | None = None) -> Path:
+def check_target(out: Path, run_dir: Path, force: bool) -> None:
+    """Refuse an OUT that would overwrite something: the run directory (its config.json is the
+    run's) or a place inside its checkpoints/, an existing file, or (without ``force``) a non-empty
+    directory."""
+    target, run = out.resolve(), run_dir.resolve()
+    if target == run or run / "checkpoints" in (target, *target.parents):
+        raise UserFacingError(f"{out}: this is the run directory {run_dir} (or inside its checkpoints/); "
+                              f"export into a directory of its own, e.g. {run_dir / 'export'}")
+    if out.exists() and not out.is_dir():
+        raise UserFacingError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserFacingError(f"{out}: not empty; choose a new directory, or pass --force to replace the "
+                              "export there")
+
+
+def export(checkpoint: Path, out: Path, arch: str | None, max_shard_bytes: int | None = None,
+           force: bool = True) -> Path:
     """Stream the checkpoint's weights, one tensor at a time, into an HF directory (safetensors
     shards of at most ``max_shard_bytes``, ct_model.hf.write_hf). Under torchrun (megatron
     checkpoints) every rank reads its share and rank 0 writes."""
@@ -52,6 +72,7 @@ def export(checkpoint: Path, out: Path, arch: str | None, max_shard_bytes: int |
     from ct_stages.checkpoint import read_meta
 
     ckpt, run_dir = find_checkpoint(checkpoint)
+    check_target(out, run_dir, force)
     config_path = run_dir / "model_config.json"
     if not config_path.is_file():
         raise UserFacingError(f"{config_path}: missing (the run directory records its model config there)")
@@ -66,16 +87,18 @@ def export(checkpoint: Path, out: Path, arch: str | None, max_shard_bytes: int |
         items = native_state_items(ckpt, config) if main else (item for item in ())
     else:
         raise UserFacingError(f"{ckpt}: written by an unknown engine {engine_kind!r} (meta.json)")
+    tokenizer = next((ct_data.load_tokenizer(str(c)) for c in (run_dir / "hf", run_dir / "tokenizer")
+                      if (c / "tokenizer.json").is_file()), None)
+    ids = None if tokenizer is None else ct_model.hf.token_ids(tokenizer.bos_id, tokenizer.stop_ids, tokenizer.pad_id)
     with contextlib.closing(items):
         if not main:
             for _ in items:  # take part in the gathers; nothing arrives here
                 pass
             return out
-        ct_model.hf.write_hf(items, config, out, arch=arch, max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
-    for candidate in (run_dir / "hf", run_dir / "tokenizer"):
-        if (candidate / "tokenizer.json").is_file():
-            ct_data.load_tokenizer(str(candidate)).save(str(out))
-            break
+        ct_model.hf.write_hf(items, config, out, arch=arch, token_ids=ids,
+                             max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    if tokenizer is not None:
+        tokenizer.save(str(out))
     return out
 
 
@@ -224,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                    help="largest safetensors shard, e.g. 5GB (the default, as transformers), 500MB; the "
                         "export holds at most one shard in memory")
+    p.add_argument("--force", action="store_true",
+                   help="OUT may be a non-empty directory: the export there is replaced")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
 
     def run() -> int:
         if not args.checkpoint.exists():
             raise UserFacingError(f"{args.checkpoint}: no such checkpoint or run directory")
-        out = export(args.checkpoint, args.out, args.arch, args.max_shard_size)
+        out = export(args.checkpoint, args.out, args.arch, args.max_shard_size, force=args.force)
         if _rank() == 0:
             print(out)
         return 0

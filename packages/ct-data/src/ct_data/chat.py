@@ -84,7 +84,9 @@ def render_chat(
     """Render ``messages`` in the LLaMA-3 format.
 
     Returns the string and the [start, end) character spans of the trained part of every assistant
-    turn (its stripped content followed by ``<|eot_id|>``).
+    turn (its stripped content followed by ``<|eot_id|>``). An assistant turn whose content is empty
+    or blank is rendered (header and ``<|eot_id|>``) as context but has no span: it is not trained,
+    the conversation's other assistant turns are.
     """
     parts: list[str] = [BOS] if bos else []
     n = len(parts[0]) if bos else 0
@@ -95,7 +97,7 @@ def render_chat(
         parts.append(h)
         parts.append(body)
         n += len(h)
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and m["content"].strip():  # an empty turn is context, not trained
             spans.append((n, n + len(body)))
         n += len(body)
     if add_generation_prompt:

@@ -32,7 +32,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 SKIP_EMPTY = "empty"  # missing (None), empty or whitespace-only
 SKIP_NON_STRING = "non_string"  # a number, list, dict ... where text was expected
 SKIP_UNDECODABLE = "undecodable"  # bytes that are not UTF-8, lone surrogates, U+FFFD replacement chars
-SKIP_BAD_MESSAGES = "bad_messages"  # SFT: not a list of {role, content} with an assistant turn
+SKIP_BAD_MESSAGES = "bad_messages"  # SFT: not a list of {role, content} with a non-empty assistant turn
 SKIP_TOO_LONG = "too_long"  # SFT: longer than the limit, with the "drop" policy
 SKIP_NO_TARGET = "no_target"  # SFT: after truncation no assistant token is left
 
@@ -261,9 +261,12 @@ def extract_messages(src: SourceConfig, record: dict[str, Any]) -> list[dict[str
                 return (SKIP_BAD_MESSAGES,)
             c = clean_text(m.get("content"), allow_replacement_char=src.allow_replacement_char)
             if isinstance(c, tuple):
-                if c[0] != SKIP_EMPTY or m.get("role") == "assistant":
-                    return c if c[0] != SKIP_EMPTY else (SKIP_BAD_MESSAGES,)
-                c = ""  # an empty system/user turn is allowed
+                if c[0] != SKIP_EMPTY:
+                    return c
+                # An empty turn of any role is kept as context; an empty assistant turn is not
+                # trained (chat.render_chat). validate_messages drops a conversation that has no
+                # non-empty assistant turn at all.
+                c = ""
             out.append({"role": m.get("role"), "content": c})
         if src.system_prompt is not None and not (out and out[0]["role"] == "system"):
             out.insert(0, {"role": "system", "content": src.system_prompt})

@@ -112,17 +112,32 @@ def default_arch(config: ModelConfig) -> str:
     return "llama4" if config.qk_layernorm or config.rope_style == "interleaved" else "llama"
 
 
+def token_ids(bos_id: int | None, eos_ids: Iterable[int], pad_id: int | None = None) -> dict:
+    """The special token ids an export records (``write_hf(token_ids=...)``): ``eos_ids`` are every
+    id generation stops on (a Llama-3 tokenizer's end-of-text, end-of-message and end-of-turn,
+    128001/128008/128009), written as a list as Llama-3's own config.json does."""
+    eos = sorted({int(i) for i in eos_ids})
+    if not eos:
+        raise ConfigError("token_ids: at least one eos id is needed")
+    ids = {"bos_token_id": None if bos_id is None else int(bos_id),
+           "eos_token_id": eos[0] if len(eos) == 1 else eos}
+    if pad_id is not None:
+        ids["pad_token_id"] = int(pad_id)
+    return ids
+
+
 def save_hf(model: Decoder, path: str | os.PathLike, arch: str | None = None,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, token_ids: dict | None = None) -> Path:
     """Write ``model`` as an HF checkpoint directory that ``transformers`` loads (``arch``:
     llama4 | llama | deepseek_v3; None picks ``default_arch``): ``write_hf`` fed with the model's
     own tensors (no copy of the state dict beyond one shard)."""
     items = ((name, value.detach()) for name, value in model.state_dict().items())
-    return write_hf(items, model.config, path, arch=arch, max_shard_bytes=max_shard_bytes)
+    return write_hf(items, model.config, path, arch=arch, max_shard_bytes=max_shard_bytes, token_ids=token_ids)
 
 
 def write_hf(items: Iterable[tuple[str, torch.Tensor]], config: ModelConfig, path: str | os.PathLike,
-             arch: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+             arch: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+             token_ids: dict | None = None) -> Path:
     """Write an HF checkpoint directory from ``items``, the model's (ct-model name, full tensor)
     pairs one at a time (any order, each once; an engine's ``full_state_items()``), converted to
     ``arch``'s names and layout as they arrive.
@@ -133,7 +148,11 @@ def write_hf(items: Iterable[tuple[str, torch.Tensor]], config: ModelConfig, pat
     else ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``), and config.json
     comes last. A previous export in ``path`` is removed first (config.json before anything), so
     an interrupted export never looks complete. Raises naming the tensor when one is unexpected,
-    repeated, of the wrong shape, or missing at the end (nothing is then left looking complete)."""
+    repeated, of the wrong shape, or missing at the end (nothing is then left looking complete).
+
+    ``token_ids`` (``token_ids(bos, eos_ids, pad)``, from the tokenizer saved beside the weights)
+    go into config.json and a generation_config.json, so that ``transformers``' ``generate``
+    stops at the end of a turn; without them neither names a token."""
     arch = arch or default_arch(config)
     if arch not in ALL_ARCHS:
         raise ConfigError(f"arch must be one of {ALL_ARCHS}, got {arch!r}")
@@ -162,6 +181,9 @@ def write_hf(items: Iterable[tuple[str, torch.Tensor]], config: ModelConfig, pat
         shards.abort()
         raise
     hf_meta["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if token_ids:
+        hf_meta.update(token_ids)
+        (out / "generation_config.json").write_text(json.dumps(token_ids, indent=2) + "\n")
     config_tmp = out / "config.json.tmp"
     config_tmp.write_text(json.dumps(hf_meta, indent=2) + "\n")
     os.replace(config_tmp, out / "config.json")
@@ -204,6 +226,7 @@ def _remove_previous_export(out: Path) -> None:
     """config.json first (the directory stops looking complete), then old weights and index: a
     smaller model's single file must not sit beside a new index, nor old shards beside new ones."""
     (out / "config.json").unlink(missing_ok=True)
+    (out / "generation_config.json").unlink(missing_ok=True)
     for path in out.iterdir():
         if path.is_file() and is_weights_file(path.name):
             path.unlink()
@@ -301,10 +324,29 @@ def _check_llama4_dense(meta: dict, source: str) -> None:
         raise HFFormatError(f"{source}: no_rope_layers has NoPE layers; every layer must use RoPE")
 
 
+def run_directory_error(root: Path) -> HFFormatError | None:
+    """The error for a ct-train run directory given where an HF model directory is expected (its
+    config.json is the run's config, not a model's), pointing at its ``hf/``; None otherwise."""
+    if not ((root / "model_config.json").is_file() or (root / "checkpoints").is_dir()):
+        return None
+    try:
+        if "model_type" in json.loads((root / "config.json").read_text()):
+            return None
+    except (OSError, ValueError):
+        pass
+    hf = root / "hf"
+    where = (f"its HF export is {hf}" if (hf / "config.json").is_file() else
+             f"it has no HF export yet ({hf} is missing: `ct-export {root} OUT_DIR` writes one from its "
+             "newest checkpoint)")
+    return HFFormatError(f"{root} is a training run directory, not an HF model directory: {where}")
+
+
 def read_hf_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
     """(ModelConfig, arch) of an HF model directory, from its config.json alone."""
     root = Path(path)
     config_path = root / "config.json"
+    if (err := run_directory_error(root)) is not None:
+        raise err
     if not config_path.is_file():
         raise HFFormatError(f"{config_path}: not found (is {root} an HF model directory?)")
     return config_from_hf(json.loads(config_path.read_text()), str(config_path))

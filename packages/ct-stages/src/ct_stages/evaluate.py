@@ -17,28 +17,41 @@ from typing import Any
 import torch
 
 import ct_model
+from ct_model.errors import UserError
 
 from .stages import cross_entropy_sum
 
 MATH_SYSTEM_PROMPT = "Please reason step-by-step and put your final answer within \\boxed{}."
 
 
+class ProblemsFormatError(UserError):
+    """A problems file that is not jsonl of objects with the question and answer fields."""
+
+
 def load_problems(path: str | Path, question_field: str = "question", answer_field: str = "answer",
                   limit: int | None = None) -> list[dict[str, str]]:
     """Question/answer pairs from a jsonl file; GSM8K-style answers ('... #### 42') are reduced
-    to their final answer."""
+    to their final answer. Raises ProblemsFormatError naming the file, the line and the fields a
+    row has when it lacks one of the two fields (or is not a JSON object)."""
     from ct_data import extract_gsm8k_answer
 
     problems = []
     path = Path(path)
-    with path.open() as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ProblemsFormatError(f"{path}:{line_no}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ProblemsFormatError(f"{path}:{line_no}: a JSON {type(row).__name__}, not an object "
+                                          f"with fields {question_field!r} and {answer_field!r}")
             for field in (question_field, answer_field):
                 if field not in row:
-                    raise KeyError(f"{path}:{line_no}: field {field!r} is missing (fields: {sorted(row)})")
+                    raise ProblemsFormatError(f"{path}:{line_no}: field {field!r} is missing (the row has "
+                                              f"fields {sorted(row)})")
             answer = str(row[answer_field])
             if "####" in answer:
                 answer = extract_gsm8k_answer(answer) or answer

@@ -105,6 +105,8 @@ def check_supported(run: RunConfig) -> None:
 
 def resolve_init_from(run: RunConfig) -> Path | None:
     path = run.init_path
+    if path is not None and (err := ct_model.hf.run_directory_error(path)) is not None:
+        raise UserError(f"init_from={run.init_from}: {err}")
     if path is not None and not (path / "config.json").is_file():
         raise UserError(f"init_from={run.init_from}: no HF checkpoint there (config.json missing); run the "
                         "previous phase first or point init_from at an HF model directory")
@@ -140,6 +142,13 @@ def prepare_tokenizer(run: RunConfig, init_from: Path | None, sample_dir: Path |
         raise UserError("tokenizer.path is not set and there is no sample data to train one on (sample_data.dir)")
     from ct_data import sample as sample_mod
 
+    sources = (run.data or {}).get("sources") or []
+    own = [str(s.get("name")) for s in sources if isinstance(s, dict) and "{sample_dir}" not in str(s.get("path"))]
+    (log.warning if own else log.info)(
+        "tokenizer: a byte-level BPE of %d tokens trained on the sample corpus (tokenizer.path is not set)%s",
+        tok.vocab_size, f"; it was not trained on your data ({', '.join(own)}): for real text set "
+        "tokenizer.path=DIR (a directory holding tokenizer.json, e.g. Llama-3.2's) and model.vocab_size "
+        "to at least its vocabulary" if own else "")
     # Trained once per sample-data directory (under run_dir by default) and reused from there.
     return main_first(is_main, lambda: sample_mod.build_tokenizer(sample_dir, tok.vocab_size,
                                                                   split_digits=tok.split_digits))
@@ -220,7 +229,8 @@ def export_hf(weights, model_config, tokenizer, hf_dir: Path) -> None:
     engine's ``full_state_items()``), or a state dict; streamed into safetensors shards
     (ct_model.hf.write_hf: at most one shard in memory), then the tokenizer beside them."""
     items = weights.items() if isinstance(weights, dict) else weights
-    ct_model.hf.write_hf(items, model_config, hf_dir)
+    ids = ct_model.hf.token_ids(tokenizer.bos_id, tokenizer.stop_ids, tokenizer.pad_id)
+    ct_model.hf.write_hf(items, model_config, hf_dir, token_ids=ids)
     tokenizer.save(str(hf_dir))
 
 
