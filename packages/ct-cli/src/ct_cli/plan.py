@@ -1,143 +1,81 @@
-"""ct-plan: per-GPU memory of a model on a parallel layout, and whether it fits an 80 GB card.
+"""ct-plan: per-GPU memory of the run ct-train would start, and whether it fits an 80 GB card.
 
     ct-plan model=deepseek_v3_671b distributed=deepseek_v3_671b --world-size 2048
     ct-plan model=mobilellm_950m distributed=megatron_dp_distopt --world-size 8 seq_len=2048 \\
         trainer.micro_batch_size=4 activation_checkpointing.mode=selective
     ct-plan model=deepseek_v3_671b distributed=deepseek_v3_671b --min-gpus
-    ct-plan --phase pretrain_phase1 size=recipe model=mobilellm_950m distributed=fsdp2 precision=bf16 \
+    ct-plan --phase pretrain_phase1 size=recipe model=mobilellm_950m distributed=fsdp2 precision=bf16 \\
         --world-size 8
 
-``--phase NAME``: the overrides are ct-train's, composed exactly as ct-train composes them, and
-the plan is of that run: its model, layout, micro-batch, seq_len, precision (auto and fp8 plan as
-bf16: a GPU run), activation checkpointing, loss chunking and, for mid-training with an online
-teacher, the teacher's weights and targets on every GPU.
-
-Keys use ct-train's names: ``model=`` and ``distributed=`` pick configs/model/ and
-configs/distributed/ files (or a path to a YAML file), ``model.FIELD=`` / ``distributed.FIELD=``
-override one field, ``trainer.micro_batch_size``, ``seq_len``, ``precision`` (bf16 | fp32) and
-``activation_checkpointing.mode`` (none | selective | full). The arithmetic is
-ct_parallel.plan (formulas and sources in docs/ct-parallel.md, "Planning a layout: ct-plan").
-Bad input exits 2 with one line naming the key.
+The overrides are ct-train's, composed exactly as ct-train composes them (configs/, Hydra, the
+typed RunConfig; ``--phase`` as ct-train's, default pretrain_phase1), and the plan is of that run:
+its model, layout, micro-batch, seq_len, global batch (microbatches per step), precision (auto
+resolved for ``--device``; fp8 plans as bf16), activation checkpointing, loss chunking, attention
+backend and, for mid-training with an online teacher, the teacher's weights and targets on every
+GPU. Two defaults differ from ct-train's, because a plan is for the recipe's GPUs: ``size=recipe``
+unless a ``size=`` is given, and ``--device cuda`` (``--device cpu`` plans a CPU run). Layouts the
+engines refuse for now (DistributedConfig.engine_support_errors: DeepSeek-V3's uneven pipeline
+split) are planned: ct-plan never builds an engine. The arithmetic is ct_parallel.plan (formulas
+and sources in docs/ct-parallel.md, "Planning a layout: ct-plan"). Bad input exits 2 with one line
+naming the key, as ct-train's.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from ct_model.errors import UserError
 
 from .common import EXIT_USER_ERROR, UserFacingError, config_dir
 
-WORKLOAD_KEYS = {"trainer.micro_batch_size": "micro_batch_size", "seq_len": "seq_len",
-                 "precision": "precision", "activation_checkpointing.mode": "recompute"}
+DEFAULT_PHASE = "pretrain_phase1"  # ct-train's default
+PLAN_SIZE = "size=recipe"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ct-plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="model=NAME distributed=NAME model.FIELD=V distributed.FIELD=V "
-                   "trainer.micro_batch_size=N seq_len=N precision=bf16|fp32 activation_checkpointing.mode=M")
+    p.add_argument("overrides", nargs="*", help="ct-train's overrides: model=NAME distributed=NAME precision=NAME "
+                   "size=recipe|cpu model.FIELD=V distributed.FIELD=V trainer.micro_batch_size=N seq_len=N ...")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--world-size", type=int, help="GPUs in all (default: the smallest the layout allows)")
     size.add_argument("--dp", type=int, help="data-parallel size instead of --world-size (world = TP x PP x DP)")
-    p.add_argument("--num-microbatches", type=int, help="microbatches per step per replica (default: >= PP)")
+    p.add_argument("--num-microbatches", type=int,
+                   help="microbatches per step per replica (default: the run's global batch / (DP x micro-batch))")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="card memory in 10^9 bytes (default 80)")
     p.add_argument("--min-gpus", action="store_true",
                    help="also search DP (TP, PP, EP, expert-TP as given) for the smallest world size that fits")
-    p.add_argument("--phase", help="plan this ct-train phase: the overrides are ct-train's (e.g. size=recipe)")
+    p.add_argument("--phase", default=DEFAULT_PHASE, help="the ct-train phase (default: %(default)s)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="where the run would train: precision=auto, attention kernels, the optimizer kernel "
+                        "and megatron's spec follow it (default: cuda)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--config-dir", help="configs/ directory (default: this checkout's)")
     return p.parse_intermixed_args(argv)  # key=value overrides may follow the flags
 
 
-def split_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` strings into a dict, values read as YAML scalars (ct-train's override syntax)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserFacingError(f"expected key=value, got {item!r}")
-        known = key in ("model", "distributed") or key.startswith(("model.", "distributed.")) or key in WORKLOAD_KEYS
-        if not known:
-            raise UserFacingError(f"{key}: unknown key for ct-plan; known: model, distributed, model.FIELD, "
-                                  f"distributed.FIELD, {', '.join(WORKLOAD_KEYS)}")
-        out[key] = value if key in ("model", "distributed") else yaml.safe_load(value)
-    return out
+def plan_overrides(overrides: list[str]) -> list[str]:
+    """ct-train's overrides, with size=recipe first unless they choose a size (Hydra refuses a
+    group chosen twice, and the user's choice wins)."""
+    chosen = any(o.split("=", 1)[0].lstrip("+~") == "size" for o in overrides)
+    return list(overrides) if chosen else [PLAN_SIZE, *overrides]
 
 
-def read_group_file(group: str, choice: str, directory: Path) -> dict[str, Any]:
-    """configs/GROUP/CHOICE.yaml, or CHOICE itself when it is a path to a YAML file."""
-    import yaml
+def composed_run(args: argparse.Namespace, directory: Path):
+    """The RunConfig ct-train composes from these overrides, with its device-dependent defaults
+    decided for ``--device`` (precision.dtype=auto: bf16 on cuda, fp32 on cpu), as ct-train's
+    setup decides them. No engine-support check: ct-plan is arithmetic."""
+    import torch
 
-    path = Path(choice)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = directory / group / f"{choice}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (directory / group).glob("*.yaml"))
-        raise UserFacingError(f"{group}={choice}: no such file or {group} config; known: {', '.join(known)}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserFacingError(f"{group}={choice}: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise UserFacingError(f"{group}={choice}: {path} must hold a mapping of fields")
-    return values
+    from .common import run_config
 
-
-def fields_of(group: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    prefix = group + "."
-    return {k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)}
-
-
-def model_config(overrides: dict[str, Any], directory: Path):
-    import ct_model
-
-    if "model" not in overrides:
-        raise UserFacingError("model=NAME (a configs/model/ file or a preset's YAML) is required")
-    values = {**read_group_file("model", overrides["model"], directory), **fields_of("model", overrides)}
-    preset = values.pop("preset", None)
-    values = {k: v for k, v in values.items() if v is not None}  # null keeps the preset's value
-    known = {f.name for f in dataclasses.fields(ct_model.ModelConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserFacingError(f"model: unknown field(s) {', '.join(unknown)}")
-    try:
-        if preset is not None:
-            return ct_model.presets.get(preset, **values)
-        return ct_model.ModelConfig.from_dict(values)
-    except TypeError as err:  # a required field missing (a YAML without a preset)
-        raise UserFacingError(f"model: {err}") from None
-    except UserError as err:  # ModelConfig's messages name the field; say which group it is
-        raise UserFacingError(f"model: {err}") from None
-
-
-def distributed_config(overrides: dict[str, Any], directory: Path):
-    from ct_parallel import DistributedConfig
-
-    values = {**read_group_file("distributed", overrides.get("distributed", "single"), directory),
-              **fields_of("distributed", overrides)}
-    try:
-        return DistributedConfig.from_dict(values)
-    except ValueError as err:  # DistributedConfig's messages already name distributed.FIELD
-        raise UserFacingError(str(err)) from None
-
-
-def workload(overrides: dict[str, Any], model, num_microbatches: int | None):
-    from ct_parallel.plan import Workload
-
-    # The context defaults to the model's (4096 for both MobileLLM-R1 and DeepSeek-V3 pretraining).
-    values = {"seq_len": model.max_position_embeddings, "num_microbatches": num_microbatches}
-    values.update({WORKLOAD_KEYS[k]: v for k, v in overrides.items() if k in WORKLOAD_KEYS})
-    return Workload(**values)
+    run = run_config(args.phase, plan_overrides(args.overrides), directory)
+    return run.resolved_for(torch.device(args.device))[0]
 
 
 def world_size(args: argparse.Namespace, dist) -> int:
@@ -153,7 +91,7 @@ def world_size(args: argparse.Namespace, dist) -> int:
     return mp * data_parallel_step(dist)
 
 
-# ------------------------------------------------------------------------------- --phase mode
+# ------------------------------------------------------------------------------- the run's model
 
 # Bytes per element of a teacher's dtype (stage.distill.teacher_dtype, or its config.json's).
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
@@ -215,34 +153,44 @@ def teacher_extras(run, student, dp: int) -> dict[str, float]:
     return extras
 
 
-def phase_plan_inputs(args: argparse.Namespace, directory: Path):
-    """(model, distributed config, workload, world size, extras_for(world)) of the run ct-train would
-    start with these overrides."""
+def workload(run, dist, world: int, args: argparse.Namespace, strict: bool):
+    """The Workload of ``run`` at ``world`` GPUs: its micro-batch, seq_len, precision (fp8's
+    linears keep bf16 inputs for backward: planned as bf16), checkpointing, loss chunks (the
+    native engines'; megatron makes a microbatch's logits at once) and microbatches per step per
+    replica (the global batch over DP x micro-batch). ``strict``: a global batch that does not
+    divide is an error (ct-train refuses it); in the --min-gpus search it is rounded down."""
     from ct_parallel.plan import PlanError, Workload
 
-    from .common import run_config
-
-    run = run_config(args.phase, args.overrides, directory)
-    model, dist = phase_model(run), run.distributed
-    world = world_size(args, dist)
     dp = world // (dist.tensor_model_parallel_size * dist.pipeline_model_parallel_size)
     t = run.trainer
-    if t.global_batch_size % (dp * t.micro_batch_size):
+    if strict and t.global_batch_size % (dp * t.micro_batch_size):
         raise PlanError(f"trainer.global_batch_size={t.global_batch_size} is not divisible by data-parallel "
                         f"size x trainer.micro_batch_size = {dp} x {t.micro_batch_size}")
-    work = Workload(micro_batch_size=t.micro_batch_size, seq_len=run.seq_len,
-                    # auto is bf16 on the GPUs a plan is for; FP8 linears keep their bf16 input for backward.
+    return Workload(micro_batch_size=t.micro_batch_size, seq_len=run.seq_len,
                     precision="fp32" if run.precision.dtype == "fp32" else "bf16",
                     recompute=run.activation_checkpointing.mode,
                     recompute_every_n_blocks=run.activation_checkpointing.every_n_blocks,
-                    num_microbatches=args.num_microbatches or t.global_batch_size // (dp * t.micro_batch_size),
-                    loss_chunk_tokens=run.loss.chunk_tokens if dist.engine == "native" else 0)
+                    num_microbatches=args.num_microbatches or max(1, t.global_batch_size // (dp * t.micro_batch_size)),
+                    loss_chunk_tokens=run.loss.chunk_tokens if dist.engine == "native" else 0,
+                    device=args.device)
+
+
+def plan_inputs(args: argparse.Namespace, directory: Path):
+    """(run, model, distributed config, world size, workload_for(world), extras_for(world)) of the
+    run ct-train would start with these overrides."""
+    run = composed_run(args, directory)
+    model, dist = phase_model(run), run.distributed
+    world = world_size(args, dist)
+    workload(run, dist, world, args, strict=True)  # the given world must be one ct-train accepts
+
+    def workload_for(world_size_: int):
+        return workload(run, dist, world_size_, args, strict=world_size_ == world)
 
     def extras_for(world_size_: int) -> dict[str, float]:
         return teacher_extras(run, model, world_size_ // (dist.tensor_model_parallel_size
                                                           * dist.pipeline_model_parallel_size))
 
-    return model, dist, work, world, extras_for
+    return run, model, dist, world, workload_for, extras_for
 
 
 # ------------------------------------------------------------------------------------ printing
@@ -272,21 +220,51 @@ def layer_split(p) -> str:
     return "layers " + " + ".join(map(str, counts))
 
 
-def render(p) -> str:
+def precision_words(p) -> str:
+    lay, w = p.layout, p.workload
+    if w.precision == "fp32":
+        return "fp32 params, grads, AdamW moments"
+    if lay.engine == "megatron":
+        return "bf16 params + fp32 grads, master and AdamW moments"
+    if lay.zero == 3:
+        return "fp32 sharded params, grads and AdamW moments, bf16 gathered params (FSDP2 mixed precision)"
+    return "fp32 params, grads and AdamW moments, bf16 autocast"
+
+
+def attention_words(p, model) -> str:
+    from ct_parallel.plan import LOCAL_ATTENTION_BYTES_PER_SCORE, native_attention_path
+
+    lay, w = p.layout, p.workload
+    if lay.engine == "megatron":
+        if lay.transformer_engine:
+            return "Transformer Engine fused attention (no T x T scores)"
+        return (f"megatron local spec ({LOCAL_ATTENTION_BYTES_PER_SCORE[w.precision]} bytes per T x T score and "
+                "layer, a [B, 1, T, T] mask)")
+    path = native_attention_path(model, w)
+    return {"flex": "flex attention (compiled block mask, no T x T scores)",
+            "varlen": "varlen flash attention (no T x T scores)",
+            "causal": "causal flash attention (no T x T scores)",
+            "sdpa": "SDPA with a dense document mask (a [B, 1, T, T] mask kept per layer)",
+            "varlen_cpu": "CPU varlen: causal flash SDPA per document, K and V repeated to every head"}.get(path, path)
+
+
+def render(p, model=None, command: str | None = None) -> str:
     lay, w = p.layout, p.workload
     cap_gib = p.capacity_bytes / 2**30
     worst = p.worst
-    lines = [
+    lines = [f"run       {command}"] if command else []
+    lines += [
         f"model     {p.model}: {billions(p.total_parameters)} parameters, {billions(p.active_parameters)} active per token",
-        f"layout    {lay.world_size} GPUs ({p.nodes} node{"s" if p.nodes > 1 else ""} x {p.gpus_per_node}): TP {lay.tp}, PP {lay.pp} "
+        f"layout    {lay.world_size} {'CPU processes' if w.device == 'cpu' else 'GPUs'} ({p.nodes} node{"s" if p.nodes > 1 else ""} x {p.gpus_per_node}): TP {lay.tp}, PP {lay.pp} "
         f"({layer_split(p)}), EP {lay.ep}, expert-TP {lay.etp}, DP {lay.dp}, expert-DP {lay.edp}, "
         f"sequence parallel {'on' if lay.sequence_parallel else 'off'}, {ZERO_NAMES[lay.zero]}",
-        f"workload  micro-batch {w.micro_batch_size} x {w.seq_len} tokens, "
-        + ("bf16 params + fp32 grads, master and AdamW moments" if w.precision == "bf16" else "fp32 params, grads, AdamW moments")
+        f"workload  micro-batch {w.micro_batch_size} x {w.seq_len} tokens, {w.microbatches_per_step} "
+        f"microbatch{"es" if w.microbatches_per_step > 1 else ""} per step, {precision_words(p)}"
         + f", recompute {w.recompute}" + (f" every {w.recompute_every_n_blocks} blocks" if w.recompute_every_n_blocks > 1 else "")
         + (f", 1F1B: stage 0 holds {_in_flight(p, 0)} microbatch{"es" if _in_flight(p, 0) > 1 else ""} in flight"
            if lay.engine == "megatron" else
            f", native engine activations (eager ct-model), loss {f'chunks of {w.loss_chunk_tokens} tokens' if w.loss_chunk_tokens else 'on full logits'}"),
+        *([f"attention {attention_words(p, model)}"] if model is not None else []),
         *(f"extra     {name}: {gib(value)} GiB per GPU" for name, value in p.extras.items()),
         "",
         f"{'stage':>5}  {'layers':<8}{'params/GPU':>11}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'total':>9}  GiB",
@@ -299,8 +277,10 @@ def render(p) -> str:
                      f"{gib(s.total_bytes):>9}{mark}")
     by = worst.activation_bytes_by_recompute
     verdict = "fits" if p.fits else f"does NOT fit (over by {gib(worst.total_bytes - p.capacity_bytes)} GiB)"
+    lines += [""]
+    if lay.engine == "native":
+        lines.append(peak_words(worst))
     lines += [
-        "",
         f"worst stage {worst.stage}: {gib(worst.total_bytes)} GiB per GPU; an {p.capacity_bytes / 1e9:g} GB card "
         f"({cap_gib:.2f} GiB): {verdict}",
         f"stage {worst.stage} activations by recompute: none {gib(by['none'])}, selective {gib(by['selective'])}, "
@@ -313,6 +293,16 @@ def render(p) -> str:
     if lay.tp > p.gpus_per_node:
         lines.append(f"note: TP {lay.tp} spans nodes ({p.gpus_per_node} GPUs each); tensor parallelism wants NVLink")
     return "\n".join(lines)
+
+
+def peak_words(s) -> str:
+    """Which moment of a native step is the peak (gradients are freed between steps)."""
+    if s.peak_moment == "forward":
+        held = s.gradient_bytes_in_forward or 0.0
+        return (f"peak      the last microbatch's forward: activations + {gib(held)} GiB of gradients "
+                "accumulated over the earlier microbatches (in the grads column: the optimizer step's)")
+    return (f"peak      the optimizer step: every gradient + {gib(s.step_working_bytes)} GiB of the optimizer's "
+            f"working memory (the forward's peak is {gib(s.forward_peak_bytes)} GiB)")
 
 
 def _in_flight(p, stage: int) -> int:
@@ -328,26 +318,20 @@ def run(args: argparse.Namespace) -> int:
     from ct_parallel.plan import plan, smallest_fitting
 
     directory = config_dir(args.config_dir)
-    extras_for = None
-    if args.phase:
-        model, dist, work, world, extras_for = phase_plan_inputs(args, directory)
-    else:
-        overrides = split_overrides(args.overrides)
-        model = model_config(overrides, directory)
-        dist = distributed_config(overrides, directory)
-        work = workload(overrides, model, args.num_microbatches)
-        world = world_size(args, dist)
+    composed, model, dist, world, workload_for, extras_for = plan_inputs(args, directory)
     options = dict(gpu_memory_gb=args.gpu_memory_gb, gpus_per_node=args.gpus_per_node)
-    result = plan(model, dist, world, work, extras=extras_for(world) if extras_for else None, **options)
-    smallest = smallest_fitting(model, dist, work, extras_for=extras_for, **options) if args.min_gpus else None
+    result = plan(model, dist, world, workload_for(world), extras=extras_for(world), **options)
+    smallest = (smallest_fitting(model, dist, workload_for(world), extras_for=extras_for, workload_for=workload_for,
+                                 **options) if args.min_gpus else None)
+    command = " ".join(["ct-train --phase", args.phase, *plan_overrides(args.overrides)]) + f" (on {args.device})"
     if args.json:
-        out = result.to_dict()
+        out = {"run": command, **result.to_dict()}
         if args.min_gpus:
             out["min_gpus"] = None if smallest is None else {"world_size": smallest.layout.world_size,
                                                             "plan": smallest.to_dict()}
         print(json.dumps(out, indent=2))
         return 0
-    print(render(result))
+    print(render(result, model, command))
     if args.min_gpus:
         lay = result.layout
         scope = f"over DP at TP {lay.tp}, PP {lay.pp}, EP {lay.ep}, expert-TP {lay.etp}"
@@ -356,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"\nsmallest GPU count that fits on {args.gpu_memory_gb:g} GB cards ({scope}): "
                   f"{smallest.layout.world_size} (DP {smallest.layout.dp})\n")
-            print(render(smallest))
+            print(render(smallest, model))
     return 0
 
 

@@ -17,17 +17,30 @@ bf16 = bf16 param 2 + fp32 main grad 4 + fp32 master 4 + AdamW moments 4 + 4; fp
 ZeRO-1 (megatron's distributed optimizer) divides the optimizer part (master + moments) over the
 data-parallel ranks: dense weights over DP = world / (TP x PP), experts over the expert-data-parallel
 ranks EDP = world / (expert-TP x EP x PP). ZeRO-3 (the native engine's FSDP2) divides all of it
-over DP, and adds two blocks of gathered parameters in the compute dtype (current + prefetched).
+over DP, and adds the gathered parameters in the compute dtype: two blocks (current + prefetched)
+and the root's (embedding, output layer, final norm), which ct's FSDP2 keeps gathered. The native
+engines' weights are fp32 whatever the precision (bf16 runs under autocast or FSDP2's policy).
 
-Activations, by engine. Megatron: Korthikanti et al. 2022 ("Reducing Activation Recomputation in
-Large Transformer Models", sec. 4), term by term, 16-bit tensors, per layer and microbatch of
-T = s x b tokens: every tensor that backward needs, at 2 bytes an element
-(``layer_activation_bytes``). Native engines (single, DDP, FSDP2): what ct-model's eager block
-actually saves, op by op, in its dtypes (``native_layer_activation_bytes``: fp32 norms, the
-per-linear autocast copies, SiLU's input and output; flash-style attention keeps no softmax),
-checked against a CPU measurement in tests/test_plan.py; selective and full checkpointing as
-ct_precision applies them.
-"""
+Activations, by engine, as ct-train runs them on ``Workload.device`` (cuda, what a plan is
+usually for, or cpu). Megatron: Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+Large Transformer Models", sec. 4), term by term, per layer and microbatch of T = s x b tokens,
+in the run's activation dtype (``layer_activation_bytes``); core attention as the engine's spec
+keeps it: nothing T x T with Transformer Engine's fused attention (what ``transformer_impl: auto``
+builds on CUDA), the local spec's unfused softmax otherwise. Native engines (single, DDP, FSDP2):
+what ct-model's eager block actually saves, op by op, in its dtypes
+(``native_layer_activation_bytes``: fp32 norms, the per-linear autocast copies, SiLU's input and
+output; flash/flex/varlen attention keeps no scores; the CPU's dense-mask SDPA keeps a float
+[B, 1, T, T] mask per layer), the chunked loss's buffers (``native_output_bytes``) and what the
+engine holds around them (autocast's weight copies, FSDP2's gathered parameters and unsharded
+gradient accumulation), checked against CPU measurements in tests/test_plan.py and
+tools/bench_plan_vs_measured.py; selective and full checkpointing as ct_precision applies them.
+
+Peak. Megatron keeps its gradient buffers for the whole run, so a stage's peak is the sum of its
+parts. The native engines free gradients between steps (``zero_grad(set_to_none=True)``): the
+peak is the larger of the last microbatch's forward (activations, plus the gradients accumulated
+over the earlier microbatches) and the optimizer step (all gradients, plus the step's working
+memory: on CPU torch's per-tensor AdamW keeps two temporaries of the largest parameter; on CUDA
+the fused kernel none)."""
 
 from __future__ import annotations
 
@@ -35,6 +48,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from ct_model.attention import DENSE_MASK_MAX_TOKENS
 from ct_model.config import ModelConfig
 from ct_model.errors import UserError
 
@@ -47,6 +61,12 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 BYTES_PER_PARAM = {"bf16": (2, 4, 12), "fp32": (4, 4, 8)}
 ZERO3_BYTES = (4, 4, 8)  # FSDP2 keeps fp32 sharded params and grads whatever the compute dtype
 COMPUTE_BYTES = {"bf16": 2, "fp32": 4}
+DEVICES = ("cuda", "cpu")
+# Megatron's local spec keeps, per attention score (row, head, query, key), the softmax's fp32
+# output and the bf16 probabilities under bf16 (measured: ct_parallel.megatron.transformer_impl
+# LOCAL_ATTENTION_BYTES_PER_SCORE, checked equal in tests/test_plan.py); under fp32 they are one
+# fp32 tensor.
+LOCAL_ATTENTION_BYTES_PER_SCORE = {"bf16": 6, "fp32": 4}
 
 
 class PlanError(UserError):
@@ -68,6 +88,8 @@ class Workload:
     # Native engines: the loss projects this many tokens to logits at a time (loss.chunk_tokens;
     # 0: the full [tokens, vocab] logits). Megatron computes full (vocab-parallel) logits.
     loss_chunk_tokens: int = 0
+    # Where ct-train would run it: attention kernels, megatron's spec and the optimizer kernel follow.
+    device: str = "cuda"
 
     def __post_init__(self) -> None:
         # Named as ct-train and ct-plan's command line name them.
@@ -82,6 +104,17 @@ class Workload:
             raise PlanError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.recompute not in RECOMPUTE_MODES:
             raise PlanError(f"activation_checkpointing.mode must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
+        if self.device not in DEVICES:
+            raise PlanError(f"--device must be one of {DEVICES}, got {self.device!r}")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of one microbatch."""
+        return self.seq_len * self.micro_batch_size
+
+    @property
+    def microbatches_per_step(self) -> int:
+        return self.num_microbatches if self.num_microbatches is not None else 1
 
 
 @dataclass(frozen=True)
@@ -100,6 +133,10 @@ class Layout:
     last_stage_layers: int | None = None
     # "megatron" or "native": which activation bookkeeping applies.
     engine: str = "megatron"
+    # Native: single, ddp or fsdp2 (DDP keeps a gradient bucket copy).
+    strategy: str = "single"
+    # Megatron: Transformer Engine's spec (fused attention) rather than the local one.
+    transformer_engine: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep", "etp", "dp", "world_size"):
@@ -117,7 +154,7 @@ class Layout:
         return self.world_size // (self.etp * self.ep * self.pp)
 
     @classmethod
-    def from_distributed(cls, d: DistributedConfig, world_size: int) -> "Layout":
+    def from_distributed(cls, d: DistributedConfig, world_size: int, device: str = "cuda") -> "Layout":
         _positive(world_size, "world_size")
         tp, pp, ep = d.tensor_model_parallel_size, d.pipeline_model_parallel_size, d.expert_model_parallel_size
         etp = d.expert_tensor_parallel_size or tp
@@ -134,7 +171,10 @@ class Layout:
         return cls(tp=tp, pp=pp, ep=ep, etp=etp, dp=world_size // (tp * pp), world_size=world_size,
                    sequence_parallel=d.sequence_parallel, zero=zero,
                    first_stage_layers=d.num_layers_in_first_pipeline_stage,
-                   last_stage_layers=d.num_layers_in_last_pipeline_stage, engine=d.engine)
+                   last_stage_layers=d.num_layers_in_last_pipeline_stage, engine=d.engine, strategy=d.strategy,
+                   # transformer_impl auto: Transformer Engine on CUDA, the local spec without CUDA.
+                   transformer_engine=d.transformer_impl == "transformer_engine"
+                   or (d.transformer_impl == "auto" and device == "cuda"))
 
 
 def _positive(value, name: str) -> None:
@@ -262,43 +302,93 @@ def stage_params(c: ModelConfig, lay: Layout, stage: int, layers: range) -> tupl
 
 
 def layer_activation_bytes(c: ModelConfig, index: int, lay: Layout, work: Workload, core_attention: bool) -> float:
-    """Bytes block ``index`` keeps for backward, one microbatch, one GPU (16-bit activations).
+    """Bytes block ``index`` keeps for backward on the megatron engine, one microbatch, one GPU.
 
     Korthikanti et al. 2022, eq. (1)-(2), re-derived for these blocks (no dropout, RMSNorm, SwiGLU,
-    GQA or MLA, MoE), per token, 2 bytes an element:
+    GQA or MLA, MoE), per token, e bytes an element (the run's activation dtype: 2 under bf16, 4
+    under fp32):
     - kept whole on every TP rank unless sequence parallel (then / TP): the inputs of both norms
-      and of attention and MLP (4 x 2h); MLA's latents (q: 2 x 2 q_lora, kv: 2 (kv_lora + rope)
-      + 2 kv_lora); a MoE router's fp32 scores (4 E);
-    - split over TP by heads/columns: Q, K, V (2 d per head, GQA: K and V per group) and the
-      attention output (2 a d); MLA: Q and K 2 a (qk + rope) each, V and output 2 a v;
-      SwiGLU: gate, up and their product 3 x 2 f (dense MLP and shared expert);
-    - core attention, unless recomputed (selective): the paper's 5 a s per token (softmax 2,
-      dropout mask 1, dropout output 2; with fused/flash attention nothing of it is kept);
+      and of attention and MLP (4 e h); MLA's latents (q: 2 e q_lora, kv: e (kv_lora + rope)
+      + e kv_lora); a MoE router's fp32 scores (4 E);
+    - split over TP by heads/columns: Q, K, V (e d per head, GQA: K and V per group) and the
+      attention output (e a d); MLA: Q and K e a (qk + rope) each, V and output e a v;
+      SwiGLU: gate, up and their product 3 e f (dense MLP and shared expert);
+    - core attention, unless recomputed (selective): Transformer Engine's fused attention keeps
+      no scores; megatron's local spec keeps LOCAL_ATTENTION_BYTES_PER_SCORE per score, a s per
+      token (the paper's 5 a s has a dropout mask and output too; ct runs attention_dropout=0);
     - routed experts, per token copy (top-k copies, balanced load: each GPU receives as many as
-      it sends): dispatched input 2h, SwiGLU 3 x 2 f_e / expert-TP, expert output 2h (kept for the
+      it sends): dispatched input e h, SwiGLU 3 e f_e / expert-TP, expert output e h (kept for the
       routing weight's gradient).
-    For the paper's GPT block (MHA, GeLU 4h MLP, two dropouts) the same bookkeeping gives its 34 s b h.
+    For the paper's GPT block (MHA, GeLU 4h MLP, two dropouts, e = 2, its 5 a s softmax) the same
+    bookkeeping gives its 34 s b h + 5 a s^2 b.
     """
-    t, h, a = lay.tp, c.hidden_size, c.num_attention_heads
-    tokens = work.seq_len * work.micro_batch_size
+    t, h, a, e = lay.tp, c.hidden_size, c.num_attention_heads, COMPUTE_BYTES[work.precision]
+    tokens = work.tokens
     tokens_whole = tokens / t if lay.sequence_parallel else tokens
-    whole = 4 * 2 * h
+    whole = 4 * e * h
     if c.multi_latent_attention:
         rope = c.qk_pos_emb_head_dim
-        whole += 2 * 2 * (c.q_lora_rank or 0) + 2 * (c.kv_lora_rank + rope) + 2 * c.kv_lora_rank
-        split = 2 * 2 * a * (c.qk_head_dim + rope) + 2 * 2 * a * c.v_head_dim
+        whole += e * 2 * (c.q_lora_rank or 0) + e * (c.kv_lora_rank + rope) + e * c.kv_lora_rank
+        split = e * 2 * a * (c.qk_head_dim + rope) + e * 2 * a * c.v_head_dim
     else:
-        split = 2 * c.kv_channels * (2 * a + 2 * c.num_query_groups)
+        split = e * c.kv_channels * (2 * a + 2 * c.num_query_groups)
     routed = 0.0
     if c.is_moe_layer(index):
         whole += 4 * c.num_moe_experts
-        split += 3 * 2 * (c.moe_shared_expert_intermediate_size or 0)
-        routed = c.moe_router_topk * tokens_whole * (2 * h + 3 * 2 * c.moe_ffn_hidden_size / lay.etp + 2 * h)
+        split += 3 * e * (c.moe_shared_expert_intermediate_size or 0)
+        routed = c.moe_router_topk * tokens_whole * (e * h + 3 * e * c.moe_ffn_hidden_size / lay.etp + e * h)
     else:
-        split += 3 * 2 * c.ffn_hidden_size
-    if core_attention:
-        split += 5 * a * work.seq_len
+        split += 3 * e * c.ffn_hidden_size
+    if core_attention and not lay.transformer_engine:
+        split += LOCAL_ATTENTION_BYTES_PER_SCORE[work.precision] * a * work.seq_len
     return tokens_whole * whole + tokens * split / t + routed
+
+
+def output_activation_bytes(c: ModelConfig, lay: Layout, work: Workload) -> float:
+    """The megatron last stage's extra (Korthikanti sec. 4.3): final-norm and output-layer inputs
+    2 e h and the fp32 logits of the cross-entropy, 4 V / TP, per token."""
+    tokens = work.tokens
+    tokens_whole = tokens / lay.tp if lay.sequence_parallel else tokens
+    return tokens_whole * 2 * COMPUTE_BYTES[work.precision] * c.hidden_size + tokens * 4 * c.vocab_size / lay.tp
+
+
+def in_flight(lay: Layout, work: Workload, stage: int) -> int:
+    """Microbatches whose activations stage ``stage`` holds at the peak of 1F1B: PP - stage
+    (the first stage warms up with PP forwards before its first backward), at most the step's."""
+    m = work.num_microbatches if work.num_microbatches is not None else lay.pp
+    return min(lay.pp - stage, m)
+
+
+def megatron_stage_activation_bytes(c: ModelConfig, lay: Layout, work: Workload, stage: int, layers: range,
+                                    recompute: str) -> float:
+    n = in_flight(lay, work, stage)
+    tokens_whole = work.tokens / (lay.tp if lay.sequence_parallel else 1)
+    layer_input = tokens_whole * COMPUTE_BYTES[work.precision] * c.hidden_size
+    if recompute == "full":
+        # Each recomputed block keeps only its input; in backward one block at a time is
+        # recomputed from that input, so the largest block's other activations come on top, once.
+        # every_n_blocks=N: megatron's block method recomputes the first ceil(L/N) layers.
+        count = math.ceil(len(layers) / work.recompute_every_n_blocks)
+        recomputed, plain = layers[:count], layers[count:]
+        kept = n * len(recomputed) * layer_input
+        kept += n * sum(layer_activation_bytes(c, i, lay, work, True) for i in plain)
+        kept += max((layer_activation_bytes(c, i, lay, work, True) - layer_input for i in recomputed), default=0.0)
+    else:
+        kept = n * sum(layer_activation_bytes(c, i, lay, work, recompute == "none") for i in layers)
+        if recompute == "selective":
+            # Backward recomputes one layer's core attention at a time: its scores (the local
+            # spec's; none with Transformer Engine) come on top, once.
+            kept += max((layer_activation_bytes(c, i, lay, work, True) - layer_activation_bytes(c, i, lay, work, False)
+                         for i in layers), default=0.0)
+    if not lay.transformer_engine:
+        # The local spec takes packed documents as a dense [B, 1, T, T] bool mask per microbatch.
+        kept += n * work.micro_batch_size * work.seq_len ** 2
+    if stage == lay.pp - 1:
+        kept += output_activation_bytes(c, lay, work)  # one microbatch: the last stage runs F then B
+    return kept
+
+
+# ------------------------------------------------------------------------------ native engines
 
 
 def native_dtypes(lay: Layout, work: Workload) -> tuple[int, int, bool]:
@@ -313,6 +403,23 @@ def native_dtypes(lay: Layout, work: Workload) -> tuple[int, int, bool]:
     return 4, 2, True
 
 
+def native_attention_path(c: ModelConfig, work: Workload) -> str:
+    """The kernel ct-model's attention runs on ``work.device`` for packed rows (several documents
+    per row, as the loaders pack them; one document per row is plain causal flash SDPA, never
+    more), following ct_model.attention's choice: "flex" (compiled block-mask kernel, no T x T
+    tensor) and "varlen" (flash over cu_seqlens) on CUDA, "sdpa" with a dense [B, 1, T, T]
+    document mask (the CPU's choice up to DENSE_MASK_MAX_TOKENS per row, or attention_backend=sdpa),
+    "varlen_cpu" (the CPU's per-document loop of causal flash SDPA, beyond that length)."""
+    backend = c.attention_backend
+    if backend == "auto":
+        if work.device == "cuda":
+            return "flex"
+        backend = "sdpa" if work.seq_len <= DENSE_MASK_MAX_TOKENS else "varlen"
+    if backend == "varlen" and work.device == "cpu":
+        return "varlen_cpu"
+    return backend
+
+
 def native_layer_activation_bytes(c: ModelConfig, index: int, lay: Layout, work: Workload, mode: str) -> float:
     """Bytes block ``index`` keeps for backward on a native engine, one microbatch (no TP or PP).
 
@@ -324,16 +431,19 @@ def native_layer_activation_bytes(c: ModelConfig, index: int, lay: Layout, work:
     - QK-norm (qk_layernorm): fp32 q and k, 4(q + k), and an rstd per head, 4(heads + groups);
     - linear inputs, C each: the attention input (three copies under autocast: q, k and v each
       cast it), o_proj's input q, the MLP input (two copies under autocast), down_proj's input f;
-    - attention (flash-style: SDPA, varlen or flex, never the softmax): q, k, v and the output, C
-      each, and an fp32 logsumexp per head;
+    - attention (flash, flex or varlen kernels keep no scores): q, k, v and the output, C each,
+      and an fp32 logsumexp per head; the CPU's varlen loop repeats K and V to every head first
+      (2 C (q - k) more); SDPA with a dense document mask converts the bool [B, 1, T, T] mask to
+      one of q's dtype in every layer, and the kernel keeps it: B T^2 C per layer (measured);
     - SwiGLU: gate, SiLU(gate) and up, 3·C·f.
     mobilellm_950m under bf16 autocast: 107,744 bytes (105.2 KiB) per token; measured on CPU.
     "selective" keeps what ct_precision's policy saves: every GEMM's output (q, k, v, o_proj, gate,
-    up, down), the attention output and logsumexp, and the block input (R·h). "full" keeps the
-    block input. MoE and MLA blocks use the Korthikanti terms without core attention (not measured).
+    up, down), the attention output and logsumexp, and the block input (R·h); the mask is
+    recomputed. "full" keeps the block input. MoE and MLA blocks use the Korthikanti terms without
+    core attention (not measured).
     """
     r, cb, autocast = native_dtypes(lay, work)
-    tokens = work.seq_len * work.micro_batch_size
+    tokens = work.tokens
     h, a, g, d, f = c.hidden_size, c.num_attention_heads, c.num_query_groups, c.kv_channels, c.ffn_hidden_size
     if mode == "full":
         return tokens * r * h
@@ -346,76 +456,141 @@ def native_layer_activation_bytes(c: ModelConfig, index: int, lay: Layout, work:
     attn_copies, mlp_copies = (3, 2) if autocast else (1, 1)
     linear_inputs = cb * (attn_copies * h + q + mlp_copies * h + f)
     attention = cb * (2 * q + 2 * k) + 4 * a
-    return tokens * (norms + linear_inputs + attention + 3 * cb * f)
+    path = native_attention_path(c, work)
+    if path == "varlen_cpu":
+        attention += 2 * cb * (q - k)
+    scores = work.micro_batch_size * work.seq_len ** 2 * cb if path == "sdpa" else 0
+    return tokens * (norms + linear_inputs + attention + 3 * cb * f) + scores
 
 
 def native_output_bytes(c: ModelConfig, lay: Layout, work: Workload) -> float:
-    """The native engines' loss end, one microbatch: the final RMSNorm (8h + 4 per token, as
-    above), then either the full logits (C·V, their fp32 copy and the log-softmax, 8·V per token)
-    or, chunked (loss.chunk_tokens, ct_model.chunked_ce): the gradient of the hidden states (R·h
-    per token), the output weight's fp32 gradient (4·V·h) and, while a chunk is in flight, its
-    logits (C·V + 4·V per token of the chunk), the softmax cast back (C·V) and the chunk's fp32
-    weight-gradient term (4·V·h). Fused CE kernels (cut-cross-entropy, Liger) need less."""
-    r, cb, _ = native_dtypes(lay, work)
-    tokens = work.seq_len * work.micro_batch_size
+    """The native engines' loss end at its peak, one microbatch (measured on CPU): what it keeps
+    plus what it holds only while it runs (``native_loss_bytes``)."""
+    return sum(native_loss_bytes(c, lay, work))
+
+
+def native_loss_bytes(c: ModelConfig, lay: Layout, work: Workload) -> tuple[float, float]:
+    """(kept until backward, transient) of the loss end, one microbatch. Kept: the final RMSNorm
+    (8h + 4 per token, as above) and, chunked (ct_model.chunked_ce), the gradient of the hidden
+    states (R·h per token) and the output weight's fp32 gradient sum (4·V·h). Transient: the
+    chunks in flight (``chunk_peak_bytes``), or unchunked (loss.chunk_tokens=0) 12 bytes per token
+    and vocabulary entry (the logits' fp32 copy, log-softmax's output, and in the loss's backward
+    the NLL and log-softmax gradients). Fused CE kernels (cut-cross-entropy, Liger;
+    loss.fused_kernel on CUDA) need less. Under autocast the output weight's bf16 copy is
+    ``autocast_weight_bytes``'s."""
+    r, _, _ = native_dtypes(lay, work)
+    tokens = work.tokens
     h, v = c.hidden_size, c.vocab_size
     norm = tokens * (8 * h + 4)
     if work.loss_chunk_tokens == 0:
-        return norm + tokens * (cb + 8) * v
-    chunk = min(work.loss_chunk_tokens, tokens)
-    return norm + tokens * r * h + 2 * 4 * v * h + chunk * v * (2 * cb + 4)
+        return norm, tokens * 12 * v
+    return norm + tokens * r * h + 4 * v * h, chunk_peak_bytes(c, lay, work)
 
 
-def output_activation_bytes(c: ModelConfig, lay: Layout, work: Workload) -> float:
-    """The last stage's extra (Korthikanti sec. 4.3): final-norm and output-layer inputs 2 x 2h and
-    the fp32 logits of the cross-entropy, 4 V / TP, per token."""
-    tokens = work.seq_len * work.micro_batch_size
-    tokens_whole = tokens / lay.tp if lay.sequence_parallel else tokens
-    return tokens_whole * 4 * c.hidden_size + tokens * 4 * c.vocab_size / lay.tp
+def chunk_peak_bytes(c: ModelConfig, lay: Layout, work: Workload) -> float:
+    """The chunked loss's working memory at its peak. A chunk of n tokens makes its fp32 logits and
+    logsumexp's fp32 temporary, 8·n·V, whatever the compute dtype (the bf16 logits are freed
+    before); the loop's softmax variable still holds the previous chunk's (4·n·V) while the next
+    chunk's are made, so from the second chunk on 4·n_prev·V + 8·n·V. On a CPU under bf16 there is
+    no bf16-in / fp32-out addmm: the chunk's bf16 weight-gradient product (2·V·h) is upcast (4·V·h)
+    to add into the fp32 sum while its fp32 softmax and that softmax's bf16 copy (6·n·V) are alive.
+    With bf16 parameters (FSDP2) the loss's backward casts the fp32 sum to a bf16 gradient (2·V·h)."""
+    _, cb, _ = native_dtypes(lay, work)
+    h, v, tokens, chunk = c.hidden_size, c.vocab_size, work.tokens, work.loss_chunk_tokens
+    sizes = [chunk] * (tokens // chunk) + ([tokens % chunk] if tokens % chunk else [])
+    peak = max([8 * sizes[0] * v] + [(4 * prev + 8 * n) * v for prev, n in zip(sizes, sizes[1:])])
+    if cb == 2 and work.device == "cpu":
+        peak = max(peak, 6 * sizes[0] * v + 6 * v * h)
+    if lay.zero == 3 and work.precision == "bf16":
+        peak = max(peak, 2 * v * h)
+    return peak
 
 
-def in_flight(lay: Layout, work: Workload, stage: int) -> int:
-    """Microbatches whose activations stage ``stage`` holds at the peak of 1F1B: PP - stage
-    (the first stage warms up with PP forwards before its first backward), at most the step's."""
-    m = work.num_microbatches if work.num_microbatches is not None else lay.pp
-    return min(lay.pp - stage, m)
+def _norm_parameters(c: ModelConfig, index: int) -> int:
+    return 2 * c.hidden_size + ((c.kv_lora_rank + (c.q_lora_rank or 0)) if c.multi_latent_attention else 0)
+
+
+def autocast_weight_bytes(c: ModelConfig, lay: Layout, work: Workload, layers: range) -> float:
+    """Single/DDP under bf16 autocast: every linear's weight is cast to bf16 once per forward
+    (autocast caches the cast of a parameter for the forward) and the copy is what the linear
+    saves for backward: 2 bytes per linear parameter of the blocks and the output layer (norms
+    and the embedding lookup stay fp32)."""
+    if native_dtypes(lay, work)[2] is False:
+        return 0.0
+    linear = sum(sum(asdict(layer_params(c, i)).values()) - _norm_parameters(c, i) for i in layers)
+    return 2 * (linear + c.vocab_size * c.hidden_size)
 
 
 def native_stage_activation_bytes(c: ModelConfig, lay: Layout, work: Workload, layers: range,
                                   recompute: str) -> float:
     """Native engines (one stage, one microbatch in flight): each block's bytes as checkpointed
-    or not (blocks 0, N, 2N, ...), plus, when any block is checkpointed, one block's full set once:
-    backward recomputes a checkpointed block whole before running its backward."""
+    or not (blocks 0, N, 2N, ...), the dense document mask (bool, one per microbatch, shared by
+    the layers), autocast's weight copies and what the loss keeps; then the larger of two
+    transients that never meet: the loss's chunks (forward) and, when any block is checkpointed,
+    the recompute of one block in backward from what it kept (its input, or selective's saved
+    outputs, reused), the largest block's remaining activations."""
     def checkpointed(i: int) -> bool:
         return recompute != "none" and i % work.recompute_every_n_blocks == 0
 
-    kept = sum(native_layer_activation_bytes(c, i, lay, work, recompute if checkpointed(i) else "none")
-               for i in layers)
-    recomputed = [native_layer_activation_bytes(c, i, lay, work, "none") for i in layers if checkpointed(i)]
-    return kept + max(recomputed, default=0.0) + native_output_bytes(c, lay, work)
+    def kept_by(i: int) -> float:
+        return native_layer_activation_bytes(c, i, lay, work, recompute if checkpointed(i) else "none")
+
+    kept = sum(kept_by(i) for i in layers)
+    recomputed = max((native_layer_activation_bytes(c, i, lay, work, "none") - kept_by(i)
+                      for i in layers if checkpointed(i)), default=0.0)
+    mask = work.micro_batch_size * work.seq_len ** 2 if native_attention_path(c, work) == "sdpa" else 0
+    loss_kept, loss_transient = native_loss_bytes(c, lay, work)
+    return (kept + mask + autocast_weight_bytes(c, lay, work, layers) + loss_kept
+            + max(loss_transient, recomputed))
 
 
 def stage_activation_bytes(c: ModelConfig, lay: Layout, work: Workload, stage: int, layers: range,
                            recompute: str) -> float:
     if lay.engine == "native":
         return native_stage_activation_bytes(c, lay, work, layers, recompute)
-    n = in_flight(lay, work, stage)
-    if recompute == "full":
-        # Each recomputed block keeps only its input (2h per token); in backward one block at a
-        # time is recomputed whole, so the largest block's activations come on top, once.
-        # every_n_blocks=N: megatron's block method recomputes the first ceil(L/N) layers.
-        count = math.ceil(len(layers) / work.recompute_every_n_blocks)
-        recomputed, plain = layers[:count], layers[count:]
-        tokens_whole = work.seq_len * work.micro_batch_size / (lay.tp if lay.sequence_parallel else 1)
-        kept = n * len(recomputed) * tokens_whole * 2 * c.hidden_size
-        kept += n * sum(layer_activation_bytes(c, i, lay, work, True) for i in plain)
-        kept += max((layer_activation_bytes(c, i, lay, work, True) for i in recomputed), default=0.0)
+    return megatron_stage_activation_bytes(c, lay, work, stage, layers, recompute)
+
+
+def largest_parameter(c: ModelConfig) -> int:
+    """Elements of the model's largest single parameter tensor (ct-model's shapes: the embedding or
+    output matrix, a projection, or a MoE layer's stacked gate/up experts)."""
+    h, a = c.hidden_size, c.num_attention_heads
+    sizes = [c.vocab_size * h, c.ffn_hidden_size * h]
+    if c.multi_latent_attention:
+        sizes += [c.kv_lora_rank * a * (c.qk_head_dim + c.v_head_dim), a * c.v_head_dim * h,
+                  (c.q_lora_rank or h) * a * (c.qk_head_dim + c.qk_pos_emb_head_dim)]
     else:
-        per_mb = sum(layer_activation_bytes(c, i, lay, work, recompute == "none") for i in layers)
-        kept = n * per_mb
-    if stage == lay.pp - 1:
-        kept += output_activation_bytes(c, lay, work)  # one microbatch: the last stage runs F then B
-    return kept
+        sizes.append(a * c.kv_channels * h)
+    if c.is_moe:
+        sizes.append(c.num_moe_experts * 2 * c.moe_ffn_hidden_size * h)
+    return max(sizes)
+
+
+def native_gradient_bytes(c: ModelConfig, lay: Layout, work: Workload, params: float) -> tuple[float, float]:
+    """(gradients at the optimizer step, gradients alive during the last microbatch's forward),
+    per GPU, for the native engines, whose gradients are fp32 (fp32 master weights, and FSDP2's
+    reduce dtype). The step's are freed between steps (zero_grad(set_to_none=True)), so the
+    first microbatch's forward has none; with gradient accumulation the earlier microbatches'
+    are there: the .grad tensors (single, DDP) or, under FSDP2, which reduce-scatters only on the
+    last microbatch, the unsharded gradients of every parameter accumulated in fp32 (4 bytes a
+    parameter on every rank, not 4 / DP). DDP's reducer also keeps its flat bucket copy of the
+    gradients for the whole run (gradient_as_bucket_view is off)."""
+    accumulating = work.microbatches_per_step > 1
+    if lay.zero == 3:
+        return 4 * params / lay.dp, 4 * params if accumulating else 0.0
+    step = 4 * params
+    bucket = 4 * params if lay.strategy == "ddp" else 0.0
+    return step + bucket, bucket + (step if accumulating else 0.0)
+
+
+def native_step_working_bytes(c: ModelConfig, lay: Layout, work: Workload) -> float:
+    """The optimizer step's own memory: on CUDA ct-train's AdamW is the fused kernel (nothing);
+    on CPU torch's per-tensor AdamW keeps two fp32 temporaries of one parameter at a time
+    (sqrt of the second moment, then its bias-corrected copy), the largest one's at the peak
+    (FSDP2: its local shard)."""
+    if work.device == "cuda":
+        return 0.0
+    return 2 * 4 * largest_parameter(c) / (lay.dp if lay.zero == 3 else 1)
 
 
 # ---------------------------------------------------------------------------------------- plan
@@ -426,39 +601,84 @@ class StageMemory:
     stage: int
     layers: list[int]  # first and last block index (inclusive); empty for a stage without blocks
     parameters: float  # per GPU
-    parameter_bytes: float
-    gradient_bytes: float
+    parameter_bytes: float  # FSDP2: with the gathered (unsharded) parameters of the forward
+    gradient_bytes: float  # at the optimizer step
     optimizer_bytes: float
     activation_bytes: float
     # Activations of this stage under each recompute mode, for comparison.
     activation_bytes_by_recompute: dict[str, float] = field(default_factory=dict)
     # What the run holds besides its own model on every GPU (an online KD teacher: Plan.extras).
     extra_bytes: float = 0.0
+    # Gradients alive while the activations peak (the last microbatch's forward). Megatron keeps
+    # its gradient buffers for the whole run: all of them. Native: see native_gradient_bytes.
+    gradient_bytes_in_forward: float | None = None
+    # The optimizer step's own working memory (native on CPU: per-tensor AdamW's temporaries).
+    step_working_bytes: float = 0.0
+    # FSDP2's unsharded parameters, in parameter_bytes, gathered only for forward and backward.
+    gathered_bytes: float = 0.0
+
+    @property
+    def forward_peak_bytes(self) -> float:
+        """Everything alive at the end of the last microbatch's forward (the loss in flight)."""
+        grads = self.gradient_bytes if self.gradient_bytes_in_forward is None else self.gradient_bytes_in_forward
+        return self.parameter_bytes + self.optimizer_bytes + self.extra_bytes + grads + self.activation_bytes
+
+    @property
+    def step_peak_bytes(self) -> float:
+        """Everything alive during the optimizer step: activations gone, every gradient there."""
+        return (self.parameter_bytes - self.gathered_bytes + self.optimizer_bytes + self.extra_bytes
+                + self.gradient_bytes + self.step_working_bytes)
 
     @property
     def total_bytes(self) -> float:
-        return (self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.activation_bytes
-                + self.extra_bytes)
+        """The stage's peak: the larger of the two moments (for megatron, the plain sum)."""
+        return max(self.forward_peak_bytes, self.step_peak_bytes)
+
+    @property
+    def peak_moment(self) -> str:
+        return "forward" if self.forward_peak_bytes >= self.step_peak_bytes else "optimizer step"
+
+
+def native_gathered_parameters(c: ModelConfig, lay: Layout, layers: range) -> float:
+    """FSDP2's unsharded parameters while a block runs: the root's (embedding, output layer when
+    untied, final norm), which ct's FSDP2 keeps gathered from the root's forward to the end of
+    backward (reshard_after_forward=False), and two blocks (the running one and the prefetched
+    next), in the compute dtype."""
+    root = c.vocab_size * c.hidden_size * (1 if c.share_embeddings_and_output_weights else 2) + c.hidden_size
+    blocks = 2 * max((sum(asdict(layer_params(c, i)).values()) for i in layers), default=0)
+    return root + blocks
 
 
 def stage_memory(c: ModelConfig, lay: Layout, work: Workload, stage: int, layers: range,
                  extra_bytes: float = 0.0) -> StageMemory:
     dense, expert = stage_params(c, lay, stage, layers)
+    params = dense + expert
+    gathered = step_working = 0.0
+    grads_forward = None
     if lay.zero == 3:
-        bp, bg, bo = ZERO3_BYTES
-        # FSDP2 gathers one block's parameters in the compute dtype, and prefetches the next.
-        gathered = 2 * max((sum(asdict(layer_params(c, i)).values()) for i in layers), default=0)
-        params_b = (dense + expert) * bp / lay.dp + gathered * COMPUTE_BYTES[work.precision]
-        grads_b, opt_b = (dense + expert) * bg / lay.dp, (dense + expert) * bo / lay.dp
+        bp, _, bo = ZERO3_BYTES
+        gathered = native_gathered_parameters(c, lay, layers) * COMPUTE_BYTES[work.precision]
+        params_b, opt_b = params * bp / lay.dp + gathered, params * bo / lay.dp
+    elif lay.engine == "native":
+        # fp32 master weights (bf16 runs compute under autocast: its copies are activations),
+        # fp32 gradients, two fp32 AdamW moments.
+        params_b, opt_b = 4 * params, 8 * params
     else:
         bp, bg, bo = BYTES_PER_PARAM[work.precision]
-        params_b, grads_b = (dense + expert) * bp, (dense + expert) * bg
-        opt_b = dense * bo / lay.dp + expert * bo / lay.edp if lay.zero == 1 else (dense + expert) * bo
+        params_b = params * bp
+        opt_b = dense * bo / lay.dp + expert * bo / lay.edp if lay.zero == 1 else params * bo
+    if lay.engine == "native":
+        grads_b, grads_forward = native_gradient_bytes(c, lay, work, params)
+        step_working = native_step_working_bytes(c, lay, work)
+    else:
+        grads_b = params * BYTES_PER_PARAM[work.precision][1]
     by_mode = {m: stage_activation_bytes(c, lay, work, stage, layers, m) for m in RECOMPUTE_MODES}
     return StageMemory(stage=stage, layers=[layers.start, layers.stop - 1] if len(layers) else [],
-                       parameters=dense + expert, parameter_bytes=params_b, gradient_bytes=grads_b,
+                       parameters=params, parameter_bytes=params_b, gradient_bytes=grads_b,
                        optimizer_bytes=opt_b, activation_bytes=by_mode[work.recompute],
-                       activation_bytes_by_recompute=by_mode, extra_bytes=extra_bytes)
+                       activation_bytes_by_recompute=by_mode, extra_bytes=extra_bytes,
+                       gradient_bytes_in_forward=grads_forward, step_working_bytes=step_working,
+                       gathered_bytes=gathered)
 
 
 @dataclass(frozen=True)
@@ -494,7 +714,8 @@ class Plan:
             "model": self.model, "total_parameters": self.total_parameters,
             "active_parameters": self.active_parameters,
             "layout": {**asdict(self.layout), "edp": self.layout.edp}, "workload": asdict(self.workload),
-            "stages": [{**asdict(s), "total_bytes": s.total_bytes} for s in self.stages],
+            "stages": [{**asdict(s), "total_bytes": s.total_bytes, "forward_peak_bytes": s.forward_peak_bytes,
+                        "step_peak_bytes": s.step_peak_bytes, "peak_moment": s.peak_moment} for s in self.stages],
             "worst_stage": worst.stage, "worst_total_bytes": worst.total_bytes,
             "capacity_bytes": self.capacity_bytes, "fits": self.fits,
             "gpus_per_node": self.gpus_per_node, "nodes": self.nodes, "virtual_stages": self.virtual_stages,
@@ -511,7 +732,7 @@ def plan(c: ModelConfig, d: DistributedConfig, world_size: int, work: Workload, 
     if not gpu_memory_gb > 0:
         raise PlanError(f"gpu_memory_gb must be > 0, got {gpu_memory_gb!r}")
     _positive(gpus_per_node, "gpus_per_node")
-    lay = Layout.from_distributed(d, world_size)
+    lay = Layout.from_distributed(d, world_size, work.device)
     check_divides(c, lay, work)
     extras = dict(extras or {})
     stages = [stage_memory(c, lay, work, s, r, sum(extras.values())) for s, r in enumerate(stage_layer_ranges(c, lay))]
@@ -530,16 +751,19 @@ def data_parallel_step(d: DistributedConfig) -> int:
 
 def smallest_fitting(c: ModelConfig, d: DistributedConfig, work: Workload, *, gpu_memory_gb: float = 80.0,
                      gpus_per_node: int = 8, max_world_size: int = 1 << 20,
-                     extras_for: Callable[[int], dict[str, float]] | None = None) -> Plan | None:
+                     extras_for: Callable[[int], dict[str, float]] | None = None,
+                     workload_for: Callable[[int], Workload] | None = None) -> Plan | None:
     """The smallest world size for the given TP, PP, EP and expert-TP whose worst stage fits:
     the search runs over data parallelism only (DP = k x the smallest valid DP), which under
     ZeRO-1/3 divides the optimizer state (and under ZeRO-3 everything) and changes nothing else.
     None when no DP fits (what stays per GPU as DP grows is already too big). ``extras_for``: the
-    plan's extras at a world size (an online teacher's per-rank batch shrinks as DP grows)."""
+    plan's extras at a world size (an online teacher's per-rank batch shrinks as DP grows);
+    ``workload_for``: the workload at a world size (a fixed global batch has fewer microbatches
+    per replica as DP grows), else ``work`` everywhere."""
 
     def at(world: int) -> Plan:
-        return plan(c, d, world, work, gpu_memory_gb=gpu_memory_gb, gpus_per_node=gpus_per_node,
-                    extras=extras_for(world) if extras_for else None)
+        return plan(c, d, world, workload_for(world) if workload_for else work, gpu_memory_gb=gpu_memory_gb,
+                    gpus_per_node=gpus_per_node, extras=extras_for(world) if extras_for else None)
 
     step = data_parallel_step(d)
     mp = d.tensor_model_parallel_size * d.pipeline_model_parallel_size
