@@ -62,6 +62,10 @@ class TeacherCacheReader:
         self._shard_firsts = [[s["first"] for s in p["shards"]] for p in self.parts]
         for part, block in zip(self.parts, self.blocks):
             self._check_part(part, block, verify)
+        held = min(block.global_index(part["num_seqs"]) for part, block in zip(self.parts, self.blocks))
+        if not 0 <= self.num_seqs <= held:
+            raise CacheMismatchError("num_seqs", f"{path}: num_seqs={self.num_seqs} but its parts hold {held} "
+                                     f"leading sequences (an index pointing past the end of its shards)")
         self._open: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------- checks
