@@ -27,6 +27,7 @@ complete shards of a dead writer of the same rows.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -40,10 +41,11 @@ from safetensors.torch import save_file
 from ct_model.batch import SEQUENCE_INDEX
 
 from .cache_entries import PACKED_DTYPES, entry_layout, pack_entries
-from .cache_layout import (FORMAT, INDEX, LAYOUT_FIELDS, PART, VERSION, CacheError, CacheMismatchError,
+# Errors, the hash and the reader are re-exported: ``ct_distill.cache`` is the module users import.
+from .cache_layout import (FORMAT, INDEX, LAYOUT_FIELDS, PART, VERSION, CacheError, CacheMismatchError,  # noqa: F401
                            IncompleteCacheError, RowBlock, atomic_write_json, fsync_path, read_json,
-                           read_shard_header, same_teacher, sequence_hash, shard_name, split_rows)
-from .cache_reader import TeacherCacheReader
+                           read_shard_header, sequence_hash, shard_name, split_rows)
+from .cache_reader import TeacherCacheReader  # noqa: F401
 from .losses import TopK
 from .teacher import OnlineTeacher
 
@@ -246,14 +248,10 @@ class TeacherCacheWriter:
 
 
 def _plain(obj: Mapping[str, Any]) -> dict:
-    import json
-
     return json.loads(json.dumps(dict(obj)))
 
 
 def _teacher_json(teacher: Mapping[str, Any]) -> str:
-    import json
-
     return json.dumps(teacher, sort_keys=True)
 
 
