@@ -17,6 +17,8 @@ safetensors and torch handle everywhere) and decoded through int64.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 WORD_BITS = 32
@@ -41,24 +43,30 @@ def pack_entries(ids: torch.Tensor, logprobs: torch.Tensor, *, vocab_size: int,
 
     A positive log-prob (float rounding of a log-softmax can give +0.0 at most) is stored as 0."""
     id_bits, logprob_bits = entry_layout(vocab_size)
-    ids = ids.detach().to("cpu", torch.int64)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"top-k ids outside [0, {vocab_size})")
-    magnitude = (-logprobs.detach().to("cpu", torch.float32)).clamp_min(0).to(dtype)
-    bits = magnitude.view(torch.int16).to(torch.int64) & 0x7FFF
+    ids = ids.detach().to("cpu")
+    if ids.numel():
+        lo, hi = torch.aminmax(ids)
+        if int(lo) < 0 or int(hi) >= vocab_size:
+            raise ValueError(f"top-k ids outside [0, {vocab_size})")
+    magnitude = (0.0 - logprobs.detach().to("cpu", torch.float32)).clamp_min_(0).to(dtype)
+    words = magnitude.view(torch.int16).to(torch.int64)  # in place from here: one int64 temporary
+    words &= 0x7FFF
     drop = MAGNITUDE_BITS - logprob_bits
     if drop:  # round to nearest on the bit pattern (monotone for non-negative floats)
-        bits = ((bits + (1 << (drop - 1))) >> drop).clamp_max((1 << logprob_bits) - 1)
-    words = ids | (bits << id_bits)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+        words = ((words + (1 << (drop - 1))) >> drop).clamp_max((1 << logprob_bits) - 1)
+    words <<= id_bits
+    words |= ids
+    # The low 32 bits of each int64 word, reinterpreted (not converted) as int32.
+    low = 0 if sys.byteorder == "little" else 1
+    return words.view(torch.int32)[..., low::2].contiguous()
 
 
 def unpack_entries(words: torch.Tensor, *, vocab_size: int,
                    dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids int64, log-probs float32) from int32 words written by ``pack_entries``."""
     id_bits, logprob_bits = entry_layout(vocab_size)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    ids = w & ((1 << id_bits) - 1)
-    bits = (w >> id_bits) << (MAGNITUDE_BITS - logprob_bits)
+    # Masks after shifts keep everything within int32 and well defined for negative words.
+    ids = (words & ((1 << id_bits) - 1)).to(torch.int64)
+    bits = ((words >> id_bits) & ((1 << logprob_bits) - 1)) << (MAGNITUDE_BITS - logprob_bits)
     magnitude = bits.to(torch.int16).view(dtype).to(torch.float32)
     return ids, 0.0 - magnitude  # 0 - x, not -x: a zero magnitude gives +0.0 like the float16 plane
