@@ -55,7 +55,7 @@ def test_a_missing_part_ends_the_wait_with_an_error_naming_it(tmp_path):
     root = tmp_path / "cache"
     # rank 0 of 2 writes its rows, then waits for rank 1's, which never come
     share = cache_share(info(0, 2), B, lambda rank, world: _rank_batches(rank, world))
-    with pytest.raises(CacheError, match=f"{root}: finishing the cache: no progress for 0 s; still missing "
+    with pytest.raises(CacheError, match=f"{root}: finishing the cache: no progress for 0.5 s; still missing "
                                          f"rows-000002-000004"):
         open_teacher_cache(config, teacher, root, 2 * B, share, 1, poll=0.05)
     assert (root / "rows-000000-000002" / "part.json").is_file() and not (root / "index.json").exists()

@@ -326,7 +326,7 @@ def _wait(done: Callable[[], list[str]], watched: Callable[[], list[Path]], what
         if current != marks:
             marks, changed = current, now
         elif now - changed > stall_timeout:
-            raise CacheError(f"{what}: no progress for {stall_timeout:.0f} s; still missing "
+            raise CacheError(f"{what}: no progress for {stall_timeout:g} s; still missing "
                              f"{', '.join(missing[:8])} (a writer died or hung; rerun to resume)")
         if now - said > 300:
             log.info("%s: waiting for %s", what, ", ".join(missing[:8]))
