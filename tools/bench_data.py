@@ -17,6 +17,12 @@ Sections (``--only``, comma-separated; default all):
             against what the whole global batch reads;
 - resume:   cost of resuming at ~10 vs ~10^6 documents drawn (a synthetic 1.1M-document source),
             against the raw reader's skip to the same positions of a 1.1M-record jsonl file.
+- cache:    the teacher cache's writer at k = 16/32/64 (V = 128,256, seq ``--seq-len``), top-k
+            given (the teacher's forward is not in it: that is the model's cost): tokens/s per
+            core for packing + hashing + safetensors + fsync (fastest of 5), bytes/token on disk and the storage
+            per 100B tokens, for the current format (id + float16 log-prob in 32 bits) and the
+            version-1 one (int32 ids + float16 planes; its writer loaded from git, commit
+            ``CACHE_V1_COMMIT``); then reading it back by global sequence (tokens/s per core).
 
 Per-core figures divide by the process's CPU time (``time.process_time``), so other jobs on a
 shared machine slow the wall clock but not the figure; wall-clock rates are reported next to them.
@@ -38,7 +44,9 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # per-core figures: one core for Rust too
 
 GPU_NEEDS = {"mobilellm_950m": 75_000, "mobilellm_140m": 400_000}  # tokens/s per GPU (issue 25)
-SECTIONS = ("raw", "tokenize", "shards", "ranks", "resume")
+SECTIONS = ("raw", "tokenize", "shards", "ranks", "resume", "cache")
+CACHE_V1_COMMIT = "341db60"  # the last commit with the version-1 teacher cache writer
+CACHE_VOCAB = 128_256  # Llama-3's vocabulary: 17 id bits
 
 
 def timed(fn):
@@ -223,6 +231,118 @@ def bench_resume(ctx, args) -> dict:
     return out
 
 
+def _cache_v1_module(work: Path):
+    """ct_distill's version-1 cache module, loaded from git as a submodule of today's package."""
+    import importlib.util
+    import subprocess
+
+    src = subprocess.run(["git", "show", f"{CACHE_V1_COMMIT}:packages/ct-distill/src/ct_distill/cache.py"],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    path = work / "cache_v1.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("ct_distill._bench_cache_v1", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _topk_batches(n_seqs: int, rows: int, T: int, k: int, seed: int):
+    """Seeded top-k targets shaped like a teacher's: distinct ids per position are not needed by
+    the writer; log-probs sorted decreasing, from about -0.1 down to about -25."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(0, n_seqs, rows):
+        ids = torch.randint(0, CACHE_VOCAB, (rows, T, k), generator=g)
+        lp = -(torch.rand(rows, T, k, generator=g) * 5).exp().sort(-1).values.clamp_max(25.0)
+        out.append((torch.randint(0, CACHE_VOCAB, (rows, T), generator=g), ids, lp))
+    return out
+
+
+def cache_kd_difference(positions: int = 32, k: int = 64) -> dict:
+    """KD loss on cached log-probs as the packed entry stores them, against float16 planes and the
+    float32 log-probs, for vocabularies that pack losslessly (<= 2^17 ids) and those that round the
+    log-prob to fewer bits (18 and 20 id bits). Seeded teacher/student logits (std 3)."""
+    import torch
+    from ct_distill import TopK, kd_loss
+    from ct_distill.cache_entries import entry_layout, pack_entries, unpack_entries
+
+    out = {}
+    for vocab in (CACHE_VOCAB, 200_064, 2**20):
+        g = torch.Generator().manual_seed(vocab)
+        teacher = torch.randn(positions, vocab, generator=g) * 3
+        student = torch.randn(positions, vocab, generator=g) * 3
+        top = teacher.log_softmax(-1).topk(k, -1)
+        ids, exact = top.indices, top.values
+        _, packed = unpack_entries(pack_entries(ids, exact, vocab_size=vocab), vocab_size=vocab)
+        stored = {"fp32": exact, "fp16": exact.half().float(), "packed": packed}
+        row = {"id_bits": entry_layout(vocab)[0], "logprob_bits": entry_layout(vocab)[1]}
+        for kind in ("forward_kl", "reverse_kl", "jsd"):
+            for temperature in (1.0, 2.0):
+                loss = {name: kd_loss(student, TopK(ids, lp), kind=kind, temperature=temperature, top_k=k).item()
+                        for name, lp in stored.items()}
+                row[f"{kind}_T{temperature:g}"] = {
+                    "loss_fp32": round(loss["fp32"], 6),
+                    "packed_vs_fp16_rel": float(f"{abs(loss['packed'] - loss['fp16']) / abs(loss['fp16']):.2g}"),
+                    "packed_vs_fp32_rel": float(f"{abs(loss['packed'] - loss['fp32']) / abs(loss['fp32']):.2g}"),
+                    "fp16_vs_fp32_rel": float(f"{abs(loss['fp16'] - loss['fp32']) / abs(loss['fp32']):.2g}")}
+        out[f"V{vocab}"] = row
+    return out
+
+
+def bench_cache(ctx, args) -> dict:
+    import torch
+    from ct_distill import TeacherCacheReader, TeacherCacheWriter
+
+    work = Path(args.work_dir) / "cache"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    v1 = _cache_v1_module(work)
+    T, rows = args.seq_len, 8
+    n_seqs = max(rows, -(-args.cache_tokens // T) // rows * rows)
+    teacher = {"name": "bench", "fingerprint": "0"}
+    out = {"vocab_size": CACHE_VOCAB, "seq_len": T, "tokens": n_seqs * T, "v1_commit": CACHE_V1_COMMIT}
+    for k in (16, 32, 64):
+        batches = _topk_batches(n_seqs, rows, T, k, seed=k)
+        row = {}
+        for name, make in (("v2_packed32", lambda root: TeacherCacheWriter(root, seq_len=T, k=k, vocab_size=CACHE_VOCAB,
+                                                                        teacher=teacher)),
+                           ("v1_int32_fp16", lambda root: v1.TeacherCacheWriter(root, seq_len=T, k=k, vocab_size=CACHE_VOCAB,
+                                                                             teacher=teacher))):
+            root = work / f"k{k}_{name}"
+
+            def write():
+                with make(root) as w:
+                    for input_ids, ids, lp in batches:
+                        w.add(input_ids, (ids, lp))
+
+            runs = []
+            for _ in range(5):  # the fastest of 5 writes: the least disturbed by a shared machine
+                shutil.rmtree(root, ignore_errors=True)
+                runs.append(timed(write)[1:])
+            cpu, wall = min(runs)
+            n = n_seqs * T
+            size = sum(f.stat().st_size for f in root.rglob("*.safetensors"))
+            row[name] = {"cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
+                         "write_tokens_per_s_per_core": round(n / cpu), "write_tokens_per_s_wall": round(n / wall),
+                         "bytes_per_token": round(size / n, 3), "tb_per_100b_tokens": round(size / n * 1e11 / 1e12, 2)}
+        reader = TeacherCacheReader(work / f"k{k}_v2_packed32")
+        def read():
+            return [reader.annotate({"input_ids": b[0]}, range(i * rows, (i + 1) * rows)) for i, b in enumerate(batches)]
+
+        _, cpu, wall = min((timed(read) for _ in range(5)), key=lambda r: r[1])  # the fastest of 5
+        row["v2_packed32"]["read_tokens_per_s_per_core"] = round(n_seqs * T / cpu)
+        got = reader.get(range(rows))
+        assert torch.equal(got.ids, batches[0][1]) and torch.equal(got.logprobs, batches[0][2].half().float())
+        row["ratio_v1_over_v2"] = round(row["v1_int32_fp16"]["bytes_per_token"] / row["v2_packed32"]["bytes_per_token"], 3)
+        out[f"k{k}"] = row
+        shutil.rmtree(work / f"k{k}_v1_int32_fp16")
+        shutil.rmtree(work / f"k{k}_v2_packed32")
+    out["kd_loss"] = cache_kd_difference()
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sample-dir", default=os.path.join(tempfile.gettempdir(), "ct_data_bench_sample"))
@@ -236,6 +356,7 @@ def main() -> int:
     p.add_argument("--rank-steps", type=int, default=100, help="steps per loader in the 128-rank simulation")
     p.add_argument("--step-ms", type=float, default=200.0, help="simulated training step for the prefetch test")
     p.add_argument("--overlap-steps", type=int, default=20)
+    p.add_argument("--cache-tokens", type=int, default=262_144, help="tokens written per cache measurement")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
@@ -246,18 +367,21 @@ def main() -> int:
 
     from ct_data import load_tokenizer, sample
 
-    (_, _, build_s) = timed(lambda: sample.build(args.sample_dir, seed=0))
-    tok, _, tok_s = timed(lambda: load_tokenizer(args.tokenizer) if args.tokenizer
-                          else sample.build_tokenizer(args.sample_dir, args.vocab_size))
+    build_s = tok_s = None
+    tok = None
+    if set(only) - {"cache"}:  # the cache section needs neither the sample corpus nor a tokenizer
+        (_, _, build_s) = timed(lambda: sample.build(args.sample_dir, seed=0))
+        tok, _, tok_s = timed(lambda: load_tokenizer(args.tokenizer) if args.tokenizer
+                              else sample.build_tokenizer(args.sample_dir, args.vocab_size))
     ctx = {"tok": tok}
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_average": os.getloadavg()},
-        "config": {"seq_len": args.seq_len, "batch_size": args.batch_size, "vocab_size": tok.vocab_size,
-                   "tokens": args.tokens},
+        "config": {"seq_len": args.seq_len, "batch_size": args.batch_size,
+                   "vocab_size": tok.vocab_size if tok else None, "tokens": args.tokens},
         "gpu_needs_tokens_per_s": GPU_NEEDS,
-        "sample_build_s": round(build_s, 2),
-        "tokenizer_s": round(tok_s, 2),
+        "sample_build_s": None if build_s is None else round(build_s, 2),
+        "tokenizer_s": None if tok_s is None else round(tok_s, 2),
     }
     for name in SECTIONS:
         if name in only:

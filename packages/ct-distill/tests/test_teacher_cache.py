@@ -15,6 +15,7 @@ from ct_distill import (CacheError, CacheMismatchError, IncompleteCacheError, On
                         make_kd_loss_fn, write_teacher_cache)
 
 VOCAB, SEQ, BATCH, STEPS, K = 512, 32, 2, 5, 16
+PART0 = "rows-000000-000001"  # the part of a one-process writer numbering sequences 0, 1, 2, ...
 
 
 def tiny_config(**overrides):
@@ -95,15 +96,20 @@ def _write(tmp_path, teacher, name="cache", **kw):
     return write_teacher_cache(teacher, loader(), tmp_path / name, k=K, **kw)
 
 
+def _firsts(index):
+    return [s["first"] for part in index["parts"] for s in part["shards"]]
+
+
 def test_cache_index_and_stats(tmp_path, teacher):
     index = _write(tmp_path, teacher)
     assert index["num_seqs"] == BATCH * STEPS and index["seq_len"] == SEQ and index["k"] == K
-    assert [s["first_seq"] for s in index["shards"]] == [0, 3, 6, 9]
+    assert _firsts(index) == [0, 3, 6, 9]
     assert index["vocab_size"] == VOCAB and index["teacher"]["fingerprint"]
-    # int32 ids + float16 logprobs = 6 bytes per entry, plus headers and hashes
-    assert 6 * K <= index["bytes_per_token"] < 6 * K * 1.5
+    # id and float16 log-prob packed in 4 bytes per entry, plus headers and hashes
+    assert index["entry"] == "packed32" and index["bytes_per_entry"] == 4
+    assert 4 * K <= index["bytes_per_token"] < 4 * K * 1.5
     assert index["tokens_per_second"] > 0
-    assert not list((tmp_path / "cache").glob("*.tmp"))
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
@@ -166,12 +172,12 @@ def test_field_mismatch_names_the_field(tmp_path, teacher):
     with pytest.raises(CacheMismatchError, match="fingerprint") as err:
         TeacherCacheReader(root, teacher=other)
     assert err.value.field == "teacher.fingerprint"
-    # a shard swapped in from another cache is caught when opened
+    # a shard swapped in from another cache is caught when the reader opens, naming the file
     write_teacher_cache(teacher, loader(), tmp_path / "k8", k=8, seqs_per_shard=3)
-    os.replace(tmp_path / "k8" / "shard-000001.safetensors", root / "shard-000001.safetensors")
-    with pytest.raises(CacheMismatchError, match="k=8") as err:
-        TeacherCacheReader(root).get([4])
-    assert err.value.field == "k"
+    shard = f"{PART0}/shard-000001.safetensors"
+    os.replace(tmp_path / "k8" / shard, root / shard)
+    with pytest.raises(CacheError, match=f"{shard}: .* bytes but"):
+        TeacherCacheReader(root)
 
 
 def test_writer_that_raises_leaves_no_valid_index(tmp_path, teacher):
@@ -184,7 +190,7 @@ def test_writer_that_raises_leaves_no_valid_index(tmp_path, teacher):
     with pytest.raises(RuntimeError, match="loader died"):
         write_teacher_cache(teacher, broken(), tmp_path / "c", k=K, seqs_per_shard=2)
     assert not (tmp_path / "c" / "index.json").exists()
-    assert len(list((tmp_path / "c").glob("shard-*"))) == 3  # complete shards stay, for resume
+    assert len(list((tmp_path / "c").rglob("shard-*"))) == 3  # complete shards stay, for resume
     with pytest.raises(IncompleteCacheError, match="incomplete cache"):
         TeacherCacheReader(tmp_path / "c")
     # resume keeps the complete shards and produces the same cache as an uninterrupted run
@@ -196,7 +202,7 @@ def test_writer_that_raises_leaves_no_valid_index(tmp_path, teacher):
     everything = range(BATCH * STEPS)
     assert torch.equal(a.get(everything).ids, b.get(everything).ids)
     assert torch.equal(a.get(everything).logprobs, b.get(everything).logprobs)
-    assert [s["first_seq"] for s in index["shards"]] == [s["first_seq"] for s in clean["shards"]]
+    assert _firsts(index) == _firsts(clean)
 
 
 def test_killed_writer_leaves_no_valid_index(tmp_path):
@@ -211,7 +217,7 @@ def test_killed_writer_leaves_no_valid_index(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr
-    assert len(list((tmp_path / "c").glob("shard-*.safetensors"))) == 3
+    assert len(list((tmp_path / "c").rglob("shard-*.safetensors"))) == 3
     with pytest.raises(IncompleteCacheError):
         TeacherCacheReader(tmp_path / "c")
 
@@ -223,9 +229,9 @@ def test_existing_cache_is_not_overwritten_by_accident(tmp_path, teacher):
     index = _write(tmp_path, teacher, max_sequences=3, overwrite=True)
     assert index["num_seqs"] == 3
     assert TeacherCacheReader(tmp_path / "cache").num_seqs == 3
-    assert len(list((tmp_path / "cache").glob("shard-*"))) == 1
+    assert len(list((tmp_path / "cache").rglob("shard-*"))) == 1
     index_json = json.loads((tmp_path / "cache" / "index.json").read_text())
-    assert index_json["logprobs_dtype"] == "float16" and index_json["ids_dtype"] == "int32"
+    assert index_json["logprobs_dtype"] == "float16" and index_json["entry"] == "packed32"
 
 
 def test_writer_rejects_wrong_shapes(tmp_path):

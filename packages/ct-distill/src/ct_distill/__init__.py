@@ -6,14 +6,16 @@ Public API:
   chunks of positions), ``kd_loss_sum_on_shards`` (from vocabulary-split logits: megatron TP),
   ``TopK``, ``StudentHidden``, ``TeacherHidden``;
 - teachers: ``OnlineTeacher`` (frozen ct-model / HF model), ``TeacherCacheWriter``,
-  ``write_teacher_cache``, ``TeacherCacheReader``;
+  ``write_teacher_cache``, ``finalize_teacher_cache``, ``wait_for_teacher_cache``,
+  ``TeacherCacheReader`` (a cache written by every process of a run, read by any);
 - trainer glue: ``make_kd_loss_fn``.
 
 Depends on ct-model, torch and safetensors only.
 """
 
 from .cache import (CacheError, CacheMismatchError, IncompleteCacheError, TeacherCacheReader,
-                    TeacherCacheWriter, sequence_hash, write_teacher_cache)
+                    TeacherCacheWriter, finalize_teacher_cache, sequence_hash, wait_for_teacher_cache,
+                    write_teacher_cache)
 from .chunked import StudentHidden, TeacherHidden, chunked_kd_loss, chunked_kd_loss_sum
 from .losses import KINDS, TopK, VocabMismatchError, kd_loss, kd_loss_sum, token_divergence
 from .midtrain import make_kd_loss_fn, teacher_from_batch
@@ -26,7 +28,7 @@ __all__ = [
     "StudentHidden", "TEACHER_HIDDEN", "TEACHER_LOGITS", "TEACHER_OUTPUT_WEIGHT", "TEACHER_TOPK_IDS",
     "TEACHER_TOPK_LOGPROBS",
     "TeacherCacheReader", "TeacherCacheWriter", "TeacherHidden", "TopK", "VocabMismatchError",
-    "chunked_kd_loss", "chunked_kd_loss_sum", "kd_loss", "kd_loss_sum", "kd_loss_sum_on_shards", "make_kd_loss_fn",
+    "chunked_kd_loss", "chunked_kd_loss_sum", "finalize_teacher_cache", "kd_loss", "kd_loss_sum", "kd_loss_sum_on_shards", "make_kd_loss_fn",
     "sequence_hash", "teacher_from_batch", "token_divergence", "topk_logprobs",
-    "write_teacher_cache",
+    "wait_for_teacher_cache", "write_teacher_cache",
 ]

@@ -1,168 +1,137 @@
-"""Cached teacher: top-k ids and log-probs per position, in shards keyed by loader position.
+"""Cached teacher: top-k ids and log-probs per position, written by every process of a run.
 
-Layout of a cache directory::
+Layout of a cache directory (``cache_layout`` has the geometry)::
 
-    index.json                 written last; its presence is what makes the cache complete
-    shard-000000.safetensors   sequences [first_seq, first_seq + num_seqs)
-    shard-000001.safetensors   ...
+    index.json                          written last; its presence is what makes the cache complete
+    rows-000000-000256/part.json        this part's shards; written when its writer finished
+    rows-000000-000256/shard-000000.safetensors
+    rows-000256-000512/...              another process's rows of every global batch
 
-Each shard holds ``topk_ids`` int32 [n, seq_len, k], ``topk_logprobs`` float16 (or bfloat16 /
-float32) [n, seq_len, k] and ``input_hash`` int64 [n], a hash of each sequence's input_ids that
+Global sequence ``s * B + j`` is row j of step s of the loader's global batch of B sequences
+(``ct_model.batch.SEQUENCE_INDEX``). Each process writes the rows its own loader yields (a
+``RowBlock``) into its own part directory; ``finalize_teacher_cache`` merges the parts into the
+index once all are complete, and the reader serves any global sequence, whoever wrote it.
+
+Each shard holds ``entries`` int32 [n, seq_len, k] (a token id and its float16 log-prob packed in
+32 bits: ``cache_entries``), or, with ``logprobs_dtype=float32``, ``topk_ids`` int32 +
+``topk_logprobs`` float32, and ``input_hash`` int64 [n], a hash of each sequence's input_ids that
 the reader checks against the batch, so a loader that drifted from the one the cache was written
 for is an error instead of silent garbage. Log-probs are the teacher's log-softmax at temperature
 1 over the FULL vocabulary, gathered at the ids, ids sorted by decreasing probability.
 
-Sequences are numbered by the global loader position: sequence i is the i-th packed sequence the
-loader yields (for a global batch of G sequences, step s covers [s * G, (s + 1) * G)). The
-trainer knows that number from the step, so resuming needs nothing from the cache but ``get``.
-
-Atomicity: every file is written to a ``.tmp`` name, fsynced and renamed; the index is renamed
-into place after every shard. A writer that dies or raises leaves no index.json, and the reader
-refuses a directory without one. ``resume=True`` keeps the complete shards of a dead writer.
+Atomicity: every file is written to a ``.tmp`` name, fsynced and renamed; ``part.json`` is written
+after a part's last shard and ``index.json`` after every part. A writer that dies or raises leaves
+no part.json, and the reader refuses a directory without index.json. ``resume=True`` keeps the
+complete shards of a dead writer of the same rows.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
+import logging
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ct_model.batch import SEQUENCE_INDEX
+
+from .cache_entries import PACKED_DTYPES, entry_layout, pack_entries
+# Errors, the hash and the reader are re-exported: ``ct_distill.cache`` is the module users import.
+from .cache_layout import (FORMAT, INDEX, LAYOUT_FIELDS, PART, VERSION, CacheError, CacheMismatchError,  # noqa: F401
+                           IncompleteCacheError, RowBlock, atomic_write_json, fsync_path, read_json,
+                           read_shard_header, sequence_hash, shard_name, split_rows)
+from .cache_reader import TeacherCacheReader  # noqa: F401
 from .losses import TopK
-from .teacher import TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS, OnlineTeacher
+from .teacher import OnlineTeacher
 
-from ct_model.errors import UserError
+__all__ = ["CacheError", "CacheMismatchError", "IncompleteCacheError", "TeacherCacheReader",
+           "TeacherCacheWriter", "finalize_teacher_cache", "sequence_hash", "wait_for_teacher_cache",
+           "write_teacher_cache"]
 
-FORMAT = "ct-distill/teacher-topk-cache"
-VERSION = 1
-INDEX = "index.json"
-from ct_model.batch import SEQUENCE_INDEX  # noqa: E402 - batch key: global loader position of each row
+log = logging.getLogger("ct_distill")
 _LOGPROB_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_FIELDS = ("seq_len", "k", "vocab_size")
-
-
-class CacheError(UserError, RuntimeError):
-    """A teacher cache is unusable."""
-
-
-class IncompleteCacheError(CacheError):
-    """The directory has no index.json: the writer never finished."""
-
-
-class CacheMismatchError(CacheError):
-    """The cache does not match what the reader expects; ``field`` names what differs."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
-# ----------------------------------------------------------------------------- sequence hash
-
-_MOD = (1 << 31) - 1
-_BASES = (1_000_003, 998_244_353 % _MOD)
-_POWERS: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _powers(base: int, n: int) -> torch.Tensor:
-    key = (base, n)
-    if key not in _POWERS:
-        values, x = [], 1
-        for _ in range(n):
-            values.append(x)
-            x = x * base % _MOD
-        _POWERS[key] = torch.tensor(values, dtype=torch.int64)
-    return _POWERS[key]
-
-
-def sequence_hash(input_ids: torch.Tensor) -> torch.Tensor:
-    """A deterministic 62-bit hash per row of ``input_ids`` [n, T] (int64 [n]), torch-only."""
-    ids = input_ids.detach().to("cpu", torch.int64) % _MOD
-    n, t = ids.shape
-    parts = [((ids * _powers(b, t)) % _MOD).sum(-1) % _MOD for b in _BASES]
-    return parts[0] * (1 << 31) + parts[1]
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def _shard_name(i: int) -> str:
-    return f"shard-{i:06d}.safetensors"
+# A waiting process gives up when no part it waits for has gained a shard for this long: far above
+# the time one shard takes (~1M tokens at the default size), far below "hung forever".
+STALL_TIMEOUT_S = 1800.0
+LOGPROBS_MEANING = "log_softmax(teacher logits, T=1) over the full vocabulary, at ids sorted by decreasing logit"
 
 
 # ----------------------------------------------------------------------------- writer
 
 
 class TeacherCacheWriter:
-    """Appends sequences in loader order and writes shards of ``seqs_per_shard`` sequences.
+    """Appends the sequences of one row block in loader order and writes them in shards.
 
-    Use as a context manager (or call ``close()``): the index is written only on a clean exit.
-    ``teacher`` is a JSON-able description of the teacher (``OnlineTeacher.identity()``).
+    ``batch_size`` (B) and ``rows`` say which global sequences the added rows are: rows
+    [rows.start, rows.stop) of every global batch of B, step after step. The default (B = 1, rows
+    [0, 1)) numbers the added sequences 0, 1, 2, ... as a one-process loader does.
+
+    Use as a context manager (or call ``close()``): the part's ``part.json`` is written only on a
+    clean exit, and ``index.json`` too when the block is the whole batch (one writer). ``teacher``
+    is a JSON-able description of the teacher (``OnlineTeacher.identity()``).
     """
 
     def __init__(self, root: str | os.PathLike, *, seq_len: int, k: int, vocab_size: int,
                  teacher: Mapping[str, Any], seqs_per_shard: int | None = None,
-                 logprobs_dtype: torch.dtype = torch.float16, overwrite: bool = False,
-                 resume: bool = False):
+                 logprobs_dtype: torch.dtype = torch.float16, batch_size: int = 1,
+                 rows: range | None = None, overwrite: bool = False, resume: bool = False):
         dtype_name = str(logprobs_dtype).removeprefix("torch.")
         if dtype_name not in _LOGPROB_DTYPES:
             raise ValueError(f"logprobs_dtype must be one of {sorted(_LOGPROB_DTYPES)}, got {dtype_name}")
-        for name, value in (("seq_len", seq_len), ("k", k), ("vocab_size", vocab_size)):
+        for name, value in (("seq_len", seq_len), ("k", k), ("vocab_size", vocab_size), ("batch_size", batch_size)):
             if not (isinstance(value, int) and value > 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if k > vocab_size:
             raise ValueError(f"k={k} exceeds vocab_size={vocab_size}")
         if vocab_size > 2**31 - 1:
             raise ValueError("vocab_size does not fit int32 ids")
+        rows = range(0, batch_size) if rows is None else rows
+        self.block = RowBlock(batch_size, rows.start, rows.stop)
         self.root = Path(root)
-        self.meta = {"seq_len": seq_len, "k": k, "vocab_size": vocab_size,
-                     "teacher": json.loads(json.dumps(dict(teacher))),
-                     "ids_dtype": "int32", "logprobs_dtype": dtype_name}
+        self.part_dir = self.root / self.block.dirname
+        self.packed = dtype_name in PACKED_DTYPES
+        if self.packed:
+            entry_layout(vocab_size)  # a vocabulary too large to pack is refused now, not at the first shard
         self.logprobs_dtype = logprobs_dtype
-        bytes_per_seq = seq_len * k * (4 + logprobs_dtype.itemsize) + 8
+        self.meta = {"seq_len": seq_len, "k": k, "vocab_size": vocab_size,
+                     "entry": "packed32" if self.packed else "planes", "logprobs_dtype": dtype_name,
+                     "batch_size": batch_size, "teacher": _plain(teacher)}
+        bytes_per_seq = seq_len * k * (4 if self.packed else 4 + logprobs_dtype.itemsize) + 8
         self.seqs_per_shard = seqs_per_shard or max(1, (256 << 20) // bytes_per_seq)
         self.shards: list[dict[str, Any]] = []
-        self.next_seq = 0
-        self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.next_pos = 0  # positions (rows of this block) held by complete shards
+        self._buffer: list[dict[str, torch.Tensor]] = []
         self._buffered = 0
         self._closed = False
-        self._seconds = 0.0
         self._prepare(overwrite, resume)
+
+    @property
+    def next_seq(self) -> int:
+        """The global sequence the next added row must be (for the default layout: rows so far)."""
+        return self.block.global_index(self.next_pos + self._buffered)
 
     def _prepare(self, overwrite: bool, resume: bool) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         index = self.root / INDEX
         if index.exists():
-            if not overwrite:
+            # A part writer resuming beside a finished index only re-adopts its complete shards
+            # (another process may have finalised while this one was starting).
+            if not overwrite and (self.block.whole or not resume):
                 raise CacheError(f"{self.root} already holds a complete cache (pass overwrite=True)")
-            index.unlink()  # from here on the old cache is invalid, whatever happens next
-        for tmp in self.root.glob("*.tmp"):
+            if overwrite:
+                index.unlink(missing_ok=True)  # from here on the old cache is invalid, whatever happens next
+        if self.block.whole:  # one writer owns the whole directory: parts of other layouts are stale
+            remove_stale(self.root, keep={self.block.dirname})
+        self.part_dir.mkdir(exist_ok=True)
+        for tmp in self.part_dir.glob("*.tmp"):
             tmp.unlink()
-        shards = sorted(self.root.glob("shard-*.safetensors"))
+        (self.part_dir / PART).unlink(missing_ok=True)
+        shards = sorted(self.part_dir.glob("shard-*.safetensors"))
         if resume and not overwrite:
             shards = self._adopt(shards)
         for stale in shards:
@@ -171,21 +140,22 @@ class TeacherCacheWriter:
     def _adopt(self, files: list[Path]) -> list[Path]:
         """Keep the leading run of complete shards that match this writer; return the others."""
         for i, path in enumerate(files):
-            if path.name != _shard_name(i):
+            if path.name != shard_name(i):
                 return files[i:]
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            entry = _shard_entry(path, meta)
-            same = all(str(self.meta[k]) == meta.get(k) for k in ("seq_len", "k", "vocab_size", "logprobs_dtype"))
-            if not same or meta.get("teacher") != json.dumps(self.meta["teacher"], sort_keys=True) \
-                    or entry["first_seq"] != self.next_seq:
+            try:
+                meta, _ = read_shard_header(path)
+            except CacheError:
+                return files[i:]  # cut short by a kill: rewritten
+            if meta != self._shard_meta(self.next_pos, int(meta.get("num_seqs", -1))):
                 return files[i:]
-            self.shards.append(entry)
-            self.next_seq += entry["num_seqs"]
+            self.shards.append(self._shard_entry(path, meta))
+            self.next_pos += int(meta["num_seqs"])
         return []
 
-    def add(self, input_ids: torch.Tensor, topk: TopK | tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Append the next sequences: input_ids [B, T] and the teacher's TopK [B, T, k]."""
+    def add(self, input_ids: torch.Tensor, topk: TopK | tuple[torch.Tensor, torch.Tensor],
+            sequence_index: torch.Tensor | None = None) -> None:
+        """Append the next rows: input_ids [n, T] and the teacher's TopK [n, T, k]. With
+        ``sequence_index`` [n] (the loader's), the rows must be the block's next global sequences."""
         if self._closed:
             raise CacheError("writer is closed")
         ids, logprobs = topk
@@ -196,54 +166,73 @@ class TeacherCacheWriter:
         if tuple(ids.shape) != (input_ids.shape[0], seq_len, k) or ids.shape != logprobs.shape:
             raise CacheMismatchError("k", f"top-k ids {tuple(ids.shape)} / logprobs "
                                      f"{tuple(logprobs.shape)} are not [B, {seq_len}, {k}]")
-        self._buffer.append((ids.detach().to("cpu", torch.int32),
-                             logprobs.detach().to("cpu", self.logprobs_dtype),
-                             sequence_hash(input_ids)))
+        if sequence_index is not None:
+            self._check_sequence_index(sequence_index)
+        if self.packed:
+            entry = {"entries": pack_entries(ids, logprobs, vocab_size=self.meta["vocab_size"],
+                                             dtype=self.logprobs_dtype)}
+        else:
+            entry = {"topk_ids": ids.detach().to("cpu", torch.int32),
+                     "topk_logprobs": logprobs.detach().to("cpu", self.logprobs_dtype)}
+        entry["input_hash"] = sequence_hash(input_ids)
+        self._buffer.append(entry)
         self._buffered += input_ids.shape[0]
         while self._buffered >= self.seqs_per_shard:
             self._flush(self.seqs_per_shard)
 
-    def _flush(self, n: int) -> None:
-        ids = torch.cat([b[0] for b in self._buffer])
-        logprobs = torch.cat([b[1] for b in self._buffer])
-        hashes = torch.cat([b[2] for b in self._buffer])
-        rest = (ids[n:], logprobs[n:], hashes[n:])
-        self._buffer = [rest] if rest[2].numel() else []
-        self._buffered = rest[2].numel()
-        index = len(self.shards)
-        path = self.root / _shard_name(index)
-        meta = {"format": FORMAT, "first_seq": str(self.next_seq), "num_seqs": str(n),
-                **{k: str(self.meta[k]) for k in ("seq_len", "k", "vocab_size", "logprobs_dtype")},
-                "teacher": json.dumps(self.meta["teacher"], sort_keys=True)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"topk_ids": ids[:n].contiguous(), "topk_logprobs": logprobs[:n].contiguous(),
-                   "input_hash": hashes[:n].contiguous()}, str(tmp), metadata=meta)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-        self.shards.append(_shard_entry(path, meta))
-        self.next_seq += n
+    def _check_sequence_index(self, sequence_index: torch.Tensor) -> None:
+        first = self.next_pos + self._buffered
+        got = [int(s) for s in sequence_index.reshape(-1).tolist()]
+        want = [self.block.global_index(first + i) for i in range(len(got))]
+        if got != want:
+            raise CacheMismatchError("sequence_index", f"{self.part_dir}: rows with sequence_index "
+                                     f"{got[:4]}... added where rows {self.block.start}..{self.block.stop - 1} "
+                                     f"of a batch of {self.block.batch_size} expect {want[:4]}... (the "
+                                     f"loader's batch size or rank does not match the writer's)")
 
-    def close(self) -> dict[str, Any]:
-        """Write the remaining sequences and the index (atomically, last). Returns the index."""
+    def _shard_meta(self, first: int, num_seqs: int) -> dict[str, str]:
+        return {"format": FORMAT, "version": str(VERSION), "first": str(first), "num_seqs": str(num_seqs),
+                "rows": f"{self.block.start}:{self.block.stop}",
+                **{key: str(self.meta[key]) for key in LAYOUT_FIELDS},
+                "teacher": _teacher_json(self.meta["teacher"])}
+
+    def _shard_entry(self, path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
+        return {"file": f"{self.block.dirname}/{path.name}", "first": int(meta["first"]),
+                "num_seqs": int(meta["num_seqs"]), "bytes": path.stat().st_size}
+
+    def _flush(self, n: int) -> None:
+        tensors = {name: torch.cat([b[name] for b in self._buffer]) for name in self._buffer[0]}
+        rest = {name: t[n:] for name, t in tensors.items()}
+        self._buffer = [rest] if rest["input_hash"].numel() else []
+        self._buffered = rest["input_hash"].numel()
+        path = self.part_dir / shard_name(len(self.shards))
+        meta = self._shard_meta(self.next_pos, n)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({name: t[:n].contiguous() for name, t in tensors.items()}, str(tmp), metadata=meta)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        self.shards.append(self._shard_entry(path, meta))
+        self.next_pos += n
+
+    def close(self, exhausted: bool = False, stats: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write the remaining rows and ``part.json`` (then ``index.json`` when this writer holds the
+        whole batch). ``exhausted``: the loader ended before the rows wanted (recorded, so that a
+        finaliser does not wait for rows that will never come). Returns the index or the part."""
         if self._closed:
             raise CacheError("writer is already closed")
         if self._buffered:
             self._flush(self._buffered)
         self._closed = True
-        num_seqs = self.next_seq
-        total_bytes = sum(s["bytes"] for s in self.shards)
-        tokens = num_seqs * self.meta["seq_len"]
-        index = {"format": FORMAT, "version": VERSION, **self.meta,
-                 "logprobs": "log_softmax(teacher logits, T=1) over the full vocabulary, at ids "
-                             "sorted by decreasing logit",
-                 "num_seqs": num_seqs, "num_tokens": tokens, "bytes": total_bytes,
-                 "bytes_per_token": total_bytes / tokens if tokens else None,
-                 "shards": self.shards}
-        _atomic_write_bytes(self.root / INDEX, json.dumps(index, indent=1).encode())
-        return index
+        part = {"format": FORMAT, "version": VERSION, **self.meta, "dir": self.block.dirname,
+                "rows": [self.block.start, self.block.stop], "num_seqs": self.next_pos,
+                "exhausted": exhausted, "shards": self.shards, **dict(stats or {})}
+        atomic_write_json(self.part_dir / PART, part)
+        if self.block.whole:
+            return write_index(self.root, [part])
+        return part
 
     def abort(self) -> None:
-        """Stop without an index (the directory stays an incomplete cache)."""
+        """Stop without part.json (the part stays incomplete; ``resume`` keeps its shards)."""
         self._closed = True
         self._buffer = []
 
@@ -252,25 +241,172 @@ class TeacherCacheWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
+            if not self._closed:
+                self.close()
         else:
             self.abort()
 
 
-def _shard_entry(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
-    return {"file": path.name, "first_seq": int(meta["first_seq"]), "num_seqs": int(meta["num_seqs"]),
-            "bytes": path.stat().st_size}
+def _plain(obj: Mapping[str, Any]) -> dict:
+    return json.loads(json.dumps(dict(obj)))
+
+
+def _teacher_json(teacher: Mapping[str, Any]) -> str:
+    return json.dumps(teacher, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- index
+
+
+def write_index(root: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge complete parts (their part.json) into index.json, atomically. The parts must tile the
+    rows of the batch and agree on every layout field and the teacher."""
+    first = parts[0]
+    for part in parts[1:]:
+        for key in (*LAYOUT_FIELDS, "teacher"):
+            if part[key] != first[key]:
+                raise CacheMismatchError(key, f"{root / part['dir'] / PART}: {key}={part[key]!r} but "
+                                         f"{first['dir']} has {first[key]!r} (parts of different caches)")
+    blocks = [RowBlock(first["batch_size"], *part["rows"]) for part in parts]
+    # The number of leading global sequences every part holds: what the reader can serve.
+    num_seqs = min(b.global_index(p["num_seqs"]) for b, p in zip(blocks, parts))
+    total_bytes = sum(s["bytes"] for p in parts for s in p["shards"])
+    entry_bytes = 4 if first["entry"] == "packed32" else 4 + _LOGPROB_DTYPES[first["logprobs_dtype"]].itemsize
+    ids_bits, logprob_bits = (entry_layout(first["vocab_size"]) if first["entry"] == "packed32"
+                              else (32, 8 * _LOGPROB_DTYPES[first["logprobs_dtype"]].itemsize))
+    tokens = sum(p["num_seqs"] for p in parts) * first["seq_len"]
+    index = {"format": FORMAT, "version": VERSION, **{key: first[key] for key in (*LAYOUT_FIELDS, "teacher")},
+             "ids_bits": ids_bits, "logprob_bits": logprob_bits, "bytes_per_entry": entry_bytes,
+             "logprobs": LOGPROBS_MEANING, "num_seqs": num_seqs, "num_tokens": num_seqs * first["seq_len"],
+             "exhausted": any(p.get("exhausted") for p in parts), "bytes": total_bytes,
+             "bytes_per_token": total_bytes / tokens if tokens else None,
+             "parts": [{key: p[key] for key in ("dir", "rows", "num_seqs", "shards")} for p in parts]}
+    atomic_write_json(root / INDEX, index)
+    return index
+
+
+def remove_stale(root: Path, keep: set[str]) -> list[str]:
+    """Delete part directories not in ``keep`` (another layout's, never indexed) and shard files of
+    the version-1 layout at the top level. Returns what was removed."""
+    removed = []
+    for path in sorted(root.glob("rows-*")):
+        if path.is_dir() and path.name not in keep:
+            shutil.rmtree(path)
+            removed.append(path.name)
+    for path in sorted(root.glob("shard-*.safetensors")):
+        path.unlink()
+        removed.append(path.name)
+    return removed
+
+
+# ----------------------------------------------------------------------------- waiting
+
+
+def _progress_marks(paths: Iterable[Path]) -> tuple:
+    """Directory modification times: a shard's rename into a part directory changes its time, so
+    an unchanged tuple means no writer finished a shard (times are compared with each other only,
+    never with this host's clock, so clock skew between nodes does not matter)."""
+    marks = []
+    for path in paths:
+        try:
+            marks.append(path.stat().st_mtime_ns)
+        except FileNotFoundError:
+            marks.append(None)
+    return tuple(marks)
+
+
+def _wait(done: Callable[[], list[str]], watched: Callable[[], list[Path]], what: str, *,
+          stall_timeout: float, poll: float) -> None:
+    """Poll ``done()`` (the names still missing) until it is empty; CacheError once nothing in
+    ``watched()`` has changed for ``stall_timeout`` seconds."""
+    marks, changed, said = _progress_marks(watched()), time.monotonic(), time.monotonic()
+    while missing := done():
+        time.sleep(poll)
+        now, current = time.monotonic(), _progress_marks(watched())
+        if current != marks:
+            marks, changed = current, now
+        elif now - changed > stall_timeout:
+            raise CacheError(f"{what}: no progress for {stall_timeout:g} s; still missing "
+                             f"{', '.join(missing[:8])} (a writer died or hung; rerun to resume)")
+        if now - said > 300:
+            log.info("%s: waiting for %s", what, ", ".join(missing[:8]))
+            said = now
+
+
+def finalize_teacher_cache(root: str | os.PathLike, *, batch_size: int, parts: int, num_seqs: int | None = None,
+                           expect: Mapping[str, Any] | None = None, stall_timeout: float = STALL_TIMEOUT_S,
+                           poll: float = 2.0) -> dict[str, Any]:
+    """Wait until each of the ``parts`` row blocks of a batch of ``batch_size`` has a complete part
+    (its part.json, holding the rows below ``num_seqs`` unless its loader ran out, and equal to
+    ``expect`` (e.g. this process's part) in every layout field and the teacher), then write
+    index.json and remove the parts of other layouts. A part.json that does not qualify is one left
+    by an earlier run, about to be replaced by its writer: waited for, not used.
+
+    File-based, so the processes that finished early hold no collective (whose timeout would end
+    the job) while the others still write; it gives up only when no missing part gains a shard for
+    ``stall_timeout`` seconds."""
+    root = Path(root)
+    blocks = split_rows(batch_size, parts)
+    found: dict[str, dict] = {}
+    same = [key for key in (*LAYOUT_FIELDS, "teacher") if expect is not None and key in expect]
+
+    def missing() -> list[str]:
+        for block in blocks:
+            path = root / block.dirname / PART
+            if block.dirname not in found and path.is_file():
+                part = read_json(path)
+                want = block.positions_below(num_seqs) if num_seqs is not None else 0
+                current = all(part.get(key) == expect[key] for key in same)
+                if current and (part["num_seqs"] >= want or part.get("exhausted")):
+                    found[block.dirname] = part
+        return [b.dirname for b in blocks if b.dirname not in found]
+
+    _wait(missing, lambda: [root, *(root / b.dirname for b in blocks)], f"{root}: finishing the cache",
+          stall_timeout=stall_timeout, poll=poll)
+    index = write_index(root, [found[b.dirname] for b in blocks])
+    removed = remove_stale(root, keep={b.dirname for b in blocks})
+    if removed:
+        log.info("%s: removed %d stale part(s) of another layout: %s", root, len(removed), ", ".join(removed[:8]))
+    return index
+
+
+def wait_for_teacher_cache(root: str | os.PathLike, *, stall_timeout: float = STALL_TIMEOUT_S,
+                           poll: float = 2.0) -> None:
+    """Wait for index.json (written by the finalising process) while the parts make progress."""
+    root = Path(root)
+    _wait(lambda: [] if (root / INDEX).is_file() else [INDEX],
+          lambda: [root, *sorted(p for p in root.glob("rows-*") if p.is_dir())],
+          f"{root}: waiting for the cache", stall_timeout=stall_timeout, poll=poll)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _block_of(batches, batch_size: int | None, rows: range | None) -> tuple[int, range]:
+    """The layout the batches follow: explicit, else a ct-data loader's own (``batch_size``,
+    ``rows``), else one process numbering sequences 0, 1, 2, ..."""
+    batch_size = batch_size or getattr(batches, "batch_size", None)
+    if batch_size is None:
+        return 1, range(0, 1)
+    rows = rows if rows is not None else getattr(batches, "rows", None)
+    return batch_size, range(0, batch_size) if rows is None else range(rows.start, rows.stop)
 
 
 def write_teacher_cache(teacher: OnlineTeacher, batches: Iterable[Mapping[str, torch.Tensor]],
                         root: str | os.PathLike, *, k: int, seq_len: int | None = None,
                         max_sequences: int | None = None, seqs_per_shard: int | None = None,
                         logprobs_dtype: torch.dtype = torch.float16, overwrite: bool = False,
-                        resume: bool = False) -> dict[str, Any]:
-    """Run ``teacher`` once over ``batches`` (the loader's packed batches, in loader order, from
-    sequence 0) and write the cache. Returns the index plus write statistics
-    (``tokens_per_second``, ``bytes_per_token``). With ``resume`` the sequences already held by
-    complete shards are skipped (the batches must still start at sequence 0)."""
+                        resume: bool = False, batch_size: int | None = None, rows: range | None = None,
+                        rows_per_forward: int | None = None) -> dict[str, Any]:
+    """Run ``teacher`` once over ``batches`` (one process's packed batches, in loader order, from
+    step 0) and write its part of the cache (the whole cache when the batches are the whole
+    global batch). ``max_sequences`` bounds the GLOBAL sequence index: rows at or above it are not
+    written. ``rows_per_forward`` splits a batch into teacher forwards of that many rows.
+
+    Returns the index (or this process's part) plus write statistics (``tokens_per_second``,
+    ``bytes_per_token``). With ``resume`` the rows already held by complete shards are skipped (the
+    batches must still start at step 0)."""
+    batch_size, rows = _block_of(batches, batch_size, rows)
     iterator = iter(batches)
     first = next(iterator, None)
     if first is None:
@@ -278,176 +414,55 @@ def write_teacher_cache(teacher: OnlineTeacher, batches: Iterable[Mapping[str, t
     seq_len = seq_len or first["input_ids"].shape[1]
     writer = TeacherCacheWriter(root, seq_len=seq_len, k=k, vocab_size=teacher.vocab_size,
                                 teacher=teacher.identity(), seqs_per_shard=seqs_per_shard,
-                                logprobs_dtype=logprobs_dtype, overwrite=overwrite, resume=resume)
-    skip, seen, written = writer.next_seq, 0, 0
+                                logprobs_dtype=logprobs_dtype, batch_size=batch_size, rows=rows,
+                                overwrite=overwrite, resume=resume)
+    limit = writer.block.positions_below(max_sequences) if max_sequences is not None else None
+    skip, seen, written, exhausted = writer.next_pos, 0, 0, False
     start = time.perf_counter()
     with writer:
-        for batch in _chain(first, iterator):
-            ids = batch["input_ids"]
-            rows = slice(max(0, skip - seen), ids.shape[0])
-            if max_sequences is not None:
-                rows = slice(rows.start, min(rows.stop, max_sequences - seen))
-            seen += ids.shape[0]
-            if rows.start < rows.stop:
-                part = {key: batch[key][rows] for key in ("input_ids", "position_ids", "document_ids")
-                        if batch.get(key) is not None}
-                topk = teacher.topk(part["input_ids"], k, part.get("position_ids"), part.get("document_ids"))
-                writer.add(part["input_ids"], topk)
-                written += rows.stop - rows.start
-            if max_sequences is not None and seen >= max_sequences:
-                break
-    seconds = time.perf_counter() - start
-    index = json.loads((Path(root) / INDEX).read_text())
-    index["write_seconds"] = seconds
-    index["tokens_written"] = written * seq_len
-    index["tokens_per_second"] = written * seq_len / seconds if seconds > 0 else None
-    return index
+        # Resuming a complete part reads nothing more; otherwise the batches are replayed from step 0
+        # and the rows already held are skipped without running the teacher.
+        if limit is None or skip < limit:
+            for batch in _chain(first, iterator):
+                n = batch["input_ids"].shape[0]
+                hi = n if limit is None else min(n, limit - seen)
+                written += _annotate_rows(teacher, writer, batch, k, max(0, skip - seen), hi, rows_per_forward)
+                seen += n
+                if limit is not None and seen >= limit:
+                    break
+            else:
+                exhausted = limit is not None
+        seconds = time.perf_counter() - start
+        stats = {"write_seconds": seconds, "tokens_written": written * seq_len,
+                 "tokens_per_second": written * seq_len / seconds if seconds > 0 else None}
+        result = writer.close(exhausted=exhausted, stats=stats)
+    own = sum(s["bytes"] for s in writer.shards) / (writer.next_pos * seq_len) if writer.next_pos else None
+    return {**result, **stats, "part_bytes_per_token": own,
+            "bytes_per_token": result.get("bytes_per_token") or own}
+
+
+def _annotate_rows(teacher: OnlineTeacher, writer: TeacherCacheWriter, batch: Mapping[str, torch.Tensor],
+                   k: int, lo: int, hi: int, rows_per_forward: int | None) -> int:
+    """Run the teacher over rows [lo, hi) of ``batch`` and add them; returns the rows added.
+
+    Forwards cover the same row groups [a, a + rows_per_forward) whatever ``lo`` is, so a resumed
+    writer computes the same arithmetic (same shapes) as an uninterrupted one and writes the same
+    bits; the rows of a group below ``lo`` are computed and dropped."""
+    step = rows_per_forward or max(hi, 1)
+    for a in range(0, hi, step):
+        b = min(hi, a + step)
+        if b <= lo:
+            continue
+        part = {key: batch[key][a:b] for key in ("input_ids", "position_ids", "document_ids", SEQUENCE_INDEX)
+                if batch.get(key) is not None}
+        topk = teacher.topk(part["input_ids"], k, part.get("position_ids"), part.get("document_ids"))
+        keep = slice(max(lo - a, 0), b - a)
+        index = part.get(SEQUENCE_INDEX)
+        writer.add(part["input_ids"][keep], TopK(topk.ids[keep], topk.logprobs[keep]),
+                   None if index is None else index[keep])
+    return max(hi - lo, 0)
 
 
 def _chain(first, rest):
     yield first
     yield from rest
-
-
-# ----------------------------------------------------------------------------- reader
-
-
-class TeacherCacheReader:
-    """Serves cached top-k targets by global sequence index.
-
-    Expected values (``seq_len``, ``k``, ``vocab_size``, ``teacher``) are checked against the
-    index when given; a mismatch raises ``CacheMismatchError`` naming the field. For ``teacher``
-    (e.g. ``OnlineTeacher.identity()``) the keys given are compared, except "source".
-    """
-
-    def __init__(self, root: str | os.PathLike, *, seq_len: int | None = None, k: int | None = None,
-                 vocab_size: int | None = None, teacher: Mapping[str, Any] | None = None):
-        self.root = Path(root)
-        path = self.root / INDEX
-        if not path.is_file():
-            partial = len(list(self.root.glob("shard-*.safetensors"))) if self.root.is_dir() else 0
-            raise IncompleteCacheError(
-                f"{self.root}: no {INDEX} (incomplete cache: the writer did not finish; "
-                f"{partial} shard file(s) present)"
-            )
-        self.index = json.loads(path.read_text())
-        if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
-            raise CacheMismatchError("format", f"{path}: format {self.index.get('format')!r} "
-                                     f"v{self.index.get('version')} is not {FORMAT!r} v{VERSION}")
-        expected = {"seq_len": seq_len, "k": k, "vocab_size": vocab_size}
-        for field, want in expected.items():
-            if want is not None and self.index[field] != want:
-                raise CacheMismatchError(field, f"{path}: {field} is {self.index[field]} in the cache "
-                                         f"but {want} was expected")
-        if teacher is not None:
-            _compare_teacher(json.loads(json.dumps(dict(teacher))), self.index["teacher"], path)
-        self.seq_len, self.k, self.vocab_size = (self.index[f] for f in _FIELDS)
-        self.num_seqs = self.index["num_seqs"]
-        self.shards = self.index["shards"]
-        self._starts = [s["first_seq"] for s in self.shards]
-        for s in self.shards:
-            if not (self.root / s["file"]).is_file():
-                raise IncompleteCacheError(f"{self.root}: shard {s['file']} listed in {INDEX} is missing")
-        self._open: dict[int, Any] = {}
-
-    def __len__(self) -> int:
-        return self.num_seqs
-
-    def _handle(self, shard: int):
-        if shard not in self._open:
-            if len(self._open) >= 8:
-                self._open.pop(next(iter(self._open)))
-            info = self.shards[shard]
-            handle = safe_open(str(self.root / info["file"]), framework="pt")
-            meta = handle.metadata() or {}
-            for field in _FIELDS:
-                if meta.get(field) != str(self.index[field]):
-                    raise CacheMismatchError(field, f"{info['file']}: {field}={meta.get(field)} but "
-                                             f"the index says {self.index[field]}")
-            if int(meta.get("first_seq", -1)) != info["first_seq"]:
-                raise CacheMismatchError("first_seq", f"{info['file']}: first_seq "
-                                         f"{meta.get('first_seq')} != index {info['first_seq']}")
-            self._open[shard] = handle
-        return self._open[shard]
-
-    def _runs(self, seq: list[int]):
-        """Group requested sequences into (shard, local start, local stop, output positions)."""
-        i = 0
-        while i < len(seq):
-            s = seq[i]
-            if not 0 <= s < self.num_seqs:
-                raise IndexError(f"sequence index {s} outside the cache's [0, {self.num_seqs})")
-            shard = bisect.bisect_right(self._starts, s) - 1
-            first, n = self.shards[shard]["first_seq"], self.shards[shard]["num_seqs"]
-            j = i + 1
-            while j < len(seq) and seq[j] == seq[j - 1] + 1 and seq[j] < first + n:
-                j += 1
-            yield shard, s - first, seq[j - 1] - first + 1, (i, j)
-            i = j
-
-    def _read(self, seq_indices, names: Sequence[str]) -> list[torch.Tensor]:
-        if isinstance(seq_indices, torch.Tensor):
-            seq_indices = seq_indices.reshape(-1).tolist()
-        seq = [int(s) for s in seq_indices]
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for shard, a, b, _ in self._runs(seq):
-            handle = self._handle(shard)
-            for name in names:
-                parts[name].append(handle.get_slice(name)[a:b])
-        return [torch.cat(parts[name]) if parts[name] else torch.empty(0) for name in names]
-
-    def get(self, seq_indices: Sequence[int] | torch.Tensor) -> TopK:
-        """TopK(ids int64 [n, seq_len, k], logprobs float32 [n, seq_len, k]) for the sequences."""
-        ids, logprobs = self._read(seq_indices, ("topk_ids", "topk_logprobs"))
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise CacheMismatchError("vocab_size", f"{self.root}: cached token ids outside "
-                                     f"[0, {self.vocab_size}) (corrupt shard?)")
-        return TopK(ids.long(), logprobs.float())
-
-    def hashes(self, seq_indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        return self._read(seq_indices, ("input_hash",))[0]
-
-    def annotate(self, batch: Mapping[str, torch.Tensor],
-                 seq_indices: Sequence[int] | torch.Tensor | None = None,
-                 check_inputs: bool = True) -> dict:
-        """A copy of ``batch`` with "teacher_topk_ids" / "teacher_topk_logprobs" for its rows.
-
-        ``seq_indices`` (or the batch's "sequence_index" key) are the rows' global loader
-        positions. With ``check_inputs`` the batch's input_ids must hash to what was cached.
-        """
-        if seq_indices is None:
-            if SEQUENCE_INDEX not in batch:
-                raise KeyError(f"pass seq_indices or put {SEQUENCE_INDEX!r} in the batch")
-            seq_indices = batch[SEQUENCE_INDEX]
-        input_ids = batch["input_ids"]
-        if input_ids.shape[1] != self.seq_len:
-            raise CacheMismatchError("seq_len", f"batch seq_len {input_ids.shape[1]} != cache "
-                                     f"seq_len {self.seq_len}")
-        topk = self.get(seq_indices)
-        if topk.ids.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"{topk.ids.shape[0]} sequence indices for a batch of {input_ids.shape[0]}")
-        if check_inputs:
-            cached, actual = self.hashes(seq_indices), sequence_hash(input_ids)
-            bad = (cached != actual).nonzero().reshape(-1).tolist()
-            if bad:
-                raise CacheMismatchError("input_ids", f"{self.root}: batch rows {bad[:8]} do not hold "
-                                         f"the tokens cached for their sequence index (loader and "
-                                         f"cache out of step?)")
-        out = dict(batch)
-        out[TEACHER_TOPK_IDS] = topk.ids.to(input_ids.device)
-        out[TEACHER_TOPK_LOGPROBS] = topk.logprobs.to(input_ids.device)
-        return out
-
-
-def _compare_teacher(want: Mapping[str, Any], have: Mapping[str, Any], path: Path) -> None:
-    """Compare the keys the caller gave, except "source" (where the weights were loaded from is
-    informational: the same teacher may be loaded from another path)."""
-    for key in sorted(want):
-        if key != "source" and want.get(key) != have.get(key):
-            detail = ""
-            if isinstance(want.get(key), dict) and isinstance(have.get(key), dict):
-                diff = sorted(k for k in set(want[key]) | set(have[key])
-                              if want[key].get(k) != have[key].get(k))
-                detail = f" (differs in {', '.join(diff[:5])})"
-            raise CacheMismatchError(f"teacher.{key}", f"{path}: teacher {key} in the cache differs "
-                                     f"from the expected teacher{detail}")

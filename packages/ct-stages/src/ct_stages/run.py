@@ -179,17 +179,22 @@ def build_phase_model(run: RunConfig, init_from: Path | None):
     return model, config, weights if weights is not None else SeededInit(model, run.trainer.seed)
 
 
-def build_stage(run: RunConfig, model_config, device: torch.device, cache_loader_factory) -> Stage:
+def build_stage(run: RunConfig, model_config, info: DistInfo, loader_factory) -> Stage:
+    """The phase's stage. ``loader_factory(rank, world)`` builds the loader of rank ``rank`` of
+    ``world``: a cached teacher is written by every process over its own loader's rows."""
     if run.stage.kind != "midtrain" or run.stage.distill.backend == "modelopt":
         return Stage(run.stage, loss=run.loss)  # modelopt: the teacher runs inside the engine's model
-    from .distill import build_teacher_annotator
+    from .distill import build_teacher_annotator, cache_share
 
-    total_sequences = run.trainer.max_steps * run.trainer.global_batch_size
-    # A chunked loss takes an online teacher's hidden states and projects them per chunk.
-    annotate = build_teacher_annotator(run.stage.distill, model_config, run.run_path, device,
-                                       total_sequences, cache_loader_factory,
+    t = run.trainer
+    total_sequences = t.max_steps * t.global_batch_size
+    # A chunked loss takes an online teacher's hidden states and projects them per chunk. The cache
+    # runs the teacher a micro-batch at a time, as the online teacher does, whatever the layout.
+    annotate = build_teacher_annotator(run.stage.distill, model_config, run.run_path, info.device,
+                                       total_sequences, cache_share(info, t.global_batch_size, loader_factory),
                                        hidden=run.loss.chunk_tokens > 0,
-                                       compute_dtype=run.precision.autocast_dtype)
+                                       compute_dtype=run.precision.autocast_dtype,
+                                       rows_per_forward=t.micro_batch_size)
     return Stage(run.stage, annotate, loss=run.loss)
 
 
@@ -300,8 +305,8 @@ def _build(run: RunConfig, info: DistInfo, init_from: Path | None, peak: PeakFlo
     def loader_factory(rank: int = info.dp_rank, world: int = info.dp_size):
         return mixture.build_loader(tokenizer, run.seq_len, t.global_batch_size, t.seed, rank, world)
 
-    # The teacher cache is written in the global order: a 1-process loader yields it.
-    stage = build_stage(run, model_config, info.device, lambda: loader_factory(0, 1))
+    # A cached teacher is written by every process, each over its own loader's rows.
+    stage = build_stage(run, model_config, info, loader_factory)
     # The parallelize step: each rank materialises only what it holds, from the weight source.
     engine = build_engine(model, run.distributed, precision=run.precision,
                           activation_checkpointing=run.activation_checkpointing, compile=run.compile,

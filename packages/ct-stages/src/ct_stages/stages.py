@@ -123,6 +123,9 @@ class DistillConfig:
     beta: float = 0.5
     ce_weight: float = 0.0
     cache_dir: str | None = None  # cached teacher: where the top-k cache lives (default: run_dir/teacher_cache)
+    # cached teacher: a process waiting for the others' parts of the cache gives up, naming the
+    # missing parts, once none has gained a shard for this many seconds
+    cache_wait_s: float = 1800.0
     teacher_dtype: str | None = None
     # ct: ct-distill's losses, every engine; modelopt: nvidia-modelopt's logits distillation
     # (megatron engine, online teacher, forward or reverse KL over the full vocabulary;
@@ -132,6 +135,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.teacher not in TEACHER_KINDS:
             raise ValueError(f"stage.distill.teacher must be one of {TEACHER_KINDS}, got {self.teacher!r}")
+        if not (isinstance(self.cache_wait_s, (int, float)) and self.cache_wait_s >= 0):
+            raise ValueError(f"stage.distill.cache_wait_s must be a number of seconds >= 0, got {self.cache_wait_s!r}")
         if self.teacher == "cached" and not self.top_k:
             raise ValueError("stage.distill.top_k must be set when stage.distill.teacher=cached")
         if self.backend not in KD_BACKENDS:
