@@ -11,6 +11,7 @@ from typing import Any, Callable
 from ct_model.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 
 
 def config_dir(explicit: str | None = None) -> Path:
@@ -86,9 +87,13 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
 
     try:
         return fn() or 0
-    except Preempted as err:  # a checkpoint was written: say so, exit 143 (SLURM requeues on it)
+    except Preempted as err:  # a checkpoint was written: say so, exit 143 / 130 (SLURM requeues on 143)
         print(f"preempted: {err}", file=sys.stderr)
         return err.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
+        print("interrupted: stopped at once; the newest complete checkpoint (if any) is where a rerun resumes",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - classify, then re-raise what is not a user error
         if isinstance(err, user_errors()):
             print(f"error: {err}", file=sys.stderr)
