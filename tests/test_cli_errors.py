@@ -4,11 +4,15 @@ error propagates and fails the test, which is what a traceback would be."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import shutil
+from pathlib import Path
 
 import pytest
 
-from cli_support import TINY
+from cli_support import TINY, events
 from ct_cli import export as export_cli
 from ct_cli import train as train_cli
 
@@ -123,3 +127,56 @@ def test_damaged_checkpoints_exit_2_naming_the_file(capsys, tmp_path, sample_dir
     assert code == 2 and "meta.json" in err, err
     assert export_cli.main([str(ckpt), str(tmp_path / "out")]) == 2
     assert "meta.json" in capsys.readouterr().err
+
+
+# -- a run_dir protects the run it holds -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, sample_dir):
+    """A TINY run of 2 steps, finished (checkpoint, hf/, summary.json). Tests copy it, never write it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    args = [f"run_dir={run}", f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=2"]
+    assert train_cli.main(["--phase", "pretrain_phase1", *args]) == 0
+    return run, args
+
+
+def copy_of(finished, tmp_path) -> tuple[Path, list[str]]:
+    run, args = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy, [a if not a.startswith("run_dir=") else f"run_dir={copy}" for a in args]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under ``root``: size, mtime and content hash (a rewrite with equal bytes shows too)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_rerun_says_so_and_changes_nothing(capsys, caplog, tmp_path, finished):
+    run, args = copy_of(finished, tmp_path)
+    before = snapshot(run)
+    caplog.set_level(logging.INFO, logger="ct_stages")
+    code, err = train(capsys, *args)
+    assert code == 0, err
+    assert "finished at step 2" in caplog.text
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("steps", [2, 4], ids=["finished", "unfinished"])
+@pytest.mark.parametrize("change, needles", [
+    (["model.num_layers=2"], ["model.num_layers: saved", "now 2"]),
+    (["model=deepseek_v3_tiny"], ["model.", "saved"]),
+    (["trainer.global_batch_size=8"], ["trainer.global_batch_size: saved 4, now 8", "trainer.global_batch_size=4"]),
+    (["seq_len=32"], ["seq_len: saved 64, now 32"]),
+], ids=["num_layers", "preset", "global_batch", "seq_len"])
+def test_a_rerun_with_another_configuration_is_refused_before_writing(capsys, tmp_path, finished, steps, change,
+                                                                      needles):
+    run, args = copy_of(finished, tmp_path)
+    before = snapshot(run)
+    code, err = train(capsys, *args, f"trainer.max_steps={steps}", *change)
+    assert code == 2, err
+    assert all(n in err for n in needles) and "new run_dir" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert snapshot(run) == before

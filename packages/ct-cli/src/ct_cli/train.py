@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(printable(run), sort_keys=False))
             return 0
         if args.nproc_per_node > 1:
+            from ct_stages.run import check_process_count
+
+            check_process_count(run, args.nproc_per_node)  # one line here, not a traceback per rank
             return launch_local(args.nproc_per_node, argv, shutdown_timeout(args.shutdown_timeout))
         from ct_stages.run import run_phase
 
