@@ -46,6 +46,7 @@ def register_schema() -> None:
 
 def compose(phase: str, overrides: list[str], directory: Path) -> dict[str, Any]:
     """The resolved config of ``phase`` with Hydra ``overrides``, as plain containers."""
+    import yaml
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -61,6 +62,17 @@ def compose(phase: str, overrides: list[str], directory: Path) -> dict[str, Any]
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise UserFacingError(f"bad config or override: {str(err).splitlines()[0]}") from err
+    except yaml.YAMLError as err:  # a config file of the user's that is not YAML (Hydra passes it on)
+        raise UserFacingError(yaml_error(err)) from err
+
+
+def yaml_error(err) -> str:
+    """One line: the file, the line and the problem of a YAML parse error (tabs named as such)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{mark.name}:{mark.line + 1}" if mark is not None else "a config file"
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    hint = "; YAML indents with spaces, never a tab" if "\\t" in problem or "\t" in problem else ""
+    return f"{where}: not valid YAML ({problem}){hint}"
 
 
 def run_config(phase: str, overrides: list[str], directory: Path):

@@ -118,6 +118,11 @@ def open_dataset(src: SourceConfig):
             if fmt == "text":
                 # Invalid bytes become U+FFFD, which the extractor counts as undecodable.
                 kwargs = {"sample_by": src.text_sample_by, "encoding_errors": "replace"}
+            elif fmt == "json":
+                # Likewise for JSON lines: datasets decodes (and so replaces) only for an encoding
+                # spelled other than "utf-8"; "utf_8" is the same codec. Without it one non-UTF-8
+                # document (a Latin-1 line) stops the run instead of being skipped and counted.
+                kwargs = {"encoding": "utf_8", "encoding_errors": "replace"}
             return datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
         data_files = list(src.data_files) if isinstance(src.data_files, tuple) else src.data_files
         return datasets.load_dataset(src.path, name=src.subset, split=src.split, streaming=True,
@@ -175,7 +180,8 @@ def _count_json_lines(src: SourceConfig, path: str, bad: list[str]) -> int:
 
     opener = gzip.open if path.endswith(".gz") else open
     count = 0
-    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+    # Undecodable bytes are not malformed JSON: read as U+FFFD, the loader skips those documents.
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         if f.read(4096).lstrip().startswith("["):
             return 0  # one JSON array (not JSON lines): datasets parses it whole, at open time
         f.seek(0)
