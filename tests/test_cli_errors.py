@@ -281,37 +281,48 @@ def test_a_finished_run_on_a_read_only_file_system(capsys, monkeypatch, tmp_path
     assert snapshot(run) == before
 
 
-def test_disk_full_while_saving_a_checkpoint(capsys, monkeypatch, tmp_path, finished):
+def full_disk(monkeypatch, root: Path, after_step: int) -> None:
+    """Every write under ``root`` fails with ENOSPC once the trainer has logged ``after_step``."""
+    from ct_stages.metrics import MetricsLog
+
+    real_write, real_io_open = MetricsLog.write, io.open
+    state = {"full": False}
+
+    def write(self, record):
+        real_write(self, record)
+        state["full"] = state["full"] or (record.get("event") == "train" and record["step"] >= after_step)
+
+    def io_open(file, mode="r", *args, **kwargs):
+        inside = isinstance(file, (str, os.PathLike)) and str(Path(os.fspath(file)).absolute()).startswith(str(root))
+        if state["full"] and inside and any(c in mode for c in "wax+"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(file))
+        return real_io_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(MetricsLog, "write", write)
+    monkeypatch.setattr(io, "open", io_open)
+    monkeypatch.setattr(builtins, "open", io_open)
+
+
+@pytest.mark.parametrize("where", ["engine_write", "every_write"])
+def test_disk_full_while_saving_a_checkpoint(capsys, monkeypatch, tmp_path, finished, where):
+    """The checkpoint's own write fails (the engine's), or the disk is full for every write
+    (the metrics row after the step too); either way one line, and step 2 still verifies."""
+    import torch.distributed.checkpoint.filesystem as dcp_fs
     from ct_stages import CheckpointManager
 
     run, args = copy_of(finished, tmp_path)
-    real_save = torch.save
+    if where == "engine_write":
+        def no_space(*a, **k):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def save(obj, f, *a, **k):  # the trainer state of the step-4 checkpoint hits a full disk
-        if ".tmp-step_00000004" in os.fspath(f):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(f))
-        return real_save(obj, f, *a, **k)
-
-    monkeypatch.setattr(torch, "save", save)
+        monkeypatch.setattr(dcp_fs, "_write_item", no_space)
+    else:
+        full_disk(monkeypatch, run, after_step=3)
     code, err = train(capsys, *args, "trainer.max_steps=4")
-    assert code == 2 and "No space left on device" in err and str(run / "checkpoints") in err, err
-    assert len(err.strip().splitlines()) == 1
+    assert code == 2 and "No space left on device" in err and str(run) in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert CheckpointManager(run / "checkpoints").latest_verified().name == "step_00000002"
     assert not list((run / "checkpoints").glob(".tmp-*"))
-
-
-def test_disk_full_inside_the_engine_write(capsys, monkeypatch, tmp_path, finished):
-    import torch.distributed.checkpoint.filesystem as dcp_fs
-
-    run, args = copy_of(finished, tmp_path)
-
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(dcp_fs, "_write_item", full)
-    code, err = train(capsys, *args, "trainer.max_steps=4")
-    assert code == 2 and "No space left on device" in err and str(run / "checkpoints") in err, err
-    assert len(err.strip().splitlines()) == 1
 
 
 def test_nproc_per_node_with_distributed_single(capsys, monkeypatch, tmp_path):
@@ -342,8 +353,8 @@ def test_an_empty_jsonl_is_named(capsys, tmp_path, sample_dir):
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
     code, err = train(capsys, f"run_dir={tmp_path / 'run'}", f"sample_data.dir={sample_dir}", *TINY,
-                      f"data.sources.0.path={empty}")
-    assert code == 2 and str(empty) in err and "empty" in err and len(err.strip().splitlines()) == 1, err
+                      "data.sources=[{name: mine, path: " + str(empty) + "}]")
+    assert code == 2 and f"{empty} is empty (0 bytes)" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

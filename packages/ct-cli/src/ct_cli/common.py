@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -94,6 +95,20 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, FileNotFoundError)
 
 
+# Write failures a user fixes on the machine, not in the code: said in one line, naming the file.
+DISK_ERRORS = {errno.ENOSPC: "free space", errno.EDQUOT: "free space (disk quota)",
+               errno.EROFS: "choose a writable run_dir=", errno.EACCES: "fix its permissions"}
+
+
+def disk_error(err: BaseException) -> str | None:
+    """The one line for a write that the file system refused (None: not such an error)."""
+    if not isinstance(err, OSError) or err.errno not in DISK_ERRORS:
+        return None
+    where = f"{err.filename}: " if err.filename else ""
+    return (f"{where}{err.strerror}; {DISK_ERRORS[err.errno]}, then run the same command again (a rerun resumes "
+            "from the newest complete checkpoint)")
+
+
 def run_guarded(fn: Callable[[], int | None]) -> int:
     from ct_stages.trainer import Preempted
 
@@ -109,5 +124,8 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
     except Exception as err:  # noqa: BLE001 - classify, then re-raise what is not a user error
         if isinstance(err, user_errors()):
             print(f"error: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if disk_error(err) is not None:
+            print(f"error: {disk_error(err)}", file=sys.stderr)
             return EXIT_USER_ERROR
         raise

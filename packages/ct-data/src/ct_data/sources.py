@@ -89,6 +89,10 @@ def resolve_files(src: SourceConfig) -> tuple[str, list[str]] | None:
         return None  # a hub dataset name
     else:
         raise DataConfigError(f"source {src.name!r}: field 'path': file {path!r} does not exist")
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:  # datasets would fail on it with a bare StopIteration
+        raise DataSourceError(f"source {src.name!r}: {empty[0]} is empty (0 bytes){_more(empty)}; fill it, or "
+                              "leave it out of the source's path")
     formats = {_format_of(f, src.file_format) for f in files}
     if None in formats:
         bad = [f for f in files if _format_of(f, src.file_format) is None][:3]
@@ -98,6 +102,10 @@ def resolve_files(src: SourceConfig) -> tuple[str, list[str]] | None:
         raise DataConfigError(f"source {src.name!r}: field 'path': {path!r} mixes formats {sorted(formats)}; "
                               f"use one source per format")
     return formats.pop(), files
+
+
+def _more(files: list[str]) -> str:
+    return f" (and {len(files) - 1} more)" if len(files) > 1 else ""
 
 
 def open_dataset(src: SourceConfig):
