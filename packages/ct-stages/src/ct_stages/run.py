@@ -1,10 +1,12 @@
 """Run one phase from a RunConfig: ``setup`` builds everything, ``Trainer.fit`` trains, ``finish``
 exports, and ``close`` releases what setup took (loader threads, wandb, process groups).
 
-setup order: refuse unsupported layouts -> process groups -> device defaults (precision=auto, TF32,
-fp8 -> compile; decided once, logged) -> peak FLOP/s (before any other work) -> run directory ->
-sample data and tokenizer -> model (fresh or from the previous phase's HF export) -> data -> stage
--> engine, optimizer, schedule -> trainer -> resume.
+A rerun of a finished run returns its summary before setup (nothing is written). setup order:
+refuse unsupported layouts -> process groups -> device defaults (precision=auto, TF32, fp8 ->
+compile; decided once, logged) -> peak FLOP/s (before any other work) -> the model's config ->
+run directory (rank 0: lock it, compare with the run saved there, then write config.json; see
+rundir.py) -> sample data and tokenizer -> model (fresh or from the previous phase's HF export)
+-> data -> stage -> engine, optimizer, schedule -> trainer -> resume.
 """
 
 from __future__ import annotations
