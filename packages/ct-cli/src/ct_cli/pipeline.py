@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             timings.record("eval", time.monotonic() - eval_start)
         summary["wall_s"] = {"eval": timings.get("eval"), "this_invocation": round(time.monotonic() - start, 1),
                              "total_measured": timings.total()}
-        (root / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(json.dumps(summary, indent=2))
+        from ct_stages.metrics import strict_json
+
+        text = strict_json(summary, indent=2)  # strict JSON: a NaN loss is null
+        (root / "pipeline_summary.json").write_text(text + "\n")
+        print(text)
         print(summary_table(summary))
         return 0
 
@@ -213,7 +216,9 @@ class Timings:
     def record(self, name: str, seconds: float) -> None:
         self.values[name] = round(seconds, 1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.values, indent=2) + "\n")
+        from ct_stages.metrics import strict_json
+
+        self.path.write_text(strict_json(self.values, indent=2) + "\n")
 
     def get(self, name: str) -> float | None:
         return self.values.get(name)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -127,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             return launch_local(args.nproc_per_node, argv, shutdown_timeout(args.shutdown_timeout))
         from ct_stages.run import run_phase
 
+        from ct_stages.metrics import strict_json
+
         result = run_phase(run)
-        print(json.dumps(result.summary))
+        print(strict_json(result.summary))  # a NaN loss as null, as in summary.json
         return 0
 
     return run_guarded(run)
