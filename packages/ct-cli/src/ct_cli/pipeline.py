@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         phase_args = {p: phase_overrides(root, p, overrides, teacher) for p in order}
         configs = {p: run_config(p, phase_args[p], directory) for p in order}
         check_teachers(configs)
+        if args.nproc_per_node > 1:  # distributed=single: one line now, not a failed ct-train per phase
+            from ct_stages.run import check_process_count
+
+            for config in configs.values():
+                check_process_count(config, args.nproc_per_node)
         timings = Timings(root / "pipeline_timings.json")
         results, datamix = {}, {}
         for phase in configs:
