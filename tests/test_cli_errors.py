@@ -176,7 +176,8 @@ def test_a_finished_run_rerun_says_so_and_changes_nothing(capsys, caplog, tmp_pa
 @pytest.mark.parametrize("steps", [2, 4], ids=["finished", "unfinished"])
 @pytest.mark.parametrize("change, needles", [
     (["model.num_layers=2"], ["model.num_layers: saved", "now 2"]),
-    (["model=deepseek_v3_tiny"], ["model.", "saved"]),
+    (["model=deepseek_v3_tiny"], ["model.preset: saved 'mobilellm_tiny', now 'deepseek_v3_tiny'",
+                                  "saved values (model.preset=mobilellm_tiny)"]),
     (["trainer.global_batch_size=8"], ["trainer.global_batch_size: saved 4, now 8", "trainer.global_batch_size=4"]),
     (["seq_len=32"], ["seq_len: saved 64, now 32"]),
 ], ids=["num_layers", "preset", "global_batch", "seq_len"])

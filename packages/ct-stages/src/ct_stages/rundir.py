@@ -122,13 +122,22 @@ def check_saved_run(run_dir: Path, run_dict: dict[str, Any], model: dict[str, An
         log.warning("%s holds checkpoints but no config.json/model_config.json: the rerun's configuration "
                     "cannot be compared with the saved run's", run_dir)
         return
-    saved = contract_values(_read_json(config_path), _read_json(model_path))
+    saved_run = _read_json(config_path)
+    saved = contract_values(saved_run, _read_json(model_path))
     diff = differences(saved, contract_values(run_dict, model))
     if not diff:
         return
+    old_preset, new_preset = _pick(saved_run, "model.preset"), _pick(run_dict, "model.preset")
+    if old_preset != new_preset and any(k.startswith("model.") for k, _, _ in diff):
+        # Another preset: named first, and model.preset=OLD is the way back (not its 20 fields).
+        diff = [("model.preset", old_preset, new_preset)] + [d for d in diff if not d[0].startswith("model.")] + \
+               [d for d in diff if d[0].startswith("model.")]
     shown = "; ".join(f"{k}: saved {v_old!r}, now {v_new!r}" for k, v_old, v_new in diff[:12])
     more = f"; ... ({len(diff)} keys in all)" if len(diff) > 12 else ""
-    keep = " ".join(_override(k, v) for k, v, _ in diff[:6] if v is not None)
+    preset_changed = diff[0][0] == "model.preset"
+    back = [(k, v) for k, v, _ in diff if v is not None and not (preset_changed and k.startswith("model.")
+                                                                   and k != "model.preset")]
+    keep = " ".join(_override(k, v) for k, v in back[:6])
     raise RunDirError(
         f"run_dir={run_dir} holds a run with another configuration ({shown}{more}; saved in {config_path.name} "
         f"and {model_path.name}). To resume it, rerun with the saved values{f' ({keep})' if keep else ''}; "
