@@ -55,7 +55,7 @@ def test_the_cli_passes_the_shutdown_timeout_to_the_launcher(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.distributed.run, "main", lambda args: calls.append(args))
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
-    base = ["--phase", "pretrain_phase1", "trainer.max_steps=2"]
+    base = ["--phase", "pretrain_phase1", "trainer.max_steps=2", "distributed=ddp"]
     assert train_cli.main(["--nproc-per-node", "2", *base]) == 0
     assert train_cli.main(["--nproc-per-node=2", "--shutdown-timeout", "300", *base]) == 0
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")
@@ -70,7 +70,7 @@ def test_a_bad_shutdown_timeout_is_a_user_error(monkeypatch, capsys):
     from ct_cli import train as train_cli
 
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "soon")
-    assert train_cli.main(["--nproc-per-node", "2", "--phase", "pretrain_phase1"]) == 2
+    assert train_cli.main(["--nproc-per-node", "2", "--phase", "pretrain_phase1", "distributed=ddp"]) == 2
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT='soon'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_cli.main(["--nproc-per-node", "2", "--shutdown-timeout", "-1"])

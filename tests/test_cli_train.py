@@ -75,6 +75,8 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, sample_dir, referen
     resumed = [e for e in events(killed) if e["event"] == "resume"]
     assert resumed and resumed[0]["step"] <= killed_at
     assert train_losses(killed) == expected  # every step, bit for bit
+    # One row per step: the steps logged after the checkpoint and trained again are logged once.
+    assert [e["step"] for e in events(killed) if e["event"] == "train"] == list(range(1, steps + 1))
     # Every async checkpoint of the finished run was reported complete, after it was started.
     records = events(killed)[[e["event"] for e in events(killed)].index("resume"):]
     started = [e["step"] for e in records if e["event"] == "checkpoint"]
@@ -83,23 +85,26 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, sample_dir, referen
     assert all(e["async"] for e in records if e["event"] == "checkpoint")
 
 
-def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, sample_dir, reference_losses):
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_checkpoints_exits_128_plus_it_and_resumes_exactly(tmp_path, sample_dir, reference_losses,
+                                                                         signum, status):
     steps = 8
     expected = reference_losses  # checkpointed every 2 steps: saving changes no number
 
     run = tmp_path / "preempted"
     proc = _launch(run, sample_dir, steps, "trainer.checkpoint_every=100")
     wait_for_step(proc, run, 2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)  # SIGINT: what a Ctrl-C in the terminal sends
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
+    assert proc.returncode == status, err[-2000:]
     stopped = [e for e in events(run) if e["event"] == "preempted"]
-    assert stopped and "preempted: stopped by SIGTERM" in err
+    assert stopped and f"preempted: stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
     saved = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert saved == [f"step_{stopped[0]['step']:08d}"] and stopped[0]["step"] < steps  # no periodic ones
     ct("train", "--phase", "pretrain_phase1", f"run_dir={run}", f"sample_data.dir={sample_dir}", *TINY,
        f"trainer.max_steps={steps}", "trainer.checkpoint_every=100")
     assert train_losses(run) == expected  # every step, bit for bit
+    assert [e["step"] for e in events(run) if e["event"] == "train"] == list(range(1, steps + 1))
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 import ct_model
@@ -222,3 +223,27 @@ def test_each_share_checks_only_its_files_and_together_they_find_a_damaged_one(t
     found = [verify(path, rank, 3) for rank in range(3)]
     assert sorted(len(f) for f in found) == [0, 0, 1]  # one rank holds the damaged file
     assert sum(found, []) == verify(path) == [f"{victim}: checksum differs from the manifest"]
+
+
+def _engine_of(**fields):
+    model = ct_model.build_model(ct_model.presets.get("mobilellm_tiny", vocab_size=32, **fields), seed=0)
+    e = build_native_engine(model)
+    e.setup_optimizer(lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-3))
+    return e, model
+
+
+@pytest.mark.parametrize("saved, now, needle", [
+    ({"num_layers": 2}, {"num_layers": 1}, "the checkpoint has and the model lacks"),  # a partial load before
+    ({"num_layers": 1}, {"num_layers": 2}, "the model has and the checkpoint lacks"),
+], ids=["fewer_layers", "more_layers"])
+def test_loading_another_models_checkpoint_is_refused_and_loads_nothing(tmp_path, saved, now, needle):
+    from ct_model import UserError
+
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, _engine_of(**saved)[0], {"step": 1})
+    target, model = _engine_of(**now)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(UserError, match=needle) as refused:
+        manager.load(manager.latest(), target)
+    assert "written for another model" in str(refused.value) and "move it aside" not in str(refused.value)
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))

@@ -187,3 +187,48 @@ def test_the_watchdog_reports_a_step_far_slower_than_the_median(tmp_path, caplog
     # 0.8 s is 8x the median 0.1 s (above the default factor 5); 0.4 s is 4x: not reported.
     assert [e["step"] for e in slow] == [7] and slow[0]["median_seconds"] == pytest.approx(0.1)
     assert "the median step" in caplog.text
+
+
+def _ctrl_c_at(call: int, times: int = 1):
+    """A loss function that presses Ctrl-C ``times`` times during its ``call``-th call."""
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def loss_fn(mb, logits):
+        calls["n"] += 1
+        if calls["n"] == call:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return F.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten(), reduction="sum")
+
+    return loss_fn
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path):
+    from ct_stages import Preempted
+
+    stage = Stage(StageConfig())
+    stage.loss_fn = _ctrl_c_at(2)
+    trainer, _, _ = build_trainer(tmp_path, make_batches(6, 4), gbs=4, mbs=4, steps=6, stage=stage)
+    with pytest.raises(Preempted, match="stopped by SIGINT after step 2") as stopped:
+        trainer.fit()
+    assert stopped.value.exit_status == 130
+    assert CheckpointManager(tmp_path / "ckpt").latest().name == "step_00000002"
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
+    stage = Stage(StageConfig())
+    stage.loss_fn = _ctrl_c_at(2, times=2)
+    trainer, _, _ = build_trainer(tmp_path, make_batches(6, 4), gbs=4, mbs=4, steps=6, stage=stage)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert CheckpointManager(tmp_path / "ckpt").latest() is None
+
+
+def test_metrics_are_strict_json(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl", enabled=True)
+    log.write({"event": "train", "step": 1, "loss": float("nan"), "mfu": float("inf")})
+    record = json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert record["loss"] is None and record["mfu"] is None

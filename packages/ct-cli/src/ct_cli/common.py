@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ from typing import Any, Callable
 from ct_model.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 
 
 def config_dir(explicit: str | None = None) -> Path:
@@ -45,6 +47,7 @@ def register_schema() -> None:
 
 def compose(phase: str, overrides: list[str], directory: Path) -> dict[str, Any]:
     """The resolved config of ``phase`` with Hydra ``overrides``, as plain containers."""
+    import yaml
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -60,6 +63,17 @@ def compose(phase: str, overrides: list[str], directory: Path) -> dict[str, Any]
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise UserFacingError(f"bad config or override: {str(err).splitlines()[0]}") from err
+    except yaml.YAMLError as err:  # a config file of the user's that is not YAML (Hydra passes it on)
+        raise UserFacingError(yaml_error(err)) from err
+
+
+def yaml_error(err) -> str:
+    """One line: the file, the line and the problem of a YAML parse error (tabs named as such)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{mark.name}:{mark.line + 1}" if mark is not None else "a config file"
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    hint = "; YAML indents with spaces, never a tab" if "\\t" in problem or "\t" in problem else ""
+    return f"{where}: not valid YAML ({problem}){hint}"
 
 
 def run_config(phase: str, overrides: list[str], directory: Path):
@@ -81,16 +95,37 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, FileNotFoundError)
 
 
+# Write failures a user fixes on the machine, not in the code: said in one line, naming the file.
+DISK_ERRORS = {errno.ENOSPC: "free space", errno.EDQUOT: "free space (disk quota)",
+               errno.EROFS: "choose a writable run_dir=", errno.EACCES: "fix its permissions"}
+
+
+def disk_error(err: BaseException) -> str | None:
+    """The one line for a write that the file system refused (None: not such an error)."""
+    if not isinstance(err, OSError) or err.errno not in DISK_ERRORS:
+        return None
+    where = f"{err.filename}: " if err.filename else ""
+    return (f"{where}{err.strerror}; {DISK_ERRORS[err.errno]}, then run the same command again (a rerun resumes "
+            "from the newest complete checkpoint)")
+
+
 def run_guarded(fn: Callable[[], int | None]) -> int:
     from ct_stages.trainer import Preempted
 
     try:
         return fn() or 0
-    except Preempted as err:  # a checkpoint was written: say so, exit 143 (SLURM requeues on it)
+    except Preempted as err:  # a checkpoint was written: say so, exit 143 / 130 (SLURM requeues on 143)
         print(f"preempted: {err}", file=sys.stderr)
         return err.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
+        print("interrupted: stopped at once; the newest complete checkpoint (if any) is where a rerun resumes",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - classify, then re-raise what is not a user error
         if isinstance(err, user_errors()):
             print(f"error: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if disk_error(err) is not None:
+            print(f"error: {disk_error(err)}", file=sys.stderr)
             return EXIT_USER_ERROR
         raise

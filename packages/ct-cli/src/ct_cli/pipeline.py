@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         phase_args = {p: phase_overrides(root, p, overrides, teacher) for p in order}
         configs = {p: run_config(p, phase_args[p], directory) for p in order}
         check_teachers(configs)
+        if args.nproc_per_node > 1:  # distributed=single: one line now, not a failed ct-train per phase
+            from ct_stages.run import check_process_count
+
+            for config in configs.values():
+                check_process_count(config, args.nproc_per_node)
         timings = Timings(root / "pipeline_timings.json")
         results, datamix = {}, {}
         for phase in configs:
@@ -102,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
             timings.record("eval", time.monotonic() - eval_start)
         summary["wall_s"] = {"eval": timings.get("eval"), "this_invocation": round(time.monotonic() - start, 1),
                              "total_measured": timings.total()}
-        (root / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(json.dumps(summary, indent=2))
+        from ct_stages.metrics import strict_json
+
+        text = strict_json(summary, indent=2)  # strict JSON: a NaN loss is null
+        (root / "pipeline_summary.json").write_text(text + "\n")
+        print(text)
         print(summary_table(summary))
         return 0
 
@@ -213,7 +221,9 @@ class Timings:
     def record(self, name: str, seconds: float) -> None:
         self.values[name] = round(seconds, 1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.values, indent=2) + "\n")
+        from ct_stages.metrics import strict_json
+
+        self.path.write_text(strict_json(self.values, indent=2) + "\n")
 
     def get(self, name: str) -> float | None:
         return self.values.get(name)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -121,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(printable(run), sort_keys=False))
             return 0
         if args.nproc_per_node > 1:
+            from ct_stages.run import check_process_count
+
+            check_process_count(run, args.nproc_per_node)  # one line here, not a traceback per rank
             return launch_local(args.nproc_per_node, argv, shutdown_timeout(args.shutdown_timeout))
         from ct_stages.run import run_phase
 
+        from ct_stages.metrics import strict_json
+
         result = run_phase(run)
-        print(json.dumps(result.summary))
+        print(strict_json(result.summary))  # a NaN loss as null, as in summary.json
         return 0
 
     return run_guarded(run)

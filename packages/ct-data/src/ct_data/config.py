@@ -105,6 +105,9 @@ class SourceConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, name: str | None = None) -> "SourceConfig":
+        if not isinstance(d, Mapping):  # e.g. data.sources=[1,2] on the command line
+            raise DataConfigError(f"data.sources: each source is a mapping with at least name and path "
+                                  f"(data.sources=[{{name: web, path: web.jsonl}}]), got {d!r}")
         d = dict(d)
         if name is not None:
             d.setdefault("name", name)

@@ -89,6 +89,10 @@ def resolve_files(src: SourceConfig) -> tuple[str, list[str]] | None:
         return None  # a hub dataset name
     else:
         raise DataConfigError(f"source {src.name!r}: field 'path': file {path!r} does not exist")
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:  # datasets would fail on it with a bare StopIteration
+        raise DataSourceError(f"source {src.name!r}: {empty[0]} is empty (0 bytes){_more(empty)}; fill it, or "
+                              "leave it out of the source's path")
     formats = {_format_of(f, src.file_format) for f in files}
     if None in formats:
         bad = [f for f in files if _format_of(f, src.file_format) is None][:3]
@@ -98,6 +102,10 @@ def resolve_files(src: SourceConfig) -> tuple[str, list[str]] | None:
         raise DataConfigError(f"source {src.name!r}: field 'path': {path!r} mixes formats {sorted(formats)}; "
                               f"use one source per format")
     return formats.pop(), files
+
+
+def _more(files: list[str]) -> str:
+    return f" (and {len(files) - 1} more)" if len(files) > 1 else ""
 
 
 def open_dataset(src: SourceConfig):
@@ -118,6 +126,11 @@ def open_dataset(src: SourceConfig):
             if fmt == "text":
                 # Invalid bytes become U+FFFD, which the extractor counts as undecodable.
                 kwargs = {"sample_by": src.text_sample_by, "encoding_errors": "replace"}
+            elif fmt == "json":
+                # Likewise for JSON lines: datasets decodes (and so replaces) only for an encoding
+                # spelled other than "utf-8"; "utf_8" is the same codec. Without it one non-UTF-8
+                # document (a Latin-1 line) stops the run instead of being skipped and counted.
+                kwargs = {"encoding": "utf_8", "encoding_errors": "replace"}
             return datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
         data_files = list(src.data_files) if isinstance(src.data_files, tuple) else src.data_files
         return datasets.load_dataset(src.path, name=src.subset, split=src.split, streaming=True,
@@ -175,7 +188,8 @@ def _count_json_lines(src: SourceConfig, path: str, bad: list[str]) -> int:
 
     opener = gzip.open if path.endswith(".gz") else open
     count = 0
-    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+    # Undecodable bytes are not malformed JSON: read as U+FFFD, the loader skips those documents.
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         if f.read(4096).lstrip().startswith("["):
             return 0  # one JSON array (not JSON lines): datasets parses it whole, at open time
         f.seek(0)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from ct_model import UserError
 from ct_model import moe as ct_moe
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -202,6 +203,7 @@ class NativeEngine:
         state = self._checkpoint_state()
         if not load_optimizer:
             state = {"model": state["model"]}
+        check_same_model(path, state["model"])
         dcp.load(state, checkpoint_id=str(path))
         self._load_checkpoint_state(state)
 
@@ -241,3 +243,27 @@ def build_native_engine(model: nn.Module, *, strategy: str = "single",
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
         return NativeEngine(model, wrapped, autocast_dtype=autocast_dtype)
     raise ValueError(f"unknown native strategy {strategy!r}; expected 'single' or 'ddp'")
+
+
+class CheckpointModelMismatch(UserError):
+    """The checkpoint holds another model: DCP would load the tensors both share and leave the rest."""
+
+
+def check_same_model(path: str, model_state: dict[str, Any]) -> None:
+    """Strict loading: the checkpoint's model tensors are exactly this model's, by name and shape
+    (DCP alone loads the requested keys and ignores the checkpoint's others, a partial load)."""
+    saved = {key[len("model."):]: getattr(meta, "size", None)
+             for key, meta in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
+             if key.startswith("model.")}
+    wanted = {name: tuple(value.shape) for name, value in model_state.items() if isinstance(value, torch.Tensor)}
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    shapes = sorted(n for n in set(saved) & set(wanted) if saved[n] is not None and tuple(saved[n]) != wanted[n])
+    if missing or extra or shapes:
+        def few(names):
+            return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+        found = "; ".join(part for part in (
+            f"{len(missing)} tensors the model has and the checkpoint lacks: {few(missing)}" if missing else "",
+            f"{len(extra)} tensors the checkpoint has and the model lacks: {few(extra)}" if extra else "",
+            f"{len(shapes)} with other shapes: {few(shapes)}" if shapes else "") if part)
+        raise CheckpointModelMismatch(f"{path}: written for another model ({found}); nothing was loaded. Resume "
+                                      "with the model it was written for, or start a new run_dir")

@@ -265,8 +265,8 @@ class CheckpointManager:
                 return torch.load(path / f"trainer_rank{_rank()}.pt", weights_only=False)
             return _reshard_trainer_state(path, saved_world)
         except BaseException as err:  # DCP's CheckpointException derives from BaseException
-            if isinstance(err, (KeyboardInterrupt, SystemExit)):
-                raise
+            if isinstance(err, (KeyboardInterrupt, SystemExit, UserError)):
+                raise  # a UserError says what to do itself (not "move it aside": the files are sound)
             raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
                                   f"move it aside to resume from an older checkpoint") from err
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import time
@@ -295,6 +296,23 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def finite_or_none(value):
+    """``value`` with every non-finite float (NaN, inf) replaced by None, recursively: what strict
+    JSON can hold (a NaN loss or an unknown peak FLOP/s is logged as null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value, **kwargs) -> str:
+    """JSON that strict parsers accept (RFC 8259: no NaN/Infinity); other objects as ``str``."""
+    return json.dumps(finite_or_none(value), allow_nan=False, default=str, **kwargs)
+
+
 class MetricsLog:
     """Appends one JSON object per event to ``metrics.jsonl``; mirrors to wandb when enabled.
 
@@ -315,10 +333,32 @@ class MetricsLog:
             return
         record = {**record, "time": round(time.time(), 3)}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "time"},
                            step=record.get("step"))
+
+    def discard_after(self, step: int) -> int:
+        """Keep one row per step: drop the records of steps after ``step`` (those a resume from the
+        step-``step`` checkpoint trains again) and any torn last line; returns how many went."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill mid-write
+                dropped += 1
+                continue
+            if isinstance(record.get("step"), int) and record["step"] > step:
+                dropped += 1
+                continue
+            kept.append(line)
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        return dropped
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -347,13 +387,14 @@ class Reporter:
 
 
 def read_losses(path: Path) -> dict[int, float]:
-    """The last logged training loss of every step (a resumed run logs replayed steps again)."""
+    """The training loss of every step (the last row of a step, for logs written before resumes
+    discarded the rows of the steps they train again)."""
     losses: dict[int, float] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            if record.get("event") == "train":
-                losses[record["step"]] = record["loss"]
+            if record.get("event") == "train":  # a skipped (non-finite) step's loss is logged as null
+                losses[record["step"]] = float("nan") if record["loss"] is None else record["loss"]
     return losses
 
 

@@ -30,7 +30,8 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.lr must be > 0, got {self.lr!r}")
         if self.weight_decay < 0:
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        numbers = all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas)
+        if len(self.betas) != 2 or not numbers or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas!r}")
         object.__setattr__(self, "betas", tuple(self.betas))
         if self.clip_grad is not None and self.clip_grad <= 0:

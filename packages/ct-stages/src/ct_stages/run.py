@@ -1,16 +1,18 @@
 """Run one phase from a RunConfig: ``setup`` builds everything, ``Trainer.fit`` trains, ``finish``
 exports, and ``close`` releases what setup took (loader threads, wandb, process groups).
 
-setup order: refuse unsupported layouts -> process groups -> device defaults (precision=auto, TF32,
-fp8 -> compile; decided once, logged) -> peak FLOP/s (before any other work) -> run directory ->
-sample data and tokenizer -> model (fresh or from the previous phase's HF export) -> data -> stage
--> engine, optimizer, schedule -> trainer -> resume.
+A rerun of a finished run returns its summary before setup (nothing is written). setup order:
+refuse unsupported layouts -> process groups -> device defaults (precision=auto, TF32, fp8 ->
+compile; decided once, logged) -> peak FLOP/s (before any other work) -> the model's config ->
+run directory (rank 0: lock it, compare with the run saved there, then write config.json; see
+rundir.py) -> sample data and tokenizer -> model (fresh or from the previous phase's HF export)
+-> data -> stage -> engine, optimizer, schedule -> trainer -> resume.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ from .checkpoint import CheckpointManager
 from .config import RunConfig
 from .metrics import MetricsLog, PeakFlops, Reporter, Throughput, plot_loss_curve
 from .optim import build_optimizer, build_scheduler
+from .rundir import (NoLock, RunDirError, RunDirLock, check_saved_run, finished_summary, make_run_dir,
+                     write_json)
 from .stages import Stage, StageConfig
 from .trainer import LoopState, Trainer
 
@@ -57,10 +61,14 @@ class Phase:
     trainer: Trainer
     reporter: Reporter
     owns_process_group: bool
+    lock: Any = None  # RunDirLock on global rank 0, released by close
 
 
 def run_phase(config: RunConfig | Mapping[str, Any]) -> PhaseResult:
     run = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
+    done = finished_run(run)
+    if done is not None:
+        return done
     phase = setup(run)
     try:
         state = phase.trainer.fit()
@@ -72,9 +80,19 @@ def run_phase(config: RunConfig | Mapping[str, Any]) -> PhaseResult:
 # ------------------------------------------------------------------------------------- checks
 
 
+def check_process_count(run: RunConfig, processes: int) -> None:
+    """distributed=single runs one process: refused (one line) before a launch of several, and in
+    each rank before its process group exists."""
+    d = run.distributed
+    if processes > 1 and d.engine != "megatron" and d.strategy == "single":
+        raise UserError(f"distributed.strategy=single runs one process, but {processes} were asked for "
+                        "(--nproc-per-node / torchrun); use distributed=ddp or distributed=fsdp2, or one process")
+
+
 def check_supported(run: RunConfig) -> None:
     """Refuse, before any work, layouts this machine or this version cannot run."""
     d = run.distributed
+    check_process_count(run, int(os.environ.get("WORLD_SIZE", "1")))
     unsupported = d.engine_support_errors()
     if unsupported:  # before the CUDA check: the answer does not depend on the machine
         raise UserError(unsupported[0])
@@ -154,29 +172,35 @@ def prepare_tokenizer(run: RunConfig, init_from: Path | None, sample_dir: Path |
                                                                   split_digits=tok.split_digits))
 
 
-def build_phase_model(run: RunConfig, init_from: Path | None):
-    """The phase's model on the ``meta`` device (nothing allocated), its config, and the weight
+def phase_model_config(run: RunConfig, init_from: Path | None, warn: bool = False) -> ct_model.ModelConfig:
+    """The model this phase trains (the preset, or init_from's config.json), with the context and
+    RoPE base the run asks for. Reads only: a rerun compares it with the saved run first."""
+    config = ct_model.hf.read_hf_config(init_from)[0] if init_from is not None else run.model.resolve()
+    changes = {}
+    if run.seq_len > config.max_position_embeddings:
+        changes["max_position_embeddings"] = run.seq_len
+        if warn:  # RoPE extrapolates past the positions the model was built (or trained) for
+            log.warning("seq_len=%d exceeds the model's max_position_embeddings=%d: raised to %d; positions past "
+                        "%d were never seen in training (lower seq_len, or set rope_theta_scale for a long "
+                        "context)", run.seq_len, config.max_position_embeddings, run.seq_len,
+                        config.max_position_embeddings)
+    if run.rope_theta_scale != 1.0:
+        changes["rotary_base"] = config.rotary_base * run.rope_theta_scale
+    # RoPE is computed from the config at every call, so changing it needs no weight surgery.
+    return config.replace(**changes) if changes else config
+
+
+def build_phase_model(run: RunConfig, init_from: Path | None, config: ct_model.ModelConfig):
+    """The phase's model (``config``) on the ``meta`` device (nothing allocated) and the weight
     source the parallelize step fills this rank's shards from: the previous phase's HF export
     (read lazily, a slice at a time) or fresh layout-independent initial values."""
     from ct_model.init import SeededInit
 
-    weights = None
-    if init_from is not None:
-        weights = ct_model.hf.HFWeights(init_from)
-        config = weights.config
-        log.info("initialised from %s", init_from)
-    else:
-        config = run.model.resolve()
-    changes = {}
-    if run.seq_len > config.max_position_embeddings:
-        changes["max_position_embeddings"] = run.seq_len
-    if run.rope_theta_scale != 1.0:
-        changes["rotary_base"] = config.rotary_base * run.rope_theta_scale
-    if changes:
-        # RoPE is computed from the config at every call, so changing it needs no weight surgery.
-        config = config.replace(**changes)
     model = ct_model.build_model(config, device="meta")
-    return model, config, weights if weights is not None else SeededInit(model, run.trainer.seed)
+    if init_from is None:
+        return model, SeededInit(model, run.trainer.seed)
+    log.info("initialised from %s", init_from)
+    return model, ct_model.hf.HFWeights(init_from)
 
 
 def build_stage(run: RunConfig, model_config, info: DistInfo, loader_factory) -> Stage:
@@ -242,13 +266,54 @@ def export_hf(weights, model_config, tokenizer, hf_dir: Path) -> None:
 # ------------------------------------------------------------------------------------- phase
 
 
-def _start_run_dir(run: RunConfig, is_main: bool) -> Path:
+def _start_run_dir(run: RunConfig, info: DistInfo, model_config) -> tuple[Path, RunDirLock | NoLock]:
+    """Claim ``run_dir`` before anything is written there: a path that is a file or cannot be
+    written, a saved run with another configuration, or another process holding it, exits 2 on
+    every rank. Only global rank 0 checks, locks and writes; the others learn its verdict."""
     run_dir = run.run_path
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2, default=str) + "\n")
-    barrier()
-    return run_dir
+    lock = NoLock()
+    error = None
+    if info.is_main:
+        try:
+            make_run_dir(run_dir)
+            lock = RunDirLock(run_dir).acquire()
+            check_saved_run(run_dir, run.to_dict(), model_config.to_dict())  # reads only
+            write_json(run_dir / "config.json", run.to_dict())
+        except UserError as err:
+            lock.release()
+            error = err
+    verdict = _from_main(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if verdict is not None:
+        raise RunDirError(verdict)
+    return run_dir, lock
+
+
+def _from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a barrier besides)."""
+    if not is_distributed():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def finished_run(run: RunConfig) -> PhaseResult | None:
+    """A rerun of a run that reached trainer.max_steps: said, and nothing written (not even the
+    lock). A rerun with another configuration is refused as a resume would be."""
+    summary = finished_summary(run.run_path, run.trainer.max_steps) if run.run_path.is_dir() else None
+    if summary is None:
+        return None
+    init_from = resolve_init_from(run)
+    check_saved_run(run.run_path, run.to_dict(), phase_model_config(run, init_from).to_dict())
+    log.info("run_dir=%s: finished at step %d (summary.json); nothing to do. Raise trainer.max_steps to train "
+             "further, or choose a new run_dir= for a new run", run.run_path, summary["steps"])
+    hf_dir = Path(summary.get("hf_dir") or run.run_path / "hf")
+    loss = summary.get("final_loss")
+    return PhaseResult(run.run_path, hf_dir, float("nan") if loss is None else loss, summary["steps"], summary)
 
 
 def resolve_device_settings(run: RunConfig, info: DistInfo) -> RunConfig:
@@ -278,26 +343,31 @@ def setup(run: RunConfig) -> Phase:
             run.trainer.check_layout(info.dp_size)
         except ValueError as err:
             raise UserError(str(err)) from err
-        return _build(run, info, init_from, peak, owns_process_group)
+        model_config = phase_model_config(run, init_from, warn=info.is_main)
+        run_dir, lock = _start_run_dir(run, info, model_config)
+        try:
+            return _build(run, info, init_from, model_config, peak, owns_process_group, lock)
+        except BaseException:
+            lock.release()
+            raise
     except BaseException:
         if owns_process_group:
             shutdown_distributed(run.distributed)
         raise
 
 
-def _build(run: RunConfig, info: DistInfo, init_from: Path | None, peak: PeakFlops, owns: bool) -> Phase:
+def _build(run: RunConfig, info: DistInfo, init_from: Path | None, model_config, peak: PeakFlops, owns: bool,
+           lock) -> Phase:
     import ct_data
 
-    run_dir = _start_run_dir(run, info.is_main)
+    run_dir = run.run_path
     torch.manual_seed(run.trainer.seed)
     sample_dir = prepare_sample_data(run, info.is_main)
     tokenizer = prepare_tokenizer(run, init_from, sample_dir, info.is_main)
-    model, model_config, weights = build_phase_model(run, init_from)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                        f"{model_config.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
+    check_vocab(tokenizer.vocab_size, model_config.vocab_size, warn=info.is_main)
+    model, weights = build_phase_model(run, init_from, model_config)
     if info.is_main:
-        (run_dir / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
+        write_json(run_dir / "model_config.json", model_config.to_dict())
 
     mixture = ct_data.load_data_config(run.data, sample_dir=sample_dir)
     t = run.trainer
@@ -325,13 +395,30 @@ def _build(run: RunConfig, info: DistInfo, init_from: Path | None, peak: PeakFlo
     trainer = Trainer(t, engine, stage, loader, scheduler, checkpoints, reporter,
                       clip_grad=run.optimizer.clip_grad, evaluate=evaluate)
     resumed = trainer.resume_if_possible()
+    # One row per step: the rows of steps after the checkpoint (logged by the run that stopped)
+    # are dropped, since this run trains those steps again and logs them anew.
+    metrics.discard_after(trainer.state.step)
     metrics.write({"event": "start", "step": trainer.state.step, "optimizer": type(engine.optimizer).__name__,
                    **throughput.describe()})
     if info.is_main:
         log.info("phase %s: %s params, %s x %d, peak %.1f GFLOP/s per device (%s)%s", run.phase.name,
                  f"{ct_model.count_parameters(model_config):,}", info.device, info.world_size, peak.value / 1e9,
                  peak.source, f", resumed at step {trainer.state.step}" if resumed else "")
-    return Phase(run, info, tokenizer, model_config, engine, loader, trainer, reporter, owns)
+    return Phase(run, info, tokenizer, model_config, engine, loader, trainer, reporter, owns, lock)
+
+
+# A tokenizer this much smaller than the embedding leaves most of its rows untrained.
+SMALL_VOCAB_FRACTION = 0.5
+
+
+def check_vocab(tokenizer_size: int, model_size: int, warn: bool = True) -> None:
+    if tokenizer_size > model_size:
+        raise UserError(f"the tokenizer has {tokenizer_size} tokens but model.vocab_size is {model_size}; "
+                        "raise model.vocab_size or use a smaller tokenizer")
+    if warn and tokenizer_size < SMALL_VOCAB_FRACTION * model_size:
+        log.warning("the tokenizer has %d tokens but model.vocab_size is %d: %d embedding rows will never be "
+                    "used; set model.vocab_size=%d (or a multiple of 64 above it)", tokenizer_size, model_size,
+                    model_size - tokenizer_size, tokenizer_size)
 
 
 def finish(phase: Phase, state: LoopState) -> PhaseResult:
@@ -352,7 +439,7 @@ def finish(phase: Phase, state: LoopState) -> PhaseResult:
     else:
         export_hf(items, phase.model_config, phase.tokenizer, hf_dir)
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", f"{run.phase.name} loss")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(run_dir / "summary.json", summary)  # strict JSON: a NaN loss is null
     barrier()
     return PhaseResult(run_dir, hf_dir, state.last_loss, state.step, summary)
 
@@ -371,5 +458,7 @@ def close(phase: Phase) -> None:
     if hasattr(phase.loader, "close"):
         phase.loader.close()
     phase.reporter.metrics.close()
+    if phase.lock is not None:
+        phase.lock.release()
     if phase.owns_process_group:
         shutdown_distributed(phase.run.distributed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import collections
 import math
+import os
 import statistics
 import random
 import signal
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 from ct_parallel import is_distributed
 
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointError, CheckpointManager
 from .metrics import Reporter, documents, memory_gib
 from .progress import Progress
 from .stages import Stage
@@ -74,40 +75,71 @@ class TrainingStopped(RuntimeError):
 
 
 class Preempted(TrainingStopped):
-    """SIGTERM (what SLURM sends before it kills or requeues a job): the step in flight finished,
-    a checkpoint was written, and the entry point exits with 128 + SIGTERM."""
+    """SIGTERM (what SLURM sends before it kills or requeues a job) or SIGINT (Ctrl-C): the step in
+    flight finished, a checkpoint was written, and the entry point exits with 128 + the signal
+    (143, 130)."""
 
-    exit_status = 128 + signal.SIGTERM
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + int(self.signum)
 
 
-class _TermFlag:
-    """Set by SIGTERM; every rank learns of it after the same step (one tiny all-reduce a step
-    under several processes), so all of them save the same checkpoint together."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, device: torch.device):
-        self.raised = False
+
+class _StopFlag:
+    """Set by SIGTERM or SIGINT; every rank learns of it after the same step (one tiny all-reduce
+    a step under several processes), so all of them save the same checkpoint together.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint). Under torch's elastic
+    launcher a Ctrl-C reaches each worker twice, from the terminal and relayed by the launcher,
+    within moments: a repeat inside ``repeat_window_s`` is that same Ctrl-C."""
+
+    def __init__(self, device: torch.device, repeat_window_s: float | None = None):
+        self.signum: int | None = None
         self.device = device
-        self._previous = None
+        self.repeat_window_s = (1.0 if "TORCHELASTIC_RUN_ID" in os.environ else 0.0) \
+            if repeat_window_s is None else repeat_window_s
+        self._first = 0.0
+        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_TermFlag":
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> "_StopFlag":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
-        log.warning("SIGTERM: finishing this step, then writing a checkpoint and stopping")
+        if self.signum is not None:
+            repeated = signum == signal.SIGINT and time.monotonic() - self._first > self.repeat_window_s
+            if repeated:
+                log.warning("second Ctrl-C: stopping now, without a checkpoint")
+                raise KeyboardInterrupt
+            return
+        self.signum, self._first = signum, time.monotonic()
+        again = "; Ctrl-C again to stop at once, without one" if signum == signal.SIGINT else ""
+        log.warning("%s: finishing this step, then writing a checkpoint and stopping%s",
+                    signal.Signals(signum).name, again)
 
-    def agreed(self) -> bool:
+    def agreed(self) -> int | None:
+        """The signal that stops the run, agreed by every rank (None: go on)."""
         if not is_distributed():
-            return self.raised
-        flag = torch.tensor([1.0 if self.raised else 0.0], device=self.device)
+            return self.signum
+        flag = torch.tensor([float(self.signum or 0)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item()) or None
 
 
 def rng_state() -> dict[str, Any]:
@@ -190,7 +222,12 @@ class Trainer:
             return False
         saved = self.checkpoints.load(latest, self.engine)
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.loader.load_state_dict(saved["loader"])
+        try:
+            self.loader.load_state_dict(saved["loader"])
+        except ValueError as err:  # the data, batch, context or seed differ from the saved run's
+            raise CheckpointError(f"{latest}: its data-loader state does not fit this run ({err}); rerun with "
+                                  "the run's saved configuration (config.json beside checkpoints/), or choose "
+                                  "a new run_dir") from err
         set_rng_state(saved["rng"])
         self.state.step = saved["step"]
         self.state.consumed_tokens = saved["consumed_tokens"]
@@ -206,7 +243,7 @@ class Trainer:
         batches: Iterator = iter(self.loader)
         progress = Progress(cfg.max_steps, self.state.step, enabled=out.show_progress and out.is_main,
                             title=out.title)
-        with progress, _TermFlag(out.device) as term:
+        with progress, _StopFlag(out.device) as stop:
             while self.state.step < cfg.max_steps:
                 record = self._train_step(next(batches))
                 progress.update(self.state.step, record)
@@ -218,8 +255,9 @@ class Trainer:
                 if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.evaluate:
                     self.metrics.write({"event": "eval", "step": self.state.step, **self.evaluate()})
                 self._checkpoint_written(self.checkpoints.poll())
-                if term.agreed() and self.state.step < cfg.max_steps:
-                    self._stop_preempted()
+                signum = stop.agreed()
+                if signum and self.state.step < cfg.max_steps:
+                    self._stop_preempted(signum)
         if self._saved_step != self.state.step:  # a rerun of a finished run rewrites nothing
             self.save()
         self.wait_for_checkpoint()
@@ -287,13 +325,14 @@ class Trainer:
         log.warning("step %d: non-finite loss %s / grad norm %s: step skipped (%d so far)",
                     self.state.step + 1, loss, grad_norm, self.state.skipped_steps)
 
-    def _stop_preempted(self) -> None:
+    def _stop_preempted(self, signum: int = signal.SIGTERM) -> None:
         if self._saved_step != self.state.step:
             self.save()
         self.wait_for_checkpoint()
-        self.metrics.write({"event": "preempted", "step": self.state.step})
-        raise Preempted(f"stopped by SIGTERM after step {self.state.step} with a checkpoint; "
-                        "run the same command again to resume")
+        name = signal.Signals(signum).name
+        self.metrics.write({"event": "preempted", "step": self.state.step, "signal": name})
+        raise Preempted(f"stopped by {name} after step {self.state.step} with a checkpoint; "
+                        "run the same command again to resume", signum)
 
     def _stop_nonfinite(self) -> None:
         # Saved after the scheduler and the step count moved on together, so a resume continues
