@@ -163,9 +163,12 @@ def test_megatron_layouts_match_single_process(tmp_path):
     _torchrun("dist_megatron_checks.py", str(out), str(tmp_path / "tp2_ckpt"), shim=True)
     results = json.loads(out.read_text())
     expected = {"tp2", "tp2_gathered", "tp2_on_shards", "tp2_sp", "pp2", "pp2_interleaved", "dp2", "dp2_distopt", "reload_tp2_pp2", "reload_tp2_dp2",
-                "pp2_llama", "layer_sharing_error"}
+                "pp2_llama", "layer_sharing_error", "strict_load"}
     assert expected <= set(results), sorted(results)
     assert "layer_sharing" in results["layer_sharing_error"]["message"]
+    # Strict loading: a checkpoint of 4 layers into 2 is refused (megatron's default loads part).
+    assert "nothing was loaded" in results["strict_load"]["message"]
+    assert "layers.2" in results["strict_load"]["message"] or "decoder.layers" in results["strict_load"]["message"]
     for name, r in results.items():
         for key in ("loss", "grad", "param"):
             if key in r:

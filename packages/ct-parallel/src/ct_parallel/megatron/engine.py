@@ -463,7 +463,7 @@ class MegatronEngine:
         return AsyncSave(request)
 
     def load_checkpoint(self, path: str, *, load_optimizer: bool = True) -> None:
-        state = dist_checkpointing.load(self._sharded_state(load_optimizer, True), str(path))
+        state = _load_strict(self._sharded_state(load_optimizer, True), str(path), load_optimizer)
         for i, chunk in enumerate(self.chunks):
             with self._student_only():
                 bridge.unwrap(chunk).load_state_dict(state[f"model{i}" if len(self.chunks) > 1 else "model"])
@@ -490,6 +490,26 @@ class MegatronEngine:
         with self._student_only():
             return bridge.export_ct_state_dict(self.chunks, self.model_config,
                                                get=lambda p: getattr(p, "main_grad", p.grad), buffers=False)
+
+
+def _load_strict(sharded_state: dict, path: str, whole: bool) -> dict:
+    """dist_checkpointing.load, refusing a checkpoint of another model before anything is loaded
+    (megatron's default ignores tensors the model asks for and the checkpoint lacks: a partial
+    load). ``whole`` (model and optimizer asked for): the checkpoint's other tensors are refused
+    too; a weights-only load leaves the optimizer's tensors in the checkpoint, as it should."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from ..native import CheckpointModelMismatch
+
+    strict = StrictHandling.RAISE_ALL if whole else StrictHandling.RAISE_UNEXPECTED
+    try:
+        return dist_checkpointing.load(sharded_state, path, strict=strict)
+    except CheckpointingException as err:
+        if "Missing keys" not in str(err) and "Unexpected keys" not in str(err):  # megatron's wording
+            raise
+        raise CheckpointModelMismatch(f"{path}: written for another model ({str(err)[:600]}); nothing was loaded. "
+                                      "Resume with the model it was written for, or start a new run_dir") from err
 
 
 def build_megatron_engine(model: nn.Module, dist_config: DistributedConfig, *,
