@@ -249,6 +249,21 @@ class CheckpointModelMismatch(UserError):
     """The checkpoint holds another model: DCP would load the tensors both share and leave the rest."""
 
 
+def describe_mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """'' when the checkpoint's tensors (``saved``: name -> shape or None) are the model's
+    (``wanted``), else what differs, a few names of each kind."""
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    shapes = sorted(n for n in set(saved) & set(wanted)
+                    if saved[n] is not None and wanted[n] is not None and tuple(saved[n]) != tuple(wanted[n]))
+
+    def few(names):
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+    return "; ".join(part for part in (
+        f"{len(missing)} tensors the model has and the checkpoint lacks: {few(missing)}" if missing else "",
+        f"{len(extra)} tensors the checkpoint has and the model lacks: {few(extra)}" if extra else "",
+        f"{len(shapes)} with other shapes: {few(shapes)}" if shapes else "") if part)
+
+
 def check_same_model(path: str, model_state: dict[str, Any]) -> None:
     """Strict loading: the checkpoint's model tensors are exactly this model's, by name and shape
     (DCP alone loads the requested keys and ignores the checkpoint's others, a partial load)."""
@@ -256,14 +271,6 @@ def check_same_model(path: str, model_state: dict[str, Any]) -> None:
              for key, meta in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
              if key.startswith("model.")}
     wanted = {name: tuple(value.shape) for name, value in model_state.items() if isinstance(value, torch.Tensor)}
-    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
-    shapes = sorted(n for n in set(saved) & set(wanted) if saved[n] is not None and tuple(saved[n]) != wanted[n])
-    if missing or extra or shapes:
-        def few(names):
-            return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
-        found = "; ".join(part for part in (
-            f"{len(missing)} tensors the model has and the checkpoint lacks: {few(missing)}" if missing else "",
-            f"{len(extra)} tensors the checkpoint has and the model lacks: {few(extra)}" if extra else "",
-            f"{len(shapes)} with other shapes: {few(shapes)}" if shapes else "") if part)
+    if found := describe_mismatch(saved, wanted):
         raise CheckpointModelMismatch(f"{path}: written for another model ({found}); nothing was loaded. Resume "
                                       "with the model it was written for, or start a new run_dir")

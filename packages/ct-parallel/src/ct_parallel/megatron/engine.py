@@ -463,7 +463,7 @@ class MegatronEngine:
         return AsyncSave(request)
 
     def load_checkpoint(self, path: str, *, load_optimizer: bool = True) -> None:
-        state = _load_strict(self._sharded_state(load_optimizer, True), str(path), load_optimizer)
+        state = _load_strict(self._sharded_state(load_optimizer, True), str(path))
         for i, chunk in enumerate(self.chunks):
             with self._student_only():
                 bridge.unwrap(chunk).load_state_dict(state[f"model{i}" if len(self.chunks) > 1 else "model"])
@@ -492,24 +492,42 @@ class MegatronEngine:
                                                get=lambda p: getattr(p, "main_grad", p.grad), buffers=False)
 
 
-def _load_strict(sharded_state: dict, path: str, whole: bool) -> dict:
-    """dist_checkpointing.load, refusing a checkpoint of another model before anything is loaded
-    (megatron's default ignores tensors the model asks for and the checkpoint lacks: a partial
-    load). ``whole`` (model and optimizer asked for): the checkpoint's other tensors are refused
-    too; a weights-only load leaves the optimizer's tensors in the checkpoint, as it should."""
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from megatron.core.dist_checkpointing.validation import StrictHandling
+def _load_strict(sharded_state: dict, path: str) -> dict:
+    """dist_checkpointing.load of a checkpoint written for this model, else a refusal before
+    anything is loaded (megatron's default loads the tensors asked for and ignores the rest: a
+    partial load). Its own strict modes read the metadata through a torch API this torch no
+    longer has (``torch.empty(strides=)``), so the model's tensors are compared here, by key and
+    global shape (layers are stacked: a layer count shows in the shape), against the DCP
+    metadata; keys are gathered over ranks first (a pipeline stage asks for its own only)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint import FileSystemReader
 
-    from ..native import CheckpointModelMismatch
+    from ..native import CheckpointModelMismatch, describe_mismatch
 
-    strict = StrictHandling.RAISE_ALL if whole else StrictHandling.RAISE_UNEXPECTED
-    try:
-        return dist_checkpointing.load(sharded_state, path, strict=strict)
-    except CheckpointingException as err:
-        if "Missing keys" not in str(err) and "Unexpected keys" not in str(err):  # megatron's wording
-            raise
-        raise CheckpointModelMismatch(f"{path}: written for another model ({str(err)[:600]}); nothing was loaded. "
-                                      "Resume with the model it was written for, or start a new run_dir") from err
+    # A factory (e.g. a GLU weight saved as two tensors) saves under keys it derives: its tensors
+    # are left to megatron's own checks and only plain sharded tensors are compared.
+    wanted: dict[str, tuple] = {}
+    factories: set[str] = set()
+    for key, part in sharded_state.items():
+        if key.startswith("model"):
+            for value in nested_values(part):
+                if isinstance(value, ShardedTensor):
+                    wanted[value.key] = tuple(value.global_shape)
+                elif hasattr(value, "key"):
+                    factories.add(value.key)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (wanted, factories))
+    wanted = {k: v for per_rank, _ in everyone for k, v in per_rank.items() if "_extra_state" not in k}
+    factories = set().union(*(f for _, f in everyone))
+    saved = {key: tuple(meta.size) for key, meta in FileSystemReader(path).read_metadata().state_dict_metadata.items()
+             if hasattr(meta, "size") and not key.startswith("optimizer.") and "_extra_state" not in key
+             and not any(key.startswith(f) for f in factories)}
+    found = describe_mismatch(saved, wanted)
+    if found:
+        raise CheckpointModelMismatch(f"{path}: written for another model ({found}); nothing was loaded. Resume "
+                                      "with the model it was written for, or start a new run_dir")
+    return dist_checkpointing.load(sharded_state, path)
 
 
 def build_megatron_engine(model: nn.Module, dist_config: DistributedConfig, *,
