@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
+from .muon import ADJUST_LR, MuonWithAdamW
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "muon")
 SCHEDULES = ("linear", "cosine", "wsd", "constant")
 
 
@@ -22,6 +24,14 @@ class OptimizerConfig:
     # Norm weights never decay; embeddings decay unless this is False.
     decay_embeddings: bool = True
     clip_grad: float | None = 1.0
+    # muon only: the blocks' matrices. lr / weight_decay above stay AdamW's (embeddings, lm_head,
+    # norms, routers); null here means the same value, which match_rms_adamw scaling makes sensible.
+    muon_lr: float | None = None
+    muon_weight_decay: float | None = None
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_adjust_lr: str = "match_rms_adamw"
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -36,6 +46,22 @@ class OptimizerConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"optimizer.clip_grad must be > 0 or null, got {self.clip_grad!r}")
+        self._check_muon()
+
+    def _check_muon(self) -> None:
+        if self.muon_lr is not None and not self.muon_lr > 0:
+            raise ValueError(f"optimizer.muon_lr must be > 0 or null, got {self.muon_lr!r}")
+        if self.muon_weight_decay is not None and not self.muon_weight_decay >= 0:
+            raise ValueError(f"optimizer.muon_weight_decay must be >= 0 or null, got {self.muon_weight_decay!r}")
+        if isinstance(self.muon_momentum, bool) or not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"optimizer.muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
+        if not isinstance(self.muon_nesterov, bool):
+            raise ValueError(f"optimizer.muon_nesterov must be true or false, got {self.muon_nesterov!r}")
+        if isinstance(self.muon_ns_steps, bool) or not isinstance(self.muon_ns_steps, int) \
+                or not 1 <= self.muon_ns_steps <= 20:
+            raise ValueError(f"optimizer.muon_ns_steps must be an integer in [1, 20], got {self.muon_ns_steps!r}")
+        if self.muon_adjust_lr not in ADJUST_LR:
+            raise ValueError(f"optimizer.muon_adjust_lr must be one of {ADJUST_LR}, got {self.muon_adjust_lr!r}")
 
 
 def parameter_groups(named_params, config: OptimizerConfig) -> list[dict]:
@@ -54,6 +80,34 @@ def parameter_groups(named_params, config: OptimizerConfig) -> list[dict]:
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def is_muon_matrix(name: str, param: torch.Tensor) -> bool:
+    """A weight matrix inside a block (2-D, or 3-D MoE experts): not a norm, bias, router
+    (``mlp.gate.weight``), embedding or output layer, which stay with AdamW."""
+    router = name.endswith(".gate.weight")
+    return name.startswith("layers.") and param.ndim >= 2 and "norm" not in name and not router
+
+
+def muon_groups(named_params, config: OptimizerConfig) -> list[dict]:
+    """AdamW's two groups without the block matrices, plus Muon's: whole matrices, and fused
+    gate/up expert tensors (``split=2``: gate and up are orthogonalised apart)."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    matrices = [(n, p) for n, p in named if is_muon_matrix(n, p)]
+    rest = [(n, p) for n, p in named if not is_muon_matrix(n, p)]
+    lr = config.lr if config.muon_lr is None else config.muon_lr
+    wd = config.weight_decay if config.muon_weight_decay is None else config.muon_weight_decay
+    fused = [p for n, p in matrices if n.endswith("gate_up_proj")]
+    whole = [p for n, p in matrices if not n.endswith("gate_up_proj")]
+    muon = [{"params": ps, "lr": lr, "weight_decay": wd, "muon": True, "split": split}
+            for ps, split in ((whole, 1), (fused, 2)) if ps]
+    return parameter_groups(rest, config) + muon
+
+
+def build_muon(named_params, config: OptimizerConfig) -> MuonWithAdamW:
+    return MuonWithAdamW(muon_groups(named_params, config), lr=config.lr, betas=config.betas, eps=config.eps,
+                         momentum=config.muon_momentum, nesterov=config.muon_nesterov,
+                         ns_steps=config.muon_ns_steps, adjust_lr=config.muon_adjust_lr)
 
 
 def adam_kernel(groups: list[dict]) -> dict:
@@ -89,6 +143,8 @@ def _keep_kernel(kernel: dict):
 
 
 def build_optimizer(named_params, config: OptimizerConfig) -> torch.optim.Optimizer:
+    if config.name == "muon":
+        return build_muon(named_params, config)
     groups = parameter_groups(named_params, config)
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
