@@ -11,6 +11,7 @@ from .muon import ADJUST_LR, MuonWithAdamW
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "muon")
 SCHEDULES = ("linear", "cosine", "wsd", "constant")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,12 @@ class ScheduleConfig:
     warmup_ratio: float | None = None
     # Decay ends at min_lr_ratio * peak (the paper's pretraining: 0.1; SFT: 0).
     min_lr_ratio: float = 0.1
-    # Warmup-stable-decay: fraction of max_steps spent in the final decay.
+    # Warmup-stable-decay: fraction of max_steps spent in the final decay, or (decay_steps, which
+    # wins) a step count: a decay branched from a stable-stage checkpoint names its length in steps.
     decay_ratio: float = 0.2
+    decay_steps: int | None = None
+    # Shape of the decay: linear, cosine, or 1-sqrt (Hägele et al. 2024: loss falls faster early).
+    decay_shape: str = "linear"
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
@@ -178,6 +183,11 @@ class ScheduleConfig:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_ratio <= 1:
             raise ValueError(f"schedule.decay_ratio must be in (0, 1], got {self.decay_ratio}")
+        if self.decay_steps is not None and (isinstance(self.decay_steps, bool) or not isinstance(self.decay_steps, int)
+                                             or self.decay_steps < 1):
+            raise ValueError(f"schedule.decay_steps must be an integer >= 1 or null, got {self.decay_steps!r}")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ValueError(f"schedule.decay_shape must be one of {DECAY_SHAPES}, got {self.decay_shape!r}")
 
 
 def lr_factor(step: int, max_steps: int, config: ScheduleConfig) -> float:
@@ -196,11 +206,19 @@ def lr_factor(step: int, max_steps: int, config: ScheduleConfig) -> float:
         return 1.0 - (1.0 - floor) * progress
     if config.name == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    decay_start = max_steps - int(round(config.decay_ratio * max_steps))
+    return wsd_factor(step, max_steps, config)
+
+
+def wsd_factor(step: int, max_steps: int, config: ScheduleConfig) -> float:
+    """Warmup-stable-decay after warmup: 1.0 until the last decay steps, then down to the floor.
+    A pure function of the step, so a resume (or a branch that changes max_steps) recomputes it."""
+    decay = config.decay_steps if config.decay_steps is not None else int(round(config.decay_ratio * max_steps))
+    decay_start = max_steps - min(decay, max_steps)
     if step < decay_start:
         return 1.0
-    decay_progress = min((step - decay_start) / max(max_steps - decay_start, 1), 1.0)
-    return 1.0 - (1.0 - floor) * decay_progress
+    t = min((step - decay_start) / max(max_steps - decay_start, 1), 1.0)
+    shape = {"linear": t, "cosine": 0.5 * (1.0 - math.cos(math.pi * t)), "1-sqrt": math.sqrt(t)}
+    return 1.0 - (1.0 - config.min_lr_ratio) * shape[config.decay_shape]
 
 
 def build_scheduler(optimizer, max_steps: int, config: ScheduleConfig):
