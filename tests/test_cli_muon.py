@@ -31,10 +31,12 @@ def single_run(tmp_path_factory, sample_dir):
 
 
 @pytest.mark.dist
-def test_fsdp2_two_processes_give_the_single_process_parameters(tmp_path, sample_dir, single_run):
-    """FSDP2 shards every matrix by rows: Muon must orthogonalise the gathered matrix, not the shard."""
-    run = tmp_path / "fsdp2"
-    train(run, sample_dir, "--nproc-per-node", "2", "distributed=fsdp2")
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_two_processes_give_the_single_process_parameters(tmp_path, sample_dir, single_run, strategy):
+    """FSDP2 shards every matrix by rows: Muon must orthogonalise the gathered matrix, not the
+    shard. DDP: every rank orthogonalises the same all-reduced gradient."""
+    run = tmp_path / strategy
+    train(run, sample_dir, "--nproc-per-node", "2", f"distributed={strategy}")
     start = next(e for e in events(run) if e["event"] == "start")
     assert start["optimizer"] == "MuonWithAdamW" and start["world_size"] == 2
     single, sharded = hf_tensors(single_run), hf_tensors(run)
