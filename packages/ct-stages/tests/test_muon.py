@@ -134,3 +134,19 @@ def test_build_optimizer_muon_trains_a_tiny_model():
 def test_muon_config_errors_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         OptimizerConfig(name="muon", **bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_muon_runs_newton_schulz_in_bf16_close_to_the_reference():
+    """On CUDA the NS runs in bf16: the step follows the float64 reference to bf16 resolution."""
+    torch.manual_seed(4)
+    w, g = torch.randn(64, 96), torch.randn(64, 96)
+    param = torch.nn.Parameter(w.cuda())
+    opt = MuonWithAdamW([{"params": [param], "muon": True, "weight_decay": 0.0}], lr=0.05)
+    param.grad = g.cuda()
+    opt.step()
+    ref, _ = reference_step(w.double(), g.double(), torch.zeros_like(w, dtype=torch.float64),
+                            lr=0.05, wd=0.0, mu=0.95, split=1)
+    delta, want = (param.detach().cpu().double() - w.double()), ref - w.double()
+    assert (delta - want).norm() / want.norm() < 2e-2
