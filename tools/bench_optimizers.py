@@ -10,8 +10,8 @@ Muon: optimizer.lr and optimizer.muon_lr both, match_rms_adamw scaling); each ar
 final monitor loss, mean over seeds) is reported. The loss is ct-train's fixed monitor set
 (trainer.eval_every: trainer.eval_batches batches drawn once from the mixture with another seed),
 not a held-out split. Table: steps and seconds to reach the recipe's final monitor loss, as ratios
-of the recipe's. Seconds are the sum of the runs' own step_time_s (training steps only, not evals),
-on whatever shares the CPU: compare only within one invocation.
+of the recipe's. Seconds are steps x the run's median step_time_s (training steps only, not evals;
+the median, because other jobs on a shared CPU stall single steps): compare only within one invocation.
 """
 
 from __future__ import annotations
@@ -58,12 +58,18 @@ def run(out: Path, arm: str, lr: float, seed: int, args) -> dict:
 def mean_curve(runs: list[dict]) -> dict:
     steps = sorted(set.intersection(*(set(r["eval"]) for r in runs)))
     evals = {s: statistics.mean(r["eval"][s] for r in runs) for s in steps}
-    times = {s: statistics.mean(r["times"][s] for r in runs) for s in runs[0]["times"]}
+    times = {s: statistics.mean(r["times"][s] for r in runs) for s in runs[0]["times"]}  # per step, over seeds
     return {"eval": evals, "times": times}
 
 
+def step_time(curve: dict) -> float:
+    """The median step time: other jobs on a shared CPU stall single steps 10x (logged as slow
+    steps), and a sum would charge those stalls to whichever arm was running."""
+    return statistics.median(curve["times"].values())
+
+
 def elapsed(curve: dict, step: int) -> float:
-    return sum(t for s, t in curve["times"].items() if s <= step)
+    return step * step_time(curve)
 
 
 def first_reaching(curve: dict, target: float) -> int | None:
@@ -75,7 +81,7 @@ def table(best: dict[str, tuple[float, dict]], sweep: dict) -> str:
     target = recipe["eval"][max(recipe["eval"])]
     base_steps = first_reaching(recipe, target)
     base_time = elapsed(recipe, base_steps)
-    base_step_time = statistics.mean(recipe["times"].values())
+    base_step_time = step_time(recipe)
     lines = [f"Target: the recipe's (AdamW + linear) final monitor loss, {target:.4f}.", "",
              "| arm | best LR | final loss | steps to target | x recipe | s to target | x recipe | s/step x recipe | LR sweep: final loss |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -83,7 +89,7 @@ def table(best: dict[str, tuple[float, dict]], sweep: dict) -> str:
         final = curve["eval"][max(curve["eval"])]
         steps = first_reaching(curve, target)
         seconds = elapsed(curve, steps) if steps else None
-        per_step = statistics.mean(curve["times"].values()) / base_step_time
+        per_step = step_time(curve) / base_step_time
         swept = ", ".join(f"{x:g}: {loss:.4f}" for x, loss in sweep[arm])
         lines.append(f"| {arm} | {lr:g} | {final:.4f} | {steps or 'not reached'} | "
                      f"{f'{steps / base_steps:.2f}' if steps else '-'} | {f'{seconds:.1f}' if seconds else '-'} | "
