@@ -73,7 +73,10 @@ def elapsed(curve: dict, step: int) -> float:
 
 
 def first_reaching(curve: dict, target: float) -> int | None:
-    return next((s for s, loss in sorted(curve["eval"].items()) if loss <= target), None)
+    """The first monitored step from which the loss stays <= target (short noisy curves dip early
+    and rise again: a first touch would credit an arm with a lucky batch)."""
+    steps = sorted(curve["eval"])
+    return next((s for s in steps if all(curve["eval"][t] <= target for t in steps if t >= s)), None)
 
 
 def table(best: dict[str, tuple[float, dict]], sweep: dict) -> str:
