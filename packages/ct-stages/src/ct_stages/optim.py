@@ -7,8 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
+from .muon import ADJUST_LR, MuonWithAdamW
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "muon")
 SCHEDULES = ("linear", "cosine", "wsd", "constant")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,14 @@ class OptimizerConfig:
     # Norm weights never decay; embeddings decay unless this is False.
     decay_embeddings: bool = True
     clip_grad: float | None = 1.0
+    # muon only: the blocks' matrices. lr / weight_decay above stay AdamW's (embeddings, lm_head,
+    # norms, routers); null here means the same value, which match_rms_adamw scaling makes sensible.
+    muon_lr: float | None = None
+    muon_weight_decay: float | None = None
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_adjust_lr: str = "match_rms_adamw"
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -36,6 +47,22 @@ class OptimizerConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"optimizer.clip_grad must be > 0 or null, got {self.clip_grad!r}")
+        self._check_muon()
+
+    def _check_muon(self) -> None:
+        if self.muon_lr is not None and not self.muon_lr > 0:
+            raise ValueError(f"optimizer.muon_lr must be > 0 or null, got {self.muon_lr!r}")
+        if self.muon_weight_decay is not None and not self.muon_weight_decay >= 0:
+            raise ValueError(f"optimizer.muon_weight_decay must be >= 0 or null, got {self.muon_weight_decay!r}")
+        if isinstance(self.muon_momentum, bool) or not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"optimizer.muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
+        if not isinstance(self.muon_nesterov, bool):
+            raise ValueError(f"optimizer.muon_nesterov must be true or false, got {self.muon_nesterov!r}")
+        if isinstance(self.muon_ns_steps, bool) or not isinstance(self.muon_ns_steps, int) \
+                or not 1 <= self.muon_ns_steps <= 20:
+            raise ValueError(f"optimizer.muon_ns_steps must be an integer in [1, 20], got {self.muon_ns_steps!r}")
+        if self.muon_adjust_lr not in ADJUST_LR:
+            raise ValueError(f"optimizer.muon_adjust_lr must be one of {ADJUST_LR}, got {self.muon_adjust_lr!r}")
 
 
 def parameter_groups(named_params, config: OptimizerConfig) -> list[dict]:
@@ -54,6 +81,34 @@ def parameter_groups(named_params, config: OptimizerConfig) -> list[dict]:
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def is_muon_matrix(name: str, param: torch.Tensor) -> bool:
+    """A weight matrix inside a block (2-D, or 3-D MoE experts): not a norm, bias, router
+    (``mlp.gate.weight``), embedding or output layer, which stay with AdamW."""
+    router = name.endswith(".gate.weight")
+    return name.startswith("layers.") and param.ndim >= 2 and "norm" not in name and not router
+
+
+def muon_groups(named_params, config: OptimizerConfig) -> list[dict]:
+    """AdamW's two groups without the block matrices, plus Muon's: whole matrices, and fused
+    gate/up expert tensors (``split=2``: gate and up are orthogonalised apart)."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    matrices = [(n, p) for n, p in named if is_muon_matrix(n, p)]
+    rest = [(n, p) for n, p in named if not is_muon_matrix(n, p)]
+    lr = config.lr if config.muon_lr is None else config.muon_lr
+    wd = config.weight_decay if config.muon_weight_decay is None else config.muon_weight_decay
+    fused = [p for n, p in matrices if n.endswith("gate_up_proj")]
+    whole = [p for n, p in matrices if not n.endswith("gate_up_proj")]
+    muon = [{"params": ps, "lr": lr, "weight_decay": wd, "muon": True, "split": split}
+            for ps, split in ((whole, 1), (fused, 2)) if ps]
+    return parameter_groups(rest, config) + muon
+
+
+def build_muon(named_params, config: OptimizerConfig) -> MuonWithAdamW:
+    return MuonWithAdamW(muon_groups(named_params, config), lr=config.lr, betas=config.betas, eps=config.eps,
+                         momentum=config.muon_momentum, nesterov=config.muon_nesterov,
+                         ns_steps=config.muon_ns_steps, adjust_lr=config.muon_adjust_lr)
 
 
 def adam_kernel(groups: list[dict]) -> dict:
@@ -89,6 +144,8 @@ def _keep_kernel(kernel: dict):
 
 
 def build_optimizer(named_params, config: OptimizerConfig) -> torch.optim.Optimizer:
+    if config.name == "muon":
+        return build_muon(named_params, config)
     groups = parameter_groups(named_params, config)
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
@@ -108,8 +165,12 @@ class ScheduleConfig:
     warmup_ratio: float | None = None
     # Decay ends at min_lr_ratio * peak (the paper's pretraining: 0.1; SFT: 0).
     min_lr_ratio: float = 0.1
-    # Warmup-stable-decay: fraction of max_steps spent in the final decay.
+    # Warmup-stable-decay: fraction of max_steps spent in the final decay, or (decay_steps, which
+    # wins) a step count: a decay branched from a stable-stage checkpoint names its length in steps.
     decay_ratio: float = 0.2
+    decay_steps: int | None = None
+    # Shape of the decay: linear, cosine, or 1-sqrt (Hägele et al. 2024: loss falls faster early).
+    decay_shape: str = "linear"
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
@@ -122,6 +183,11 @@ class ScheduleConfig:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_ratio <= 1:
             raise ValueError(f"schedule.decay_ratio must be in (0, 1], got {self.decay_ratio}")
+        if self.decay_steps is not None and (isinstance(self.decay_steps, bool) or not isinstance(self.decay_steps, int)
+                                             or self.decay_steps < 1):
+            raise ValueError(f"schedule.decay_steps must be an integer >= 1 or null, got {self.decay_steps!r}")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ValueError(f"schedule.decay_shape must be one of {DECAY_SHAPES}, got {self.decay_shape!r}")
 
 
 def lr_factor(step: int, max_steps: int, config: ScheduleConfig) -> float:
@@ -140,11 +206,19 @@ def lr_factor(step: int, max_steps: int, config: ScheduleConfig) -> float:
         return 1.0 - (1.0 - floor) * progress
     if config.name == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    decay_start = max_steps - int(round(config.decay_ratio * max_steps))
+    return wsd_factor(step, max_steps, config)
+
+
+def wsd_factor(step: int, max_steps: int, config: ScheduleConfig) -> float:
+    """Warmup-stable-decay after warmup: 1.0 until the last decay steps, then down to the floor.
+    A pure function of the step, so a resume (or a branch that changes max_steps) recomputes it."""
+    decay = config.decay_steps if config.decay_steps is not None else int(round(config.decay_ratio * max_steps))
+    decay_start = max_steps - min(decay, max_steps)
     if step < decay_start:
         return 1.0
-    decay_progress = min((step - decay_start) / max(max_steps - decay_start, 1), 1.0)
-    return 1.0 - (1.0 - floor) * decay_progress
+    t = min((step - decay_start) / max(max_steps - decay_start, 1), 1.0)
+    shape = {"linear": t, "cosine": 0.5 * (1.0 - math.cos(math.pi * t)), "1-sqrt": math.sqrt(t)}
+    return 1.0 - (1.0 - config.min_lr_ratio) * shape[config.decay_shape]
 
 
 def build_scheduler(optimizer, max_steps: int, config: ScheduleConfig):

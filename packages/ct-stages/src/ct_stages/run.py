@@ -92,6 +92,11 @@ def check_process_count(run: RunConfig, processes: int) -> None:
 def check_supported(run: RunConfig) -> None:
     """Refuse, before any work, layouts this machine or this version cannot run."""
     d = run.distributed
+    if d.engine == "megatron" and run.optimizer.name == "muon":
+        # megatron's optimizer wrappers hold TP-sharded, fused (interleaved qkv) matrices and
+        # flattened distributed-optimizer shards: our Muon would orthogonalise the wrong matrices.
+        raise UserError("optimizer.name=muon is not supported on distributed.engine=megatron; use the native "
+                        "engine (distributed=single, ddp or fsdp2) or optimizer=adamw")
     check_process_count(run, int(os.environ.get("WORLD_SIZE", "1")))
     unsupported = d.engine_support_errors()
     if unsupported:  # before the CUDA check: the answer does not depend on the machine

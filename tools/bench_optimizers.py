@@ -1,0 +1,161 @@
+"""AdamW vs Muon, linear decay vs WSD: monitor loss against steps and against seconds, CPU.
+
+    uv run python tools/bench_optimizers.py [--steps 60] [--lrs 4e-3,1e-2] [--seeds 0]
+                                            [--out runs/bench_optimizers] [--write docs/experiments.md]
+
+Every run: pretrain_phase1 on the embedded sample data, mobilellm_tiny, the same tokens in the same
+order (trainer.seed), fp32, one process. The four arms (AdamW + linear, the recipe; AdamW + WSD;
+Muon + linear; Muon + WSD, 1-sqrt decay over the last 20%) each run at every LR of --lrs (for
+Muon: optimizer.lr and optimizer.muon_lr both, match_rms_adamw scaling); each arm's best LR (lowest
+final monitor loss, mean over seeds) is reported. The loss is ct-train's fixed monitor set
+(trainer.eval_every: trainer.eval_batches batches drawn once from the mixture with another seed),
+not a held-out split. Table: steps and seconds to reach the recipe's final monitor loss, as ratios
+of the recipe's. Seconds are steps x the run's median step_time_s (training steps only, not evals;
+the median, because other jobs on a shared CPU stall single steps): compare only within one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+from ct_cli.common import config_dir, run_config
+
+BEGIN, END = "<!-- bench_optimizers:begin -->", "<!-- bench_optimizers:end -->"
+ARMS = {
+    "adamw+linear": ["optimizer=adamw", "schedule.name=linear"],
+    "adamw+wsd": ["optimizer=adamw", "schedule.name=wsd", "schedule.decay_ratio=0.2", "schedule.decay_shape=1-sqrt"],
+    "muon+linear": ["optimizer=muon", "schedule.name=linear"],
+    "muon+wsd": ["optimizer=muon", "schedule.name=wsd", "schedule.decay_ratio=0.2", "schedule.decay_shape=1-sqrt"],
+}
+log = logging.getLogger("bench_optimizers")
+
+
+def run(out: Path, arm: str, lr: float, seed: int, args) -> dict:
+    """One training run (reused when its summary exists); its monitor curve and step times."""
+    from ct_stages.run import run_phase
+
+    run_dir = out / f"{arm}_lr{lr:g}_seed{seed}"
+    muon_lr = [f"optimizer.muon_lr={lr}"] if arm.startswith("muon") else []
+    if not (run_dir / "summary.json").is_file():
+        log.info("=== %s lr=%g seed=%d ===", arm, lr, seed)
+        run_phase(run_config("pretrain_phase1", [
+            f"run_dir={run_dir}", f"sample_data.dir={out / 'sample_data'}", "logging.progress=false",
+            "precision=fp32", f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.batch}",
+            f"trainer.micro_batch_size={args.batch}", f"seq_len={args.seq_len}", f"trainer.seed={seed}",
+            f"trainer.eval_every={args.eval_every}", "trainer.eval_batches=4", f"trainer.checkpoint_every={args.steps}",
+            "schedule.warmup_steps=10", f"optimizer.lr={lr}", *muon_lr, *ARMS[arm]], config_dir(None)))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in records if r.get("event") == "eval"}
+    times = {r["step"]: r["step_time_s"] for r in records if r.get("event") == "train"}
+    return {"eval": evals, "times": times}
+
+
+def mean_curve(runs: list[dict]) -> dict:
+    steps = sorted(set.intersection(*(set(r["eval"]) for r in runs)))
+    evals = {s: statistics.mean(r["eval"][s] for r in runs) for s in steps}
+    times = {s: statistics.mean(r["times"][s] for r in runs) for s in runs[0]["times"]}  # per step, over seeds
+    return {"eval": evals, "times": times}
+
+
+def step_time(curve: dict) -> float:
+    """The median step time: other jobs on a shared CPU stall single steps 10x (logged as slow
+    steps), and a sum would charge those stalls to whichever arm was running."""
+    return statistics.median(curve["times"].values())
+
+
+def elapsed(curve: dict, step: int) -> float:
+    return step * step_time(curve)
+
+
+def first_reaching(curve: dict, target: float) -> int | None:
+    """The first monitored step from which the loss stays <= target (short noisy curves dip early
+    and rise again: a first touch would credit an arm with a lucky batch)."""
+    steps = sorted(curve["eval"])
+    return next((s for s in steps if all(curve["eval"][t] <= target for t in steps if t >= s)), None)
+
+
+def table(best: dict[str, tuple[float, dict]], sweep: dict) -> str:
+    recipe = best["adamw+linear"][1]
+    target = recipe["eval"][max(recipe["eval"])]
+    base_steps = first_reaching(recipe, target)
+    base_time = elapsed(recipe, base_steps)
+    base_step_time = step_time(recipe)
+    lines = [f"Target: the recipe's (AdamW + linear) final monitor loss, {target:.4f}.", "",
+             "| arm | best LR | final loss | steps to target | x recipe | s to target | x recipe | s/step x recipe | LR sweep: final loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm, (lr, curve) in best.items():
+        final = curve["eval"][max(curve["eval"])]
+        steps = first_reaching(curve, target)
+        seconds = elapsed(curve, steps) if steps else None
+        per_step = step_time(curve) / base_step_time
+        swept = ", ".join(f"{x:g}: {loss:.4f}" for x, loss in sweep[arm])
+        lines.append(f"| {arm} | {lr:g} | {final:.4f} | {steps or 'not reached'} | "
+                     f"{f'{steps / base_steps:.2f}' if steps else '-'} | {f'{seconds:.1f}' if seconds else '-'} | "
+                     f"{f'{seconds / base_time:.2f}' if seconds else '-'} | {per_step:.2f} | {swept} |")
+    return "\n".join(lines)
+
+
+def plot(best: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, (lr, curve) in best.items():
+        steps = sorted(curve["eval"])
+        by_step.plot(steps, [curve["eval"][s] for s in steps], label=f"{arm} (lr {lr:g})")
+        by_time.plot([elapsed(curve, s) for s in steps], [curve["eval"][s] for s in steps], label=arm)
+    by_step.set_xlabel("step")
+    by_time.set_xlabel("seconds (training steps, CPU)")
+    for ax in (by_step, by_time):
+        ax.set_ylabel("monitor loss")
+        ax.grid(alpha=0.3)
+    by_step.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write_block(path: Path, text: str) -> None:
+    doc = path.read_text()
+    block = f"{BEGIN}\n{text}\n{END}"
+    doc = doc[:doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):] if BEGIN in doc else doc + "\n" + block + "\n"
+    path.write_text(doc)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--lrs", default="4e-3,1e-2")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_optimizers"))
+    parser.add_argument("--png", type=Path, default=Path("docs/bench_optimizers.png"))
+    parser.add_argument("--write", type=Path, help="replace the bench_optimizers block in this markdown file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    lrs, seeds = [float(x) for x in args.lrs.split(",")], [int(x) for x in args.seeds.split(",")]
+    best, sweep = {}, {}
+    for arm in ARMS:
+        curves = {lr: mean_curve([run(args.out, arm, lr, seed, args) for seed in seeds]) for lr in lrs}
+        finals = {lr: c["eval"][max(c["eval"])] for lr, c in curves.items()}
+        sweep[arm] = sorted(finals.items())
+        lr = min(finals, key=finals.get)
+        best[arm] = (lr, curves[lr])
+    text = table(best, sweep)
+    print(text)
+    plot(best, args.png)
+    if args.write:
+        write_block(args.write, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
