@@ -142,13 +142,14 @@ def _measured_steps(overrides: list[str]) -> None:
     from ct_cli.common import config_dir, run_config
     from ct_parallel import build_engine, init_distributed, shutdown_distributed
     from ct_stages.optim import build_optimizer
-    from ct_stages.run import build_phase_model
+    from ct_stages.run import build_phase_model, phase_model_config
     from ct_stages.stages import Stage
 
     run = run_config("pretrain_phase1", overrides, config_dir(None))
     info = init_distributed(run.distributed)
     run, _ = run.resolved_for(info.device)
-    model, config, weights = build_phase_model(run, None)
+    config = phase_model_config(run, None)
+    model, weights = build_phase_model(run, None, config)
     engine = build_engine(model, run.distributed, precision=run.precision,
                           activation_checkpointing=run.activation_checkpointing, compile=run.compile,
                           weights=weights, device=info.device)
