@@ -25,7 +25,7 @@ import parallel_testlib as lib  # noqa: E402
 from ct_distill import kd_loss_sum  # noqa: E402
 from ct_model import build_model  # noqa: E402
 from ct_parallel import DistributedConfig, build_engine, init_distributed  # noqa: E402
-from ct_stages.stages import DistillConfig, make_modelopt_ce_term  # noqa: E402
+from ct_distill import ModeloptDistillationLoss  # noqa: E402
 
 STEPS = 3
 CASES = {"T1": (1.0, 0.0, "forward_kl"), "T2_ce0.5": (2.0, 0.5, "forward_kl"),
@@ -83,23 +83,21 @@ def check_cases(layout, dcfg, config, teacher_config, batch, results, info):
         name = f"{layout}_{case}"
         teacher = build_model(teacher_config, seed=1).eval()
         ref = reference(build_model(config, seed=0), teacher, batch, temperature, ce_weight, kind)
-        engine = build_engine(build_model(config, seed=0), dcfg, distill_teacher=teacher,
-                              distill_temperature=temperature, distill_kind=kind)
+        loss_fn = ModeloptDistillationLoss(teacher, kind, temperature, ce_weight)
+        engine = build_engine(build_model(config, seed=0), dcfg, loss=loss_fn)
         import modelopt.torch.distill as mtd  # imported (and timed) in main
 
         assert isinstance(engine.kd_model, mtd.DistillationModel), type(engine.kd_model).__mro__
         # the exported student has exactly ct-model's keys: the teacher stays out of it
         exported = engine.full_model_state_dict()  # rank 0 only
         assert exported is None or set(exported) == set(build_model(config, seed=0).state_dict())
-        loss_fn = make_modelopt_ce_term(DistillConfig(backend="modelopt", temperature=temperature,
-                                                      ce_weight=ce_weight, kind=kind))
         losses, grads, params = lib.run_engine(engine, lib.shard_for_dp(batch, info.dp_rank, info.dp_size), steps=STEPS, grads_fn=engine.full_grad_state_dict,
                                                loss=loss_fn)
         results[name] = {"losses": losses, "reference": ref[0],
                          "loss": lib.compare_losses(f"{name} loss", losses, ref[0]),
                          "grad": lib.compare(f"{name} grads", grads, ref[1]),
                          "param": lib.compare(f"{name} params", params, ref[2], tol=lib.PARAM_TOL)}
-        # The evaluation CE (unmarked) runs the student alone and equals ct-model's CE.
+        # The evaluation CE (no engine teacher) runs the student alone and equals ct-model's CE.
         shared = [params]
         dist.broadcast_object_list(shared, src=0)  # the weights are exported on rank 0
         student = build_model(config, seed=0)

@@ -83,12 +83,12 @@ def _phase(tmp_path, sample_dir, phase: str, name: str, *extra: str):
 
 
 def _fit_on_stand_in(monkeypatch, moved: list[int]):
-    """Train with every batch the stage splits coming from host memory, and each training step and
+    """Train with every batch the objective splits coming from host memory, and each training step and
     evaluation on the stand-in (checkpoints are written outside it: DCP wants device "cpu")."""
-    from ct_stages.stages import Stage
+    from ct_stages.objective import Objective
     from ct_stages.trainer import Trainer
 
-    split, fit = Stage.microbatches, Trainer.fit
+    split, fit = Objective.microbatches, Trainer.fit
 
     def host_microbatches(self, batch, micro_batch_size):
         return split(self, to_host(batch), micro_batch_size)
@@ -106,7 +106,7 @@ def _fit_on_stand_in(monkeypatch, moved: list[int]):
         self.evaluate = on_stand_in(self.evaluate)
         return fit(self)
 
-    monkeypatch.setattr(Stage, "microbatches", host_microbatches)
+    monkeypatch.setattr(Objective, "microbatches", host_microbatches)
     monkeypatch.setattr(Trainer, "fit", fit_on_stand_in)
 
 

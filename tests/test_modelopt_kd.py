@@ -42,7 +42,7 @@ def test_what_modelopt_cannot_run_is_refused_naming_both_keys(capsys, monkeypatc
 
 def test_modelopt_is_not_imported_by_the_default_backend():
     probe = ("import sys, ct_stages.stages as s, ct_parallel\n"
-             "s.Stage(s.StageConfig(kind='midtrain'))\n"
+             "s.build_loss(s.StageConfig(kind='midtrain'))\n"
              "assert not [m for m in sys.modules if m.startswith('modelopt')]\n")
     subprocess.run([sys.executable, "-c", probe], check=True, cwd=ROOT)
 

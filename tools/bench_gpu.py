@@ -196,7 +196,7 @@ def ct_step(config, batch, row: str, smoke: bool, device: torch.device):
     from ct_model import build_model
     from ct_parallel import DistributedConfig, build_engine, init_distributed
     from ct_parallel import ActivationCheckpointConfig, CompileConfig
-    from ct_stages.stages import LossConfig, make_ce_loss
+    from ct_model.loss import CrossEntropyLoss
 
     rank = ROWS.index(row)
     dist = DistributedConfig(engine="megatron") if row == "f megatron" else DistributedConfig()
@@ -208,7 +208,7 @@ def ct_step(config, batch, row: str, smoke: bool, device: torch.device):
                           activation_checkpointing=ActivationCheckpointConfig(mode="selective" if rank == 4 else "none"),
                           compile=CompileConfig(enabled=compiled))
     engine.setup_optimizer(lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4))
-    loss_fn = make_ce_loss(LossConfig())
+    loss_fn = CrossEntropyLoss()
 
     def step():
         out = engine.forward_backward(batch, loss_fn)

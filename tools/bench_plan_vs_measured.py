@@ -143,7 +143,7 @@ def _measured_steps(overrides: list[str]) -> None:
     from ct_parallel import build_engine, init_distributed, shutdown_distributed
     from ct_stages.optim import build_optimizer
     from ct_stages.run import build_phase_model, phase_model_config
-    from ct_stages.stages import Stage
+    from ct_stages import Objective, build_loss
 
     run = run_config("pretrain_phase1", overrides, config_dir(None))
     info = init_distributed(run.distributed)
@@ -154,14 +154,14 @@ def _measured_steps(overrides: list[str]) -> None:
                           activation_checkpointing=run.activation_checkpointing, compile=run.compile,
                           weights=weights, device=info.device)
     engine.setup_optimizer(lambda named: build_optimizer(named, run.optimizer))
-    stage = Stage(run.stage, loss=run.loss)
+    objective = Objective(build_loss(run.stage, run.loss))
     batch = packed_batch(run.trainer.global_batch_size // info.dp_size, run.seq_len, config.vocab_size, info.rank)
 
     def step(label: str) -> None:  # what Trainer._train_step does, markers around it
-        microbatches = stage.microbatches(batch, run.trainer.micro_batch_size)
+        microbatches = objective.microbatches(batch, run.trainer.micro_batch_size)
         os.write(2, f"@@mark {label} start\n".encode())
         engine.zero_grad()
-        engine.forward_backward(microbatches, stage.loss_fn)
+        engine.forward_backward(microbatches, objective.loss)
         engine.clip_grad_norm(run.optimizer.clip_grad)
         engine.optimizer_step()
         os.write(2, f"@@mark {label} end\n".encode())

@@ -3,7 +3,7 @@ the full logits (loss.chunk_tokens=0) and with the chunked loss, at several sequ
 
 Each (seq, chunk) runs in its own subprocess; peak memory is the process's max RSS
 (resource.getrusage), reported in total and as growth over the built model, so every variant is
-measured on the same footing. The step is the pretraining stage's: ct_stages.Stage's CE loss
+measured on the same footing. The step is the pretraining stage's: ct_model.loss.CrossEntropyLoss
 through NativeEngine.forward_backward, micro batch 1, random tokens.
 
     uv run python tools/bench_step_memory.py --model mobilellm_140m --seq 2048 4096 --chunk 1024
@@ -28,19 +28,19 @@ def _one(args) -> dict:
 
     import ct_model
     from ct_parallel import build_native_engine
-    from ct_stages import LossConfig, Stage, StageConfig
+    from ct_model.loss import CrossEntropyLoss
 
     torch.manual_seed(0)
     config = ct_model.presets.get(args.model, max_position_embeddings=max(args.variant_seq, 2048))
     model = ct_model.build_model(config, seed=0)
     engine = build_native_engine(model)
     engine.setup_optimizer(lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-4))
-    stage = Stage(StageConfig(kind="pretrain"), loss=LossConfig(chunk_tokens=args.variant_chunk, fused_kernel="off"))
+    loss = CrossEntropyLoss(chunk_tokens=args.variant_chunk, fused_kernel="none")
     ids = torch.randint(0, config.vocab_size, (1, args.variant_seq + 1))
     mb = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     base = _rss_mib()
     start = time.perf_counter()
-    result = engine.forward_backward([mb], stage.loss_fn)
+    result = engine.forward_backward([mb], loss)
     engine.optimizer_step()
     engine.zero_grad()
     seconds = time.perf_counter() - start

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ct_distill import (StudentHidden, TeacherHidden, TopK, VocabMismatchError, chunked_kd_loss,
-                        chunked_kd_loss_sum, kd_loss, kd_loss_sum, make_kd_loss_fn)
+                        chunked_kd_loss_sum, kd_loss, kd_loss_sum, DistillationLoss)
 
 IGNORE = -100
 KINDS = ["forward_kl", "reverse_kl", "jsd"]
@@ -122,7 +122,7 @@ def test_chunked_errors():
 
 
 @pytest.mark.parametrize("form", ["logits", "topk"])
-def test_make_kd_loss_fn_logits_and_hidden(form):
+def test_distillation_loss_from_logits_and_from_hidden(form):
     hidden, weight, teacher_hidden, labels = _setup()
     teacher = _teacher_forms(teacher_hidden, k=6)[form]
     batch = {"input_ids": torch.zeros_like(labels), "labels": labels}
@@ -130,18 +130,18 @@ def test_make_kd_loss_fn_logits_and_hidden(form):
         batch["teacher_logits"] = teacher
     else:
         batch["teacher_topk_ids"], batch["teacher_topk_logprobs"] = teacher
-    fn = make_kd_loss_fn(kind="forward_kl", temperature=2.0, top_k=4, ce_weight=0.1, chunk_size=4)
-    total, count = fn(batch, F.linear(hidden, weight))
+    fn = DistillationLoss(kind="forward_kl", temperature=2.0, top_k=4, ce_weight=0.1, chunk_tokens=4)
+    total = fn.from_logits(batch, F.linear(hidden, weight))
     want, n = kd_loss_sum(F.linear(hidden, weight), teacher, labels, temperature=2.0, top_k=4, ce_weight=0.1)
-    assert total.item() == pytest.approx(want.item(), rel=1e-12) and int(count) == int(n)
-    chunked, count2 = fn(batch, StudentHidden(hidden, weight))
-    assert chunked.item() == pytest.approx(want.item(), rel=1e-12) and int(count2) == int(n)
-    only_sum = make_kd_loss_fn(top_k=4, temperature=2.0, ce_weight=0.1, return_count=False)
-    assert only_sum(batch, F.linear(hidden, weight)).item() == pytest.approx(want.item(), rel=1e-12)
+    assert total.item() == pytest.approx(want.item(), rel=1e-12)
+    chunked = fn.from_hidden(batch, StudentHidden(hidden, weight))
+    assert chunked.item() == pytest.approx(want.item(), rel=1e-12)
+    unchunked = DistillationLoss(top_k=4, temperature=2.0, ce_weight=0.1, chunk_tokens=0)
+    assert unchunked(batch, StudentHidden(hidden, weight)).item() == pytest.approx(want.item(), rel=1e-12)
     with pytest.raises(KeyError, match="no teacher target"):
         fn({"labels": labels}, F.linear(hidden, weight))
     with pytest.raises(ValueError, match="beta"):
-        make_kd_loss_fn(kind="jsd", beta=0.0)
+        DistillationLoss(kind="jsd", beta=0.0)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])

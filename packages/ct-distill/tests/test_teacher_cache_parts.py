@@ -14,7 +14,7 @@ import torch
 
 import ct_model
 from ct_distill import (CacheError, CacheMismatchError, IncompleteCacheError, OnlineTeacher, TeacherCacheReader,
-                        TopK, finalize_teacher_cache, make_kd_loss_fn, wait_for_teacher_cache,
+                        TopK, finalize_teacher_cache, DistillationLoss, wait_for_teacher_cache,
                         write_teacher_cache)
 from ct_distill.cache_entries import entry_layout, pack_entries, unpack_entries
 
@@ -129,10 +129,10 @@ def test_compact_cache_equals_float16_planes_and_its_kd_loss_the_float32_one(tmp
     worst = 0.0
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         for temperature in (1.0, 2.0):
-            loss_fn = make_kd_loss_fn(kind=kind, temperature=temperature, top_k=K)
+            loss_fn = DistillationLoss(kind=kind, temperature=temperature, top_k=K)
             for b in batches:
                 logits = student(b["input_ids"], b["position_ids"], b["document_ids"])
-                total = {name: loss_fn(c.annotate(b), logits)[0].item() for name, c in caches.items()}
+                total = {name: loss_fn(c.annotate(b), logits).item() for name, c in caches.items()}
                 worst = max(worst, abs(total["packed"] - total["fp32"]) / abs(total["fp32"]))
     # Measured worst over the batches: forward KL 3.9e-6 (T=1) / 8.3e-7 (T=2), JSD 3.9e-7 / 9.6e-8,
     # reverse KL 5.3e-4 / 4.9e-4 (its loss here is ~0.03 per token, so the float16 rounding of the

@@ -59,14 +59,22 @@ def updates(params: dict, init: dict) -> dict:
 
 
 def dtype_probe(loss_fn, seen: set):
-    """``loss_fn`` (keeping its marks, so the engine routes it the same way) that records the dtype
-    of the logits the engine hands it, or of the vocabulary shard megatron's CE would get."""
-    def probed(mb, logits):
-        seen.add(str(logits.dtype))
-        return loss_fn(mb, logits)
+    """``loss_fn`` (taking what it takes, so the engine routes it the same way) that records the
+    dtype of the logits the engine hands it, or of the vocabulary shard megatron's CE gets."""
+    from ct_model.loss import Loss
 
-    probed.__dict__.update(loss_fn.__dict__)
-    return probed
+    class Probe(Loss):
+        inputs = loss_fn.inputs
+
+        def from_logits(self, mb, logits):
+            seen.add(str(logits.dtype))
+            return loss_fn.from_logits(mb, logits)
+
+        def from_vocab_shards(self, mb, local, shard):
+            seen.add(str(local.dtype))
+            return loss_fn.from_vocab_shards(mb, local, shard)
+
+    return Probe()
 
 
 def softmax_in_fp32(engine) -> bool:

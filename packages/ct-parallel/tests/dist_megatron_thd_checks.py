@@ -67,7 +67,8 @@ def force_thd_on_the_local_spec() -> None:
         return spec
 
     model_mod.layer_spec = layer_spec
-    engine_mod.use_thd = lambda te: True
+    # THD without TE: an engine whose thd property says so (parallelize imports the class per call).
+    engine_mod.MegatronEngine = type("ThdEngine", (engine_mod.MegatronEngine,), {"thd": True})
 
 
 def packed_batch(config, n_micro: int = 4, b: int = 2, t: int = 16, seed: int = 0) -> list[dict]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ct_model import build_model, presets
-from ct_model.batch import next_token_cross_entropy, on_vocab_shards
+from ct_model.loss import Loss, LossInput, vocab_parallel_cross_entropy_sum
 
 STEPS = 3
 LR = 1e-3
@@ -45,13 +45,30 @@ def global_batch(config, n_micro: int = 4, b: int = 2, t: int = 16, seed: int = 
 
 
 def gathered_loss_fn(mb, logits):
-    """Summed CE, unmarked: under megatron TP it receives the gathered full-vocabulary logits
-    (the path KD losses take)."""
+    """Summed CE as a plain function of the logits: under megatron TP it receives the gathered
+    full-vocabulary logits."""
     return F.cross_entropy(logits.flatten(0, 1).float(), mb["labels"].flatten(), ignore_index=-100, reduction="sum")
 
 
-# The same loss, marked: under megatron TP it runs as vocab-parallel cross-entropy on the shards.
-loss_fn = next_token_cross_entropy(lambda mb, logits: gathered_loss_fn(mb, logits))
+class _LogitsOrShardsCE(Loss):
+    """Summed CE from the full logits, or (megatron) from this rank's vocabulary shard by
+    ``on_shards(mb, local, shard)``; never from hidden states, so native engines run the model's
+    own output layer (FP8 included)."""
+
+    inputs = frozenset({LossInput.LOGITS, LossInput.VOCAB_SHARDS})
+
+    def __init__(self, on_shards):
+        self.on_shards = on_shards
+
+    def from_logits(self, mb, logits):
+        return gathered_loss_fn(mb, logits)
+
+    def from_vocab_shards(self, mb, local, shard):
+        return self.on_shards(mb, local, shard)
+
+
+# The same loss; under megatron it runs as megatron's vocab-parallel cross-entropy on the shards.
+loss_fn = _LogitsOrShardsCE(vocab_parallel_cross_entropy_sum)
 
 
 def _ce_on_vocab_shards(mb, local, shard):
@@ -69,7 +86,7 @@ def _ce_on_vocab_shards(mb, local, shard):
     return -torch.where(scored, target, torch.zeros_like(target)).sum()
 
 
-shard_loss_fn = on_vocab_shards(_ce_on_vocab_shards)(lambda mb, logits: gathered_loss_fn(mb, logits))
+shard_loss_fn = _LogitsOrShardsCE(_ce_on_vocab_shards)
 
 
 def build_optimizer(named):

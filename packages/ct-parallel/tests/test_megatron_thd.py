@@ -113,13 +113,16 @@ def test_local_attention_refuses_thd_which_is_why_the_dense_mask_remains():
     with Transformer Engine."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from ct_parallel.megatron.engine import use_thd
+    from types import SimpleNamespace
+
+    from ct_parallel.megatron.engine import MegatronEngine
 
     q = torch.zeros(4, 2, 8)
     mb = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
     with pytest.raises(AssertionError, match="Packed sequence is not supported"):
         DotProductAttention.forward(None, q, q, q, None, packed_seq_params=packed_seq_params(mb))
-    assert use_thd(te=True) and not use_thd(te=False)
+    thd = MegatronEngine.thd.fget
+    assert thd(SimpleNamespace(te=True)) and not thd(SimpleNamespace(te=False))
 
 
 @pytest.mark.dist

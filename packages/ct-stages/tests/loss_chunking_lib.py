@@ -7,7 +7,7 @@ import torch
 
 import ct_model
 from ct_distill import OnlineTeacher
-from ct_stages import DistillConfig, LossConfig, Stage, StageConfig
+from ct_stages import DistillConfig, LossConfig, Objective, StageConfig, build_loss
 
 VOCAB = 512
 CHUNK = 5  # several chunks per microbatch, the last one ragged
@@ -66,17 +66,17 @@ def stage_config(variant: str) -> StageConfig:
     return StageConfig(kind=variant)
 
 
-def build_stage(variant: str, chunk_tokens: int, teacher: OnlineTeacher | None) -> Stage:
-    """The stage as run.build_stage wires it: the online teacher in hidden mode when chunking."""
+def build_stage(variant: str, chunk_tokens: int, teacher: OnlineTeacher | None) -> Objective:
+    """The objective as run.build_objective wires it: the online teacher in hidden mode when chunking."""
     config, annotate = stage_config(variant), None
     if variant == "midtrain_online":
         annotate = lambda mb: teacher.annotate(mb, None, hidden=chunk_tokens > 0)  # noqa: E731
     elif variant == "midtrain_cached":
         annotate = lambda mb: teacher.annotate(mb, TOP_K)  # noqa: E731
-    return Stage(config, annotate, loss=LossConfig(chunk_tokens=chunk_tokens, fused_kernel="off"))
+    return Objective(build_loss(config, LossConfig(chunk_tokens=chunk_tokens, fused_kernel="none")), annotate)
 
 
-def annotated(stage: Stage, mbs: list[dict]) -> list[dict]:
+def annotated(stage: Objective, mbs: list[dict]) -> list[dict]:
     return [stage.annotate(mb) if stage.annotate else mb for mb in mbs]
 
 
@@ -89,7 +89,7 @@ def reference_step(variant: str, mbs: list[dict], teacher: OnlineTeacher | None,
     tokens = sum(int((mb["labels"] != -100).sum()) for mb in mbs)
     total = 0.0
     for mb in mbs:
-        loss = stage.loss_fn(mb, model(mb["input_ids"], mb["position_ids"], mb["document_ids"]))
+        loss = stage.loss(mb, model(mb["input_ids"], mb["position_ids"], mb["document_ids"]))
         (loss / tokens).backward()
         total += loss.item()
     return total / tokens, {k: p.grad.detach().clone() for k, p in model.named_parameters()}
@@ -100,8 +100,8 @@ def full_grads(model) -> dict[str, torch.Tensor]:
             for k, p in model.named_parameters()}
 
 
-def engine_step(engine, model, stage: Stage, mbs: list[dict]):
-    result = engine.forward_backward(annotated(stage, mbs), stage.loss_fn)
+def engine_step(engine, model, stage: Objective, mbs: list[dict]):
+    result = engine.forward_backward(annotated(stage, mbs), stage.loss)
     return result.loss, full_grads(model)
 
 

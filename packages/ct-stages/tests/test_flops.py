@@ -9,7 +9,7 @@ import torch
 
 import ct_model
 from ct_parallel import build_native_engine
-from ct_stages import CheckpointManager, Stage, StageConfig, Trainer, TrainerConfig
+from ct_stages import CheckpointManager, Objective, StageConfig, Trainer, TrainerConfig, build_loss
 from ct_stages.metrics import (Documents, MetricsLog, ModelFlops, PeakFlops, Reporter, Throughput, documents,
                                flops_per_token, segment_lengths)
 from ct_stages.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
@@ -101,7 +101,7 @@ def test_the_trainer_passes_each_steps_documents(tmp_path):
                         Throughput.for_model(config, 12, PeakFlops(1e18, "stated")), torch.device("cpu"),
                         show_progress=False)
     trainer = Trainer(TrainerConfig(max_steps=2, global_batch_size=2, micro_batch_size=1, checkpoint_every=100),
-                      engine, Stage(StageConfig()), iter_batches(batches),
+                      engine, Objective(build_loss(StageConfig())), iter_batches(batches),
                       build_scheduler(engine.optimizer, 2, ScheduleConfig(warmup_steps=1)),
                       CheckpointManager(tmp_path / "ckpt"), reporter)
     trainer.fit()

@@ -51,13 +51,14 @@ def test_the_chunked_loss_really_receives_hidden_states(teacher):
     """Guards the equivalence test against comparing the logits path with itself."""
     seen = []
     stage = lib.build_stage("pretrain", lib.CHUNK, teacher)
-    inner = stage.loss_fn
+    inner = stage.loss
 
-    def spy(mb, output):
-        seen.append(type(output))
-        return inner(mb, output)
+    class Spy(type(inner)):
+        def from_hidden(self, mb, output):
+            seen.append(type(output))
+            return inner.from_hidden(mb, output)
 
-    spy.takes_model_output = True
+    spy = Spy(inner.chunk_tokens, inner.fused_kernel)
     model = lib.build_student()
     build_native_engine(model).forward_backward(lib.microbatches("pretrain", n_micro=1), spy)
     assert seen == [ModelOutput]
@@ -79,7 +80,7 @@ def test_no_micro_by_seq_by_vocab_tensor_in_a_chunked_training_step(variant, tea
         engine = build_native_engine(model)
         stage = lib.build_stage(variant, chunk, teacher)
         with LargestTensor() as probe:  # annotation (teacher forward) included
-            engine.forward_backward(lib.annotated(stage, mbs), stage.loss_fn)
+            engine.forward_backward(lib.annotated(stage, mbs), stage.loss)
         largest[chunk] = probe.largest
     assert largest[16] < full // 2 + 1, largest
     assert largest[0] >= full, largest  # the probe does see full logits when they exist
@@ -91,7 +92,7 @@ def test_forward_only_with_chunking_equals_unchunked_and_computes_no_gradient(te
     for chunk in (0, lib.CHUNK):
         model = lib.build_student()
         engine = build_native_engine(model)
-        losses.append(engine.forward_only(mbs, lib.build_stage("pretrain", chunk, teacher).loss_fn).loss)
+        losses.append(engine.forward_only(mbs, lib.build_stage("pretrain", chunk, teacher).loss).loss)
         assert all(p.grad is None for p in model.parameters())
     assert abs(losses[1] - losses[0]) <= TOL * losses[0]
 
@@ -105,8 +106,8 @@ def test_logits_engines_still_get_the_unchunked_loss(teacher):
         plain = lib.build_stage(variant, 0, teacher)
         with torch.no_grad():
             logits = model(mbs[0]["input_ids"], mbs[0]["position_ids"], mbs[0]["document_ids"])
-            got = chunked.loss_fn(lib.annotated(chunked, mbs)[0], logits)
-            want = plain.loss_fn(lib.annotated(plain, mbs)[0], logits)
+            got = chunked.loss(lib.annotated(chunked, mbs)[0], logits)
+            want = plain.loss(lib.annotated(plain, mbs)[0], logits)
         torch.testing.assert_close(got, want, rtol=TOL, atol=0)
 
 
@@ -116,16 +117,17 @@ def test_the_kd_stage_loss_runs_on_vocabulary_slices(teacher, variant, chunk):
     """Megatron TP hands the KD loss its vocabulary slice: the stage's loss carries ct-distill's
     slice implementation (for every teacher form), equal to the loss on the logits. One slice
     holding the whole vocabulary here; tests/test_vocab_parallel_kd.py splits over 2 processes."""
-    from ct_model.batch import VocabShard, vocab_shard_impl
+    from ct_model.batch import VocabShard
+    from ct_model.loss import LossInput
 
     stage = lib.build_stage(variant, chunk, teacher)
-    on_shards = vocab_shard_impl(stage.loss_fn)
-    assert on_shards is not None
+    assert stage.loss.supports(LossInput.VOCAB_SHARDS)
+    on_shards = stage.loss.from_vocab_shards
     mb = lib.annotated(stage, lib.microbatches(variant, n_micro=1))[0]
     with torch.no_grad():
         logits = lib.build_student()(mb["input_ids"], mb["position_ids"], mb["document_ids"])
     whole = VocabShard(0, logits.shape[-1], sum=lambda x: x, use_locally=lambda x: x, max=lambda x: x)
-    torch.testing.assert_close(on_shards(mb, logits, whole), stage.loss_fn(mb, logits), rtol=TOL, atol=0)
+    torch.testing.assert_close(on_shards(mb, logits, whole), stage.loss(mb, logits), rtol=TOL, atol=0)
 
 
 @pytest.mark.parametrize("bad, field", [(dict(chunk_tokens=-1), "loss.chunk_tokens"),

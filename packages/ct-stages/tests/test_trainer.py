@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import ct_model
 from ct_parallel import build_native_engine
-from ct_stages import CheckpointManager, Stage, StageConfig, Trainer, TrainerConfig, TrainingStopped
+from ct_stages import CheckpointManager, Objective, StageConfig, Trainer, TrainerConfig, TrainingStopped, build_loss
 from ct_stages.metrics import MetricsLog, PeakFlops, Reporter, Throughput, flops_per_token
 from ct_stages.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 
@@ -63,7 +63,7 @@ def build_trainer(tmp_path, batches, gbs, mbs, steps, stage=None, max_nonfinite=
                         max_nonfinite_steps=max_nonfinite)
     reporter = Reporter(MetricsLog(tmp_path / "m.jsonl", True), Throughput(1.0, PeakFlops(1e12, "test")),
                         torch.device("cpu"), show_progress=False)
-    trainer = Trainer(cfg, engine, stage or Stage(StageConfig()), ListLoader(batches), scheduler,
+    trainer = Trainer(cfg, engine, stage or Objective(build_loss(StageConfig())), ListLoader(batches), scheduler,
                       CheckpointManager(tmp_path / "ckpt"), reporter, clip_grad=1.0)
     return trainer, model, scheduler
 
@@ -110,8 +110,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops_with_a_checkpoint(tmp_p
         loss = F.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten(), reduction="sum")
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    stage = Stage(StageConfig())
-    stage.loss_fn = poisoned
+    stage = Objective(poisoned)
     trainer, model, scheduler = build_trainer(tmp_path, batches, gbs=4, mbs=4, steps=6, stage=stage,
                                               max_nonfinite=2)
     with pytest.raises(TrainingStopped, match="max_nonfinite_steps=2"):
@@ -209,8 +208,7 @@ def _ctrl_c_at(call: int, times: int = 1):
 def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path):
     from ct_stages import Preempted
 
-    stage = Stage(StageConfig())
-    stage.loss_fn = _ctrl_c_at(2)
+    stage = Objective(_ctrl_c_at(2))
     trainer, _, _ = build_trainer(tmp_path, make_batches(6, 4), gbs=4, mbs=4, steps=6, stage=stage)
     with pytest.raises(Preempted, match="stopped by SIGINT after step 2") as stopped:
         trainer.fit()
@@ -219,8 +217,7 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path):
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
-    stage = Stage(StageConfig())
-    stage.loss_fn = _ctrl_c_at(2, times=2)
+    stage = Objective(_ctrl_c_at(2, times=2))
     trainer, _, _ = build_trainer(tmp_path, make_batches(6, 4), gbs=4, mbs=4, steps=6, stage=stage)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()

@@ -194,7 +194,7 @@ class OnlineTeacher:
     def annotate(self, batch: Mapping[str, torch.Tensor], top_k: int | None = None,
                  hidden: bool = False) -> dict:
         """A copy of ``batch`` with the teacher's targets added under the keys
-        ``make_kd_loss_fn`` reads: "teacher_logits", or "teacher_topk_ids" /
+        ``DistillationLoss`` reads (loss.py): "teacher_logits", or "teacher_topk_ids" /
         "teacher_topk_logprobs" when ``top_k`` is given, or (``hidden`` and no ``top_k``)
         "teacher_hidden" + "teacher_output_weight", which a chunked loss projects per chunk so
         the teacher's full logits never exist. The targets stay on the teacher's device (the

@@ -7,14 +7,10 @@ A microbatch is a dict of tensors: ``input_ids`` [B, T], ``labels`` [B, T] (alre
 labels[t] is the target of position t; IGNORE_INDEX where nothing is scored), and optionally
 ``position_ids`` and ``document_ids`` (packed documents) and, per stage, teacher targets.
 
-Loss convention (Megatron's per-token loss): a ``LossFn(microbatch, output)`` returns the SUM of
-the per-token loss over the microbatch's scored tokens; engines divide by the scored tokens of the
-whole global batch, so the loss does not depend on how the batch is split.
-
-What ``output`` is: logits [B, T, vocab] by default. A loss marked with ``takes_model_output``
-receives a ``ModelOutput`` (final hidden states + output weight) from engines that can give one
-(the native engines), so it can project in chunks and never hold [B, T, vocab]; engines that only
-have logits (megatron) still pass the logits tensor, so such a loss must accept both.
+Losses (ct_model.loss) return the SUM of the per-token loss over a microbatch's scored tokens;
+engines divide by the scored tokens of the whole global batch. What an engine hands a loss besides
+the microbatch: logits [B, T, vocab], a ``ModelOutput`` (final hidden states + output weight), or
+one rank's slice of vocabulary-split logits with its ``VocabShard``.
 """
 
 from __future__ import annotations
@@ -46,33 +42,6 @@ class ModelOutput(NamedTuple):
         return F.linear(self.hidden, self.output_weight)
 
 
-LossOutput = torch.Tensor | ModelOutput
-LossFn = Callable[[Microbatch, LossOutput], torch.Tensor]
-
-
-def takes_model_output(loss_fn: Callable) -> Callable:
-    """Mark ``loss_fn`` as accepting a ``ModelOutput`` (engines then skip the logits)."""
-    loss_fn.takes_model_output = True
-    return loss_fn
-
-
-def wants_model_output(loss_fn: Callable) -> bool:
-    return bool(getattr(loss_fn, "takes_model_output", False))
-
-
-def next_token_cross_entropy(loss_fn: Callable) -> Callable:
-    """Mark ``loss_fn`` as exactly the summed cross-entropy of ``labels`` (IGNORE_INDEX unscored).
-    An engine whose logits are split over the vocabulary (megatron tensor parallelism) may then
-    compute that loss on its shards itself, never gathering [B, T, vocab]; any other loss gets the
-    gathered logits."""
-    loss_fn.next_token_cross_entropy = True
-    return loss_fn
-
-
-def is_next_token_cross_entropy(loss_fn: Callable) -> bool:
-    return bool(getattr(loss_fn, "next_token_cross_entropy", False))
-
-
 class VocabShard(NamedTuple):
     """This rank's slice ``[start, end)`` of logits split over the vocabulary (megatron tensor
     parallelism), with the operations that join it to the ranks holding the other slices:
@@ -84,29 +53,17 @@ class VocabShard(NamedTuple):
       backward: the gradients of every rank's local uses are summed);
     - ``max``: the maximum over the ranks, without gradient (for a stable log-sum-exp).
 
-    Megatron's ``reduce_from_`` / ``copy_to_tensor_model_parallel_region`` are the same pair."""
+    Megatron's ``reduce_from_`` / ``copy_to_tensor_model_parallel_region`` are the same pair.
+
+    ``cross_entropy(local_logits, targets) -> per-token CE``: the layout's own vocab-parallel
+    cross-entropy kernel when it has one (megatron's; None elsewhere)."""
 
     start: int
     end: int
     sum: Callable[[torch.Tensor], torch.Tensor]
     use_locally: Callable[[torch.Tensor], torch.Tensor]
     max: Callable[[torch.Tensor], torch.Tensor]
-
-
-def on_vocab_shards(impl: Callable[[Microbatch, torch.Tensor, VocabShard], torch.Tensor]) -> Callable:
-    """Give a loss a way to run on vocabulary-split logits: ``impl(microbatch, local_logits, shard)``
-    returns the same loss sum as the loss on the full logits. Engines with split logits call it
-    instead of gathering [B, T, vocab]."""
-
-    def mark(loss_fn: Callable) -> Callable:
-        loss_fn.on_vocab_shards = impl
-        return loss_fn
-
-    return mark
-
-
-def vocab_shard_impl(loss_fn: Callable) -> Callable | None:
-    return getattr(loss_fn, "on_vocab_shards", None)
+    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def scored_tokens(microbatch: Microbatch) -> torch.Tensor:

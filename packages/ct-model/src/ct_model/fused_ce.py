@@ -16,7 +16,8 @@ import torch
 from .batch import IGNORE_INDEX
 
 KERNELS = ("cut_cross_entropy", "liger_kernel")
-FUSED_CHOICES = ("auto", "off") + KERNELS
+# "none": the torch chunked path always ("off", its older spelling, is still accepted).
+FUSED_CHOICES = ("auto", "none", "off") + KERNELS
 
 
 @lru_cache(maxsize=None)
@@ -27,11 +28,11 @@ def _installed(module: str) -> bool:
 def pick_kernel(device: torch.device, fused: str = "auto") -> str | None:
     """The kernel to use for tensors on ``device``: None means the pure-torch path.
 
-    ``fused``: "auto" (the first installed of KERNELS, on CUDA), "off", or one kernel's name
+    ``fused``: "auto" (the first installed of KERNELS, on CUDA), "none", or one kernel's name
     (which must then be installed and the device CUDA)."""
     if fused not in FUSED_CHOICES:
         raise ValueError(f"loss.fused_kernel must be one of {FUSED_CHOICES}, got {fused!r}")
-    if fused == "off":
+    if fused in ("none", "off"):
         return None
     if fused != "auto":
         if device.type != "cuda" or not _installed(fused):

@@ -1,19 +1,16 @@
 """The engine interface: how the trainer runs microbatches without knowing the parallel layout.
 
-The trainer hands an engine a list of microbatches (this rank's share of one global batch) and a
-per-microbatch loss function; the engine runs forward and backward however its layout requires
-(single process, DDP, FSDP2, megatron TP/PP) and returns global metrics.
+The trainer hands an engine a list of microbatches (this rank's share of one global batch) and the
+loss to run them through (a ``ct_model.loss.Loss``; a plain ``fn(microbatch, logits)`` is taken as
+one); the engine runs forward and backward however its layout requires (single process, DDP,
+FSDP2, megatron TP/PP) and returns global metrics. The engine asks the loss what it takes
+(``loss.supports``) and hands it the best of what the layout has: hidden states + output weight
+(native engines, inside the model's forward), this rank's vocabulary shard (megatron), or logits.
 
-Loss convention (Megatron's per-token loss): ``loss_fn(microbatch, output)`` returns the SUM of
-the per-token loss over the microbatch's scored tokens. ``output`` is the logits, or, for a loss
-marked ``ct_model.batch.takes_model_output``, a ``ModelOutput`` (hidden states + output weight)
-from the native engines, which run such a loss inside the model's forward (megatron: logits).
-Under megatron tensor parallelism the logits are split over the vocabulary: a loss marked
-``ct_model.batch.next_token_cross_entropy`` is computed on the shards (megatron's vocab-parallel
-cross-entropy); any other loss (KD) receives the gathered full-vocabulary logits.
-The engine divides by the number of scored tokens (``labels != -100``) of the whole global
-batch, over all microbatches and all data-parallel ranks, so the loss and the gradients do not
-depend on how the global batch is split.
+Loss convention (Megatron's per-token loss): the loss returns the SUM of the per-token loss over a
+microbatch's scored tokens. The engine divides by the number of scored tokens (``labels != -100``)
+of the whole global batch, over all microbatches and all data-parallel ranks, so the loss and the
+gradients do not depend on how the global batch is split.
 """
 
 from __future__ import annotations
@@ -24,23 +21,11 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 
 import torch.distributed as dist
-from ct_model.batch import (IGNORE_INDEX, LossFn, Microbatch, ModelOutput,  # noqa: F401 (re-exported)
-                            is_next_token_cross_entropy, scored_tokens, vocab_shard_impl, wants_model_output)
+from ct_model.batch import IGNORE_INDEX, Microbatch, scored_tokens  # noqa: F401 (re-exported)
+from ct_model.loss import Loss
 
-
-MODELOPT_KD = "modelopt_kd"
-
-
-def modelopt_kd(loss_fn: LossFn) -> LossFn:
-    """Mark a loss as the non-KD part of a modelopt distillation loss: an engine built with a
-    modelopt teacher (the megatron engine, ``distill_teacher=``) adds modelopt's KD term to it.
-    ct-stages marks its midtrain loss so when ``stage.distill.backend=modelopt``."""
-    setattr(loss_fn, MODELOPT_KD, True)
-    return loss_fn
-
-
-def is_modelopt_kd(loss_fn: LossFn) -> bool:
-    return bool(getattr(loss_fn, MODELOPT_KD, False))
+# What engines accept as a loss: a Loss, or a function (microbatch, logits) -> loss sum.
+LossFn = Loss | Callable[[Microbatch, torch.Tensor], torch.Tensor]
 
 
 def to_device(microbatch: Microbatch, device: torch.device) -> Microbatch:

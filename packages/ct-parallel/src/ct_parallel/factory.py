@@ -5,6 +5,7 @@ The work is the parallelize step (parallelize.py); this keeps the public name an
 from __future__ import annotations
 
 import torch
+from ct_model.loss import Loss
 from ct_model.weights import WeightSource
 from ct_precision import PrecisionConfig
 from torch import nn
@@ -21,8 +22,7 @@ def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
                  activation_checkpointing: ActivationCheckpointConfig | None = None,
                  compile: CompileConfig | None = None,  # noqa: A002 - the config key's name
                  weights: WeightSource | None = None, device: torch.device | None = None,
-                 distill_teacher: nn.Module | None = None, distill_temperature: float = 1.0,
-                 distill_kind: str = "forward_kl") -> Engine:
+                 loss: Loss | None = None) -> Engine:
     """Wrap (native) or rebuild (megatron) a ct-model Decoder for the configured layout and precision.
 
     Call ``init_distributed(dist_config)`` first. ``model``: built on the ``meta`` device (nothing
@@ -32,12 +32,11 @@ def build_engine(model: nn.Module, dist_config: DistributedConfig, *,
     layers, activation checkpointing, per-block compile, then single, DDP (autocast) or FSDP2
     (MixedPrecisionPolicy). Megatron: a GPTModel per rank (TP shard of its PP stage's layers)
     filled by the bridge, with megatron's own recompute (see recompute.py). A pair of settings
-    that cannot run raises ValueError naming both keys. ``distill_teacher`` (megatron only): KD
-    through nvidia-modelopt (``stage.distill.backend=modelopt``; megatron/modelopt_kd.py).
+    that cannot run raises ValueError naming both keys. ``loss``: the loss the engine will train,
+    needed here only by a loss whose teacher the engine must hold (``loss.engine_teacher``:
+    nvidia-modelopt KD, ``stage.distill.backend=modelopt``, megatron only; megatron/modelopt_kd.py).
     """
-    megatron_kwargs = {"distill_teacher": distill_teacher, "distill_temperature": distill_temperature,
-                       "distill_kind": distill_kind}
     return parallelize(model, dist_config, precision=precision if precision is not None else PrecisionConfig(),
                        activation_checkpointing=activation_checkpointing or ActivationCheckpointConfig(),
                        compile=compile if compile is not None else CompileConfig(),
-                       weights=weights, device=device, megatron_kwargs=megatron_kwargs)
+                       weights=weights, device=device, loss=loss)

@@ -23,7 +23,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .distributed import is_distributed as _dist_ready
-from .engine import LossFn, Microbatch, StepResult, global_token_counts, scored_tokens, to_device, wants_model_output
+from ct_model.loss import Loss, LossInput, as_loss
+
+from .engine import LossFn, Microbatch, StepResult, global_token_counts, scored_tokens, to_device
 
 
 class NativeEngine:
@@ -62,23 +64,30 @@ class NativeEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _loss(self, mb: Microbatch, loss_fn: LossFn) -> torch.Tensor:
-        """``loss_fn`` on ``mb``. A loss that takes a ModelOutput runs as the model's output head,
+    def _loss(self, mb: Microbatch, loss: Loss) -> torch.Tensor:
+        """``loss`` on ``mb``. A loss that takes hidden states runs as the model's output head,
         inside the wrapped forward: under FSDP2 the (tied) output weight is unsharded only there,
         and no [micro x seq x vocab] logits are made unless the loss makes them."""
         args = (mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
         with self._autocast():
-            if wants_model_output(loss_fn):
-                return self.wrapped(*args, head=partial(loss_fn, mb))
+            if loss.supports(LossInput.HIDDEN):
+                return self.wrapped(*args, head=partial(loss.from_hidden, mb))
             logits = self.wrapped(*args)
-        return loss_fn(mb, logits)
+        return loss.from_logits(mb, logits)
 
-    def _loss_and_aux(self, mb: Microbatch, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _checked(self, loss_fn: LossFn) -> Loss:
+        loss = as_loss(loss_fn)
+        if loss.engine_teacher is not None:
+            raise ValueError(f"{loss!r} needs an engine that holds its teacher (stage.distill.backend=modelopt: "
+                             "distributed.engine=megatron)")
+        return loss
+
+    def _loss_and_aux(self, mb: Microbatch, loss: Loss) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stage loss and, for MoE models with moe_aux_loss_coeff > 0, the balance term this
         microbatch's forward recorded, scaled to the loss's per-token-sum convention (x scored
         tokens), so after the engine's division it weighs as coeff x the balance loss."""
         ct_moe.take_aux_loss(self.model)  # drop terms left by a checkpointed block's recompute
-        loss_sum = self._loss(mb, loss_fn)
+        loss_sum = self._loss(mb, loss)
         aux = ct_moe.take_aux_loss(self.model)
         if aux is not None:
             aux = aux * scored_tokens(mb).to(aux.dtype)
@@ -99,6 +108,7 @@ class NativeEngine:
 
     def forward_backward(self, microbatches: list[Microbatch], loss_fn: LossFn) -> StepResult:
         self.wrapped.train()
+        loss = self._checked(loss_fn)
         global_tokens, input_tokens = self._totals(microbatches)
         microbatches = self._on_device(microbatches)
         # Gradient reductions average over dp ranks; scaling by dp_size turns that into a sum, so
@@ -108,14 +118,14 @@ class NativeEngine:
         aux_total = None
         for i, mb in enumerate(microbatches):
             with self._no_sync(i == len(microbatches) - 1):
-                loss_sum, aux = self._loss_and_aux(mb, loss_fn)
+                loss_sum, aux = self._loss_and_aux(mb, loss)
                 ((loss_sum if aux is None else loss_sum + aux) * scale).backward()
             total += loss_sum.detach().to(torch.float64)
             if aux is not None:
                 aux_total = aux.detach().to(torch.float64) + (0 if aux_total is None else aux_total)
-        loss = self._global_sum(total) / max(global_tokens, 1.0)
-        result = StepResult(loss.item(), int(global_tokens), int(input_tokens))
-        if aux_total is not None:  # the reported loss stays the stage's; the balance term on its own
+        mean = self._global_sum(total) / max(global_tokens, 1.0)
+        result = StepResult(mean.item(), int(global_tokens), int(input_tokens))
+        if aux_total is not None:  # the reported loss stays the objective's; the balance term on its own
             result.aux_loss = (self._global_sum(aux_total) / max(global_tokens, 1.0)).item()
         return result
 
@@ -139,13 +149,14 @@ class NativeEngine:
     @torch.no_grad()
     def forward_only(self, microbatches: list[Microbatch], loss_fn: LossFn) -> StepResult:
         self.wrapped.eval()
+        loss = self._checked(loss_fn)
         global_tokens, input_tokens = self._totals(microbatches)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in self._on_device(microbatches):
-            total += self._loss(mb, loss_fn).to(torch.float64)
-        loss = self._global_sum(total) / max(global_tokens, 1.0)
+            total += self._loss(mb, loss).to(torch.float64)
+        mean = self._global_sum(total) / max(global_tokens, 1.0)
         self.wrapped.train()
-        return StepResult(loss.item(), int(global_tokens), int(input_tokens))
+        return StepResult(mean.item(), int(global_tokens), int(input_tokens))
 
     def clip_grad_norm(self, max_norm: float | None) -> float:
         """Global gradient norm before clipping (clips when max_norm is set)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 from ct_model.init import SeededInit
+from ct_model.loss import Loss
 from ct_model.weights import WeightSource, load_into
 from ct_precision import PrecisionConfig
 from torch import nn
@@ -33,7 +34,7 @@ from .compile import CompileConfig, apply_compile
 from .config import DistributedConfig
 from .engine import Engine
 from .native import NativeEngine, build_native_engine
-from .precision import check_combination, fsdp_dtypes, megatron_fp8_fields, native_autocast_dtype, prepare_native_model
+from .precision import check_combination, fsdp_dtypes, megatron_fp8_fields, prepare_native_model
 from .recompute import check_recompute_combination, megatron_recompute
 
 
@@ -48,7 +49,7 @@ def default_device() -> torch.device:
 def parallelize(model: nn.Module, dist_config: DistributedConfig, *, precision: PrecisionConfig,
                 activation_checkpointing: ActivationCheckpointConfig, compile: CompileConfig,  # noqa: A002
                 weights: WeightSource | None = None, device: torch.device | None = None,
-                megatron_kwargs: dict | None = None) -> Engine:
+                loss: Loss | None = None) -> Engine:
     """See the module docstring. ``weights``: required for a ``meta`` model (else its own values are
     used); ``device``: where it runs (default: the current CUDA device, else the CPU, or where a
     materialised model already is)."""
@@ -59,12 +60,13 @@ def parallelize(model: nn.Module, dist_config: DistributedConfig, *, precision: 
     if device is None:
         device = default_device() if on_meta(model) else next(model.parameters()).device
     if dist_config.engine == "megatron":
-        from .megatron.engine import build_megatron_engine  # imports megatron-core (~20 s)
+        from .megatron.engine import MegatronEngine  # imports megatron-core (~20 s)
 
-        return build_megatron_engine(model, dist_config, autocast_dtype=native_autocast_dtype(precision),
-                                     recompute=megatron_recompute(activation_checkpointing, model.config, dist_config),
-                                     fp8=megatron_fp8_fields(precision), weights=weights, **(megatron_kwargs or {}))
-    if megatron_kwargs and megatron_kwargs.get("distill_teacher") is not None:
+        return MegatronEngine(model, dist_config, autocast_dtype=precision.autocast_dtype,
+                              recompute=megatron_recompute(activation_checkpointing, model.config, dist_config),
+                              fp8=megatron_fp8_fields(precision), weights=weights,
+                              engine_teacher=loss.engine_teacher if loss is not None else None)
+    if loss is not None and loss.engine_teacher is not None:
         raise ValueError(f"stage.distill.backend=modelopt needs distributed.engine=megatron, got "
                          f"distributed.engine={dist_config.engine!r}")
     # Before the wrap, in torchtitan's order (FP8 layers, then checkpointing, then compile): FSDP2/DDP
@@ -82,7 +84,7 @@ def parallelize(model: nn.Module, dist_config: DistributedConfig, *, precision: 
         return FSDP2Engine(model, model, dp_group=mesh.get_group())
     materialize(model, weights, device)
     engine: NativeEngine = build_native_engine(model, strategy=dist_config.strategy,
-                                               autocast_dtype=native_autocast_dtype(precision))
+                                               autocast_dtype=precision.autocast_dtype)
     return engine
 
 

@@ -67,11 +67,6 @@ def prepare_native_model(model: torch.nn.Module, precision: PrecisionConfig,
     return convert_to_fp8(model, precision, device) if precision.fp8 else model
 
 
-def native_autocast_dtype(precision: PrecisionConfig) -> torch.dtype | None:
-    """Single/DDP: fp32 master weights, forward under autocast to compute_dtype."""
-    return precision.autocast_dtype
-
-
 def fsdp_dtypes(precision: PrecisionConfig) -> tuple[str | None, str]:
     """FSDP2: (param_dtype or None for "keep the parameters' own dtype", reduce_dtype)."""
     param = None if precision.param_dtype == "float32" else precision.param_dtype

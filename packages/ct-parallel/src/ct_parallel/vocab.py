@@ -43,8 +43,9 @@ class _SumGradients(torch.autograd.Function):
         return grad, None
 
 
-def vocab_shard(group, start: int, end: int) -> VocabShard:
-    """The shard ``[start, end)`` of this rank in ``group`` (its ranks hold consecutive slices)."""
+def vocab_shard(group, start: int, end: int, cross_entropy=None) -> VocabShard:
+    """The shard ``[start, end)`` of this rank in ``group`` (its ranks hold consecutive slices);
+    ``cross_entropy``: the layout's vocab-parallel CE kernel, if it has one (VocabShard)."""
 
     def total(x: torch.Tensor) -> torch.Tensor:
         return _AllReduceSum.apply(x, group)
@@ -57,4 +58,4 @@ def vocab_shard(group, start: int, end: int) -> VocabShard:
     def use_locally(x: torch.Tensor) -> torch.Tensor:
         return _SumGradients.apply(x, group)
 
-    return VocabShard(start, end, total, use_locally, maximum)
+    return VocabShard(start, end, total, use_locally, maximum, cross_entropy)

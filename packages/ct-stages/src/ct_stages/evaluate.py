@@ -19,7 +19,7 @@ import torch
 import ct_model
 from ct_model.errors import UserError
 
-from .stages import cross_entropy_sum
+from ct_model.loss import cross_entropy_sum
 
 MATH_SYSTEM_PROMPT = "Please reason step-by-step and put your final answer within \\boxed{}."
 

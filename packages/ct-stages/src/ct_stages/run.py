@@ -6,7 +6,7 @@ refuse unsupported layouts -> process groups -> device defaults (precision=auto,
 compile; decided once, logged) -> peak FLOP/s (before any other work) -> the model's config ->
 run directory (rank 0: lock it, compare with the run saved there, then write config.json; see
 rundir.py) -> sample data and tokenizer -> model (fresh or from the previous phase's HF export)
--> data -> stage -> engine, optimizer, schedule -> trainer -> resume.
+-> data -> objective (loss + teacher) -> engine, optimizer, schedule -> trainer -> resume.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from .metrics import MetricsLog, PeakFlops, Reporter, Throughput, plot_loss_curv
 from .optim import build_optimizer, build_scheduler
 from .rundir import (NoLock, RunDirError, RunDirLock, check_saved_run, finished_summary, make_run_dir,
                      write_json)
-from .stages import Stage, StageConfig
+from .objective import Objective
+from .stages import StageConfig, build_loss
 from .trainer import LoopState, Trainer
 
 log = logging.getLogger("ct_stages")
@@ -208,37 +209,37 @@ def build_phase_model(run: RunConfig, init_from: Path | None, config: ct_model.M
     return model, ct_model.hf.HFWeights(init_from)
 
 
-def build_stage(run: RunConfig, model_config, info: DistInfo, loader_factory) -> Stage:
-    """The phase's stage. ``loader_factory(rank, world)`` builds the loader of rank ``rank`` of
-    ``world``: a cached teacher is written by every process over its own loader's rows."""
-    if run.stage.kind != "midtrain" or run.stage.distill.backend == "modelopt":
-        return Stage(run.stage, loss=run.loss)  # modelopt: the teacher runs inside the engine's model
+def build_objective(run: RunConfig, model_config, info: DistInfo, loader_factory) -> Objective:
+    """The phase's loss and, for mid-training with ct-distill, the teacher that annotates its
+    microbatches. ``loader_factory(rank, world)`` builds the loader of rank ``rank`` of ``world``:
+    a cached teacher is written by every process over its own loader's rows."""
+    d = run.stage.distill
+    if run.stage.kind != "midtrain":
+        return Objective(build_loss(run.stage, run.loss))
+    if d.backend == "modelopt":  # the teacher runs inside the engine's model, not over the batches
+        return Objective(build_loss(run.stage, run.loss, engine_teacher=_modelopt_teacher(d, model_config, info.device)))
     from .distill import build_teacher_annotator, cache_share
 
     t = run.trainer
     total_sequences = t.max_steps * t.global_batch_size
     # A chunked loss takes an online teacher's hidden states and projects them per chunk. The cache
     # runs the teacher a micro-batch at a time, as the online teacher does, whatever the layout.
-    annotate = build_teacher_annotator(run.stage.distill, model_config, run.run_path, info.device,
+    annotate = build_teacher_annotator(d, model_config, run.run_path, info.device,
                                        total_sequences, cache_share(info, t.global_batch_size, loader_factory),
                                        hidden=run.loss.chunk_tokens > 0,
                                        compute_dtype=run.precision.autocast_dtype,
                                        rows_per_forward=t.micro_batch_size)
-    return Stage(run.stage, annotate, loss=run.loss)
+    return Objective(build_loss(run.stage, run.loss), annotate)
 
 
-def modelopt_teacher(run: RunConfig, model_config, device: torch.device) -> dict[str, Any]:
+def _modelopt_teacher(distill, model_config, device: torch.device) -> torch.nn.Module:
     """backend=modelopt: the teacher ct-model the megatron engine converts the student around."""
-    d = run.stage.distill
-    if run.stage.kind != "midtrain" or d.backend != "modelopt":
-        return {}
     from .distill import load_teacher
 
     try:
-        teacher = load_teacher(d, model_config, device).model
+        return load_teacher(distill, model_config, device).model
     except ValueError as err:  # e.g. a vocabulary that differs from the student's
         raise UserError(str(err)) from err
-    return {"distill_teacher": teacher, "distill_temperature": d.temperature, "distill_kind": d.kind}
 
 
 def fixed_batch_evaluator(engine, mixture, tokenizer, run: RunConfig, info: DistInfo):
@@ -248,11 +249,11 @@ def fixed_batch_evaluator(engine, mixture, tokenizer, run: RunConfig, info: Dist
     loader = mixture.build_loader(tokenizer, run.seq_len, t.global_batch_size, t.seed + 1,
                                   info.dp_rank, info.dp_size, prefetch=0, workers=0)
     batches = [next(loader) for _ in range(t.eval_batches)]
-    splitter = Stage(StageConfig(), loss=run.loss)  # plain CE and no teacher, whatever the phase's stage
+    plain = Objective(build_loss(StageConfig(), run.loss))  # plain CE and no teacher, whatever the phase's stage
 
     def evaluate() -> dict[str, float]:
-        micro = [mb for b in batches for mb in splitter.microbatches(b, t.micro_batch_size)]
-        result = engine.forward_only(micro, splitter.loss_fn)
+        micro = [mb for b in batches for mb in plain.microbatches(b, t.micro_batch_size)]
+        result = engine.forward_only(micro, plain.loss)
         return {"eval_loss": result.loss, "eval_tokens": result.tokens}
 
     return evaluate
@@ -381,11 +382,11 @@ def _build(run: RunConfig, info: DistInfo, init_from: Path | None, model_config,
         return mixture.build_loader(tokenizer, run.seq_len, t.global_batch_size, t.seed, rank, world)
 
     # A cached teacher is written by every process, each over its own loader's rows.
-    stage = build_stage(run, model_config, info, loader_factory)
+    objective = build_objective(run, model_config, info, loader_factory)
     # The parallelize step: each rank materialises only what it holds, from the weight source.
     engine = build_engine(model, run.distributed, precision=run.precision,
                           activation_checkpointing=run.activation_checkpointing, compile=run.compile,
-                          weights=weights, device=info.device, **modelopt_teacher(run, model_config, info.device))
+                          weights=weights, device=info.device, loss=objective.loss)
     engine.setup_optimizer(lambda named: build_optimizer(named, run.optimizer))
     scheduler = build_scheduler(engine.optimizer, t.max_steps, run.schedule)
     loader = loader_factory()
@@ -397,7 +398,7 @@ def _build(run: RunConfig, info: DistInfo, init_from: Path | None, model_config,
     reporter = Reporter(metrics, throughput, info.device, info.is_main, run.logging.progress, run.phase.name)
     layout = {"engine": run.distributed.engine, "layout": run.distributed.to_dict()}
     checkpoints = CheckpointManager(run_dir / "checkpoints", t.keep_last_checkpoints, metadata=layout)
-    trainer = Trainer(t, engine, stage, loader, scheduler, checkpoints, reporter,
+    trainer = Trainer(t, engine, objective, loader, scheduler, checkpoints, reporter,
                       clip_grad=run.optimizer.clip_grad, evaluate=evaluate)
     resumed = trainer.resume_if_possible()
     # One row per step: the rows of steps after the checkpoint (logged by the run that stopped)

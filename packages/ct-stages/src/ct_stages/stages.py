@@ -1,28 +1,24 @@
-"""A stage is data + loss + schedule. This module holds the loss side of the three stages.
+"""The recipe's stages (pretrain, midtrain, posttrain) as configuration, and the loss each trains.
 
-Losses follow the engine convention: ``loss_fn(microbatch, output)`` returns the SUM of token
-losses; the engine divides by the scored tokens of the whole global batch. Labels arrive already
-shifted (labels[t] is the target of position t), so nothing here shifts.
+``build_loss`` turns a stage's configuration into the ``ct_model.loss.Loss`` object the engines
+call (docs/architecture.md, "From a batch to the loss"): cross-entropy for pretraining and SFT,
+ct-distill's KD for mid-training, or the nvidia-modelopt KD backend's CE part. Losses follow the
+engine convention: the SUM of token losses over scored positions; the engine divides by the scored
+tokens of the whole global batch. Labels arrive already shifted, so nothing here shifts.
 
-Losses without full logits: a stage's loss takes a ``ModelOutput`` (final hidden states + output
-weight) and, with ``loss.chunk_tokens > 0``, projects ``chunk_tokens`` positions at a time, so no
-[micro x seq x vocab] tensor exists (CE: ct_model.chunked_ce; KD: ct_distill.chunked, the online
-teacher's hidden states projected per chunk too). Engines that only produce logits (megatron) pass
-the logits, and the loss takes the unchunked path.
+With ``loss.chunk_tokens > 0`` a loss handed hidden states (the native engines) projects
+``chunk_tokens`` positions at a time, so no [micro x seq x vocab] tensor exists (CE:
+ct_model.chunked_ce; KD: ct_distill.chunked, the online teacher's hidden states projected per
+chunk too). Engines that only produce logits (megatron) hand logits or vocabulary shards.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
-
-from ct_model.batch import (IGNORE_INDEX, SEQUENCE_INDEX, LossFn, LossOutput, Microbatch, ModelOutput,
-                            next_token_cross_entropy, takes_model_output)
-from ct_model.chunked_ce import linear_cross_entropy
 from ct_model.fused_ce import FUSED_CHOICES
+from ct_model.loss import CrossEntropyLoss, Loss
 
 STAGES = ("pretrain", "midtrain", "posttrain")
 TEACHER_KINDS = ("online", "cached")
@@ -30,12 +26,6 @@ KD_BACKENDS = ("ct", "modelopt")
 # What modelopt's logits criteria compute (ct_parallel.megatron.modelopt_kd.KINDS; ct-stages keeps
 # its own copy so that validating a config imports no megatron).
 MODELOPT_KINDS = ("forward_kl", "reverse_kl")
-
-
-def cross_entropy_sum(microbatch: Microbatch, logits: torch.Tensor) -> torch.Tensor:
-    """Next-token loss summed over scored positions (pretraining; SFT masks labels upstream)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), microbatch["labels"].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 @dataclass(frozen=True)
@@ -47,7 +37,7 @@ class LossConfig:
     (LLaMA-3's tokenizer, the recipe's), while a 1024-row projection is still a large enough
     matmul to keep a GPU busy; the KD loss holds ~3 such buffers per chunk (student, gradient,
     teacher). ``fused_kernel``: on CUDA, CE uses cut-cross-entropy or Liger when installed
-    ("auto"), never ("off"), or the named one.
+    ("auto"), never ("none"), or the named one.
     """
 
     chunk_tokens: int = 1024
@@ -58,57 +48,6 @@ class LossConfig:
             raise ValueError(f"loss.chunk_tokens must be >= 0 (0 = unchunked), got {self.chunk_tokens}")
         if self.fused_kernel not in FUSED_CHOICES:
             raise ValueError(f"loss.fused_kernel must be one of {FUSED_CHOICES}, got {self.fused_kernel!r}")
-
-
-def make_ce_loss(config: LossConfig) -> LossFn:
-    """Next-token CE from a ModelOutput (chunked per ``config``), or from logits (unchunked)."""
-
-    @next_token_cross_entropy  # megatron TP computes it on the vocabulary shards
-    @takes_model_output
-    def ce_loss(microbatch: Microbatch, output: LossOutput) -> torch.Tensor:
-        if isinstance(output, ModelOutput):
-            return linear_cross_entropy(output.hidden, output.output_weight, microbatch["labels"],
-                                        config.chunk_tokens, config.fused_kernel)
-        return cross_entropy_sum(microbatch, output)
-
-    return ce_loss
-
-
-def make_modelopt_ce_term(distill: "DistillConfig") -> LossFn:
-    """backend=modelopt: the midtrain loss's CE part, ``ce_weight`` x summed CE (ct-distill's
-    definition: temperature 1, scored positions); the megatron engine adds modelopt's KD term."""
-    from ct_parallel import modelopt_kd
-
-    weight = distill.ce_weight
-
-    @modelopt_kd
-    def ce_term(microbatch: Microbatch, logits: torch.Tensor) -> torch.Tensor:
-        if weight == 0:
-            return logits.sum() * 0.0  # keeps the graph (and the dtype/device) without a CE
-        return weight * cross_entropy_sum(microbatch, logits)
-
-    return ce_term
-
-
-def make_kd_loss(distill: "DistillConfig", config: LossConfig) -> LossFn:
-    """The midtrain KD loss (ct_distill), chunked from a ModelOutput when ``chunk_tokens > 0``."""
-    if distill.backend == "modelopt":
-        return make_modelopt_ce_term(distill)
-    from ct_distill import make_kd_loss_fn
-
-    d = distill
-    kd = make_kd_loss_fn(d.kind, d.temperature, d.top_k, d.beta, d.ce_weight,
-                         chunk_size=config.chunk_tokens or 1,  # unused at 0 (the logits path)
-                         return_count=False)
-
-    @takes_model_output
-    def kd_loss(microbatch: Microbatch, output: LossOutput) -> torch.Tensor:
-        if isinstance(output, ModelOutput) and config.chunk_tokens == 0:
-            output = output.logits()
-        return kd(microbatch, output)
-
-    kd_loss.on_vocab_shards = kd.on_vocab_shards  # megatron TP: the KD sum from the vocabulary slices
-    return kd_loss
 
 
 @dataclass(frozen=True)
@@ -169,34 +108,19 @@ class StageConfig:
             object.__setattr__(self, "distill", DistillConfig(**self.distill))
 
 
-class Stage:
-    """Turns a rank's batch into annotated microbatches and supplies the per-microbatch loss."""
+def build_loss(stage: StageConfig, config: LossConfig = LossConfig(),
+               engine_teacher: torch.nn.Module | None = None) -> Loss:
+    """The loss ``stage`` trains on. ``engine_teacher``: the teacher model for
+    ``stage.distill.backend=modelopt`` (the engine runs it inside the student's model)."""
+    if stage.kind != "midtrain":
+        return CrossEntropyLoss(config.chunk_tokens, config.fused_kernel)
+    d = stage.distill
+    if d.backend == "modelopt":
+        if engine_teacher is None:
+            raise ValueError("stage.distill.backend=modelopt needs the teacher model the engine will hold")
+        from ct_distill import ModeloptDistillationLoss
 
-    def __init__(self, config: StageConfig, annotate: Callable[[Microbatch], Microbatch] | None = None,
-                 loss: LossConfig = LossConfig()):
-        self.config = config
-        self.annotate = annotate
-        self.loss = loss
-        if config.kind == "midtrain":
-            self.loss_fn: LossFn = make_kd_loss(config.distill, loss)
-        else:
-            self.loss_fn = make_ce_loss(loss)
+        return ModeloptDistillationLoss(engine_teacher, d.kind, d.temperature, d.ce_weight)
+    from ct_distill import DistillationLoss
 
-    def microbatches(self, batch: Microbatch, micro_batch_size: int) -> list[Microbatch]:
-        """Split a rank's batch into microbatches (teacher targets added when the stage has a teacher).
-
-        The teacher cache is read by each row's global loader position, ``sequence_index``, which
-        the loader attaches to every batch; it is dropped before the engine sees the microbatch."""
-        rows = batch["input_ids"].shape[0]
-        if rows % micro_batch_size:
-            raise ValueError(f"rank batch of {rows} rows is not divisible by micro_batch_size={micro_batch_size}")
-        if self.annotate is not None and SEQUENCE_INDEX not in batch:
-            raise ValueError(f"the {self.config.kind} stage needs batches with {SEQUENCE_INDEX!r} (a ct_data loader)")
-        out = []
-        for start in range(0, rows, micro_batch_size):
-            mb = {k: v[start:start + micro_batch_size] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            if self.annotate is not None:
-                mb = self.annotate(mb)
-            mb.pop(SEQUENCE_INDEX, None)
-            out.append(mb)
-        return out
+    return DistillationLoss(d.kind, d.temperature, d.top_k, d.beta, d.ce_weight, chunk_tokens=config.chunk_tokens)

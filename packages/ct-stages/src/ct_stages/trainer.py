@@ -1,7 +1,7 @@
 """The training loop, top to bottom in one place.
 
 engine.forward_backward(microbatches) -> clip -> optimizer step -> scheduler -> metrics ->
-checkpoint -> eval. The engine hides the parallel layout; the stage supplies microbatches and the
+checkpoint -> eval. The engine hides the parallel layout; the objective supplies microbatches and the
 loss; the loader yields this rank's share of each global batch, each row carrying its global
 sequence index (``sequence_index``), so nothing here re-derives the loader's sharding.
 """
@@ -28,7 +28,7 @@ from ct_parallel import is_distributed
 from .checkpoint import CheckpointError, CheckpointManager
 from .metrics import Reporter, documents, memory_gib
 from .progress import Progress
-from .stages import Stage
+from .objective import Objective
 
 log = logging.getLogger("ct_stages")
 
@@ -166,17 +166,17 @@ class LoopState:
 
 
 class Trainer:
-    """Runs ``config.max_steps`` optimizer steps of ``stage`` on ``engine`` over ``loader``.
+    """Runs ``config.max_steps`` optimizer steps of ``objective`` on ``engine`` over ``loader``.
 
     ``checkpoints`` saves and finds resumable states, ``reporter`` takes the figures, ``evaluate``
     (optional) returns monitor metrics every ``config.eval_every`` steps."""
 
-    def __init__(self, config: TrainerConfig, engine, stage: Stage, loader, scheduler,
+    def __init__(self, config: TrainerConfig, engine, objective: Objective, loader, scheduler,
                  checkpoints: CheckpointManager, reporter: Reporter, *, clip_grad: float | None = None,
                  evaluate: Callable[[], dict[str, float]] | None = None):
         self.config = config
         self.engine = engine
-        self.stage = stage
+        self.objective = objective
         self.loader = loader
         self.scheduler = scheduler
         self.checkpoints = checkpoints
@@ -268,9 +268,9 @@ class Trainer:
         # before any device sees it, and outside the timed step.
         docs = documents(batch)
         start = time.perf_counter()
-        microbatches = self.stage.microbatches(batch, self.config.micro_batch_size)
+        microbatches = self.objective.microbatches(batch, self.config.micro_batch_size)
         self.engine.zero_grad()
-        result = self.engine.forward_backward(microbatches, self.stage.loss_fn)
+        result = self.engine.forward_backward(microbatches, self.objective.loss)
         grad_norm = self.engine.clip_grad_norm(self.clip_grad)
         finite = math.isfinite(result.loss) and math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]

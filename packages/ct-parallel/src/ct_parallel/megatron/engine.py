@@ -34,8 +34,9 @@ from ct_model.weights import ModuleWeights
 from ct_model.masking import document_causal_mask
 
 from ..config import DistributedConfig
-from ..engine import (IGNORE_INDEX, LossFn, Microbatch, StepResult, is_modelopt_kd, is_next_token_cross_entropy,
-                      scored_tokens, vocab_shard_impl)
+from ct_model.loss import EngineTeacher, Loss, LossInput, as_loss
+
+from ..engine import LossFn, Microbatch, StepResult, global_token_counts, scored_tokens
 from ..vocab import vocab_shard
 from . import bridge
 from .model import build_gpt_chunks, transformer_config
@@ -58,28 +59,25 @@ def _attention_mask(mb: Microbatch) -> torch.Tensor:
     return ~document_causal_mask(doc)
 
 
-def _loss_on_vocab_shards(loss_fn: LossFn, mb: Microbatch, logits: torch.Tensor) -> torch.Tensor:
-    """``loss_fn`` on this rank's vocabulary shard of the logits [B, T, vocab / TP] (all of it at TP=1).
+def _loss_on_logits(loss: Loss, mb: Microbatch, logits: torch.Tensor) -> torch.Tensor:
+    """``loss`` on this rank's vocabulary shard of the logits [B, T, vocab / TP] (all of it at TP=1).
 
-    Cross-entropy (a loss marked ``next_token_cross_entropy``) runs as megatron's vocab-parallel
-    cross-entropy at every TP size, as GPTModel's own loss does: it upcasts the (bf16) shard to
-    fp32 once, in place of the softmax it keeps for backward, and only per-token max and sum-exp
-    are all-reduced over TP. A loss with its own shard implementation
-    (``ct_model.batch.on_vocab_shards``: the KD losses) runs it; other losses get the full
-    vocabulary, gathered (differentiably) over TP. Those upcast themselves where they need to."""
-    if is_next_token_cross_entropy(loss_fn):
-        labels = mb["labels"]
-        scored = labels != IGNORE_INDEX
-        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.masked_fill(~scored, 0))
-        return (per_token * scored).sum()
-    if ps.get_tensor_model_parallel_world_size() == 1:
-        return loss_fn(mb, logits)
-    on_shards = vocab_shard_impl(loss_fn)
-    if on_shards is not None:  # e.g. ct-distill's KD losses
+    A loss that takes vocabulary shards gets this rank's, at every TP size (at TP=1 the one shard
+    is the whole vocabulary), with megatron's vocab-parallel cross-entropy as the shard's CE
+    kernel: as GPTModel's own loss, it upcasts the (bf16) shard to fp32 once, in place of the
+    softmax it keeps for backward, and only per-token max and sum-exp are all-reduced over TP.
+    Any other loss gets the full vocabulary, gathered (differentiably) over TP. Losses upcast
+    themselves where they need to."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    if loss.supports(LossInput.VOCAB_SHARDS):
         local = logits.shape[-1]
         start = ps.get_tensor_model_parallel_rank() * local
-        return on_shards(mb, logits, vocab_shard(ps.get_tensor_model_parallel_group(), start, start + local))
-    return loss_fn(mb, tensor_parallel.gather_from_tensor_model_parallel_region(logits))
+        shard = vocab_shard(ps.get_tensor_model_parallel_group(), start, start + local,
+                            cross_entropy=tensor_parallel.vocab_parallel_cross_entropy)
+        return loss.from_vocab_shards(mb, logits, shard)
+    if tp > 1:
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return loss.from_logits(mb, logits)
 
 
 def _position_ids(mb: Microbatch) -> torch.Tensor:
@@ -88,15 +86,6 @@ def _position_ids(mb: Microbatch) -> torch.Tensor:
         ids = mb["input_ids"]
         pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     return pos
-
-
-def use_thd(te: bool) -> bool:
-    """Packed documents as THD (cu_seqlens, no T x T mask) where attention can take it: with TE.
-    megatron's local DotProductAttention asserts ``packed_seq_params is None``
-    (megatron/core/transformer/dot_product_attention.py: "Packed sequence is not supported by
-    DotProductAttention. Please use TEDotProductAttention instead."), so the local spec (CPU)
-    keeps the dense [B, 1, T, T] mask."""
-    return te
 
 
 def model_inputs(mb: Microbatch, thd: bool) -> tuple[tuple, dict]:
@@ -133,11 +122,11 @@ def _count_experts_once_in_grad_norm(mopt, ep: int) -> None:
 class MegatronEngine:
     def __init__(self, model: nn.Module, dist_config: DistributedConfig, *, autocast_dtype: torch.dtype | None = None,
                  recompute: dict | None = None, fp8: dict | None = None, weights=None,
-                 distill_teacher: nn.Module | None = None, distill_temperature: float = 1.0,
-                 distill_kind: str = "forward_kl"):
-        """``distill_teacher``: a ct-model Decoder; the student is converted into nvidia-modelopt's
-        DistillationModel around it (modelopt_kd.py), and a loss marked ``modelopt_kd`` gets
-        modelopt's KD term (``distill_kind`` at ``distill_temperature``) added."""
+                 engine_teacher: EngineTeacher | None = None):
+        """``engine_teacher`` (the ``engine_teacher`` of the loss this engine will train): its
+        ct-model Decoder is the teacher the student is converted into nvidia-modelopt's
+        DistillationModel around (modelopt_kd.py); a loss with an ``engine_teacher`` then gets
+        modelopt's KD term (its ``kind`` at its ``temperature``) added."""
         # First: on CUDA without Transformer Engine this refuses (transformer_impl.py) before any work.
         self.te = use_transformer_engine(dist_config)
         if not ps.model_parallel_is_initialized():
@@ -152,15 +141,14 @@ class MegatronEngine:
         # buffers stage 0 fills with bf16 activations) and makes the local attention softmax
         # upcast (FusedScaleMaskSoftmax reads config.bf16 when it is built, not later).
         self.config = transformer_config(self.model_config, dist_config, bf16=self.bf16, recompute=recompute, fp8=fp8)
-        self.thd = use_thd(self.te)
         chunks = build_gpt_chunks(self.model_config, self.config, self.te, thd=self.thd)
         # Each rank fills only its own chunks, one ct-model tensor at a time: from the weight source
         # (a meta model: fresh initial values or an HF directory), or from the model's own tensors.
         bridge.load_ct_state_dict(chunks, weights if weights is not None else ModuleWeights(model),
                                   self.model_config)
         self.kd_model = None  # modelopt's DistillationModel (the student chunk itself, converted)
-        if distill_teacher is not None:
-            chunks = [self._convert_for_modelopt(chunks, distill_teacher, distill_temperature, distill_kind, recompute)]
+        if engine_teacher is not None:
+            chunks = [self._convert_for_modelopt(chunks, engine_teacher, recompute)]
         chunks = [c.to(self.device) for c in chunks]
         if self.bf16:
             from megatron.core.transformer.module import Float16Module
@@ -193,6 +181,15 @@ class MegatronEngine:
         self.megatron_optimizer = None
         self._grads_ready = False
         self.model = model  # the ct-model the weights came from (not trained by this engine)
+
+    @property
+    def thd(self) -> bool:
+        """Packed documents as THD (cu_seqlens, no T x T mask) where attention can take it: with TE.
+        megatron's local DotProductAttention asserts ``packed_seq_params is None``
+        (megatron/core/transformer/dot_product_attention.py: "Packed sequence is not supported by
+        DotProductAttention. Please use TEDotProductAttention instead."), so the local spec (CPU)
+        keeps the dense [B, 1, T, T] mask."""
+        return self.te
 
     def _finalize_grads(self, model, num_tokens, **kw):
         # Our loss already carries 1/(global tokens): finalize without megatron's token scaling.
@@ -245,11 +242,11 @@ class MegatronEngine:
             metrics = {k: v for part in parts for k, v in part.items()}
         return metrics
 
-    def _convert_for_modelopt(self, chunks, teacher: nn.Module, temperature: float, kind: str,
-                              recompute) -> nn.Module:
+    def _convert_for_modelopt(self, chunks, engine_teacher: EngineTeacher, recompute) -> nn.Module:
         from . import modelopt_kd
 
         modelopt_kd.check_layout(self.dist_config)
+        teacher, temperature = engine_teacher.model, engine_teacher.temperature
         teacher_config: ModelConfig = teacher.config
         if teacher_config.vocab_size != self.model_config.vocab_size:
             raise ValueError(f"stage.distill.backend=modelopt: the teacher's vocab_size {teacher_config.vocab_size} "
@@ -259,7 +256,7 @@ class MegatronEngine:
         (teacher_chunk,) = build_gpt_chunks(teacher_config, tconfig, self.te, thd=self.thd)
         bridge.load_ct_state_dict([teacher_chunk], ModuleWeights(teacher), teacher_config)
         (student,) = chunks
-        self.kd_model = modelopt_kd.convert(student, teacher_chunk, temperature, kind)
+        self.kd_model = modelopt_kd.convert(student, teacher_chunk, temperature, engine_teacher.kind)
         self.kd_temperature = temperature
         return self.kd_model
 
@@ -267,14 +264,14 @@ class MegatronEngine:
         """Hide the teacher from state dicts, checkpoints and exports (the student is what trains)."""
         return self.kd_model.hide_teacher_model() if self.kd_model is not None else contextlib.nullcontext()
 
-    def _forward_context(self, loss_fn: LossFn):
-        """A loss without the modelopt KD mark (the evaluation CE) runs the student alone."""
+    def _forward_context(self, loss: Loss):
+        """A loss without an engine teacher (the evaluation CE) runs the student alone."""
         if self.kd_model is None:
-            if is_modelopt_kd(loss_fn):
-                raise ValueError("a loss marked modelopt_kd needs the megatron engine built with a distill_teacher "
-                                 "(stage.distill.backend=modelopt)")
+            if loss.engine_teacher is not None:
+                raise ValueError(f"{loss!r} needs the megatron engine built with its teacher: "
+                                 "build_engine(..., loss=that loss)")
             return contextlib.nullcontext
-        return contextlib.nullcontext if is_modelopt_kd(loss_fn) else self._student_forward
+        return contextlib.nullcontext if loss.engine_teacher is not None else self._student_forward
 
     @contextlib.contextmanager
     def _student_forward(self):
@@ -285,9 +282,9 @@ class MegatronEngine:
         for student_layer, _ in self.kd_model._layers_to_loss:
             student_layer._intermediate_output = None
 
-    def _loss_sum(self, loss_fn: LossFn, mb: Microbatch, logits: torch.Tensor) -> torch.Tensor:
-        loss_sum = _loss_on_vocab_shards(loss_fn, mb, logits)
-        if self.kd_model is not None and is_modelopt_kd(loss_fn):
+    def _loss_sum(self, loss: Loss, mb: Microbatch, logits: torch.Tensor) -> torch.Tensor:
+        loss_sum = _loss_on_logits(loss, mb, logits)
+        if self.kd_model is not None and loss.engine_teacher is not None:
             from .modelopt_kd import kd_loss_sum
 
             loss_sum = loss_sum + kd_loss_sum(self.kd_model, mb["labels"], self.kd_temperature)
@@ -342,27 +339,21 @@ class MegatronEngine:
         return self.optimizer
 
     # -- steps -----------------------------------------------------------------------------------
-    def _totals(self, microbatches: list[Microbatch]) -> tuple[float, float]:
-        scored = float(sum(int(scored_tokens(mb)) for mb in microbatches))
-        inputs = float(sum(mb["input_ids"].numel() for mb in microbatches))
-        both = torch.tensor([scored, inputs], dtype=torch.float64, device=self.device)
-        if self.dp_size > 1:
-            dist.all_reduce(both, group=ps.get_data_parallel_group())
-        return both[0].item(), both[1].item()
-
     def _run(self, microbatches: list[Microbatch], loss_fn: LossFn, forward_only: bool) -> StepResult:
-        global_tokens, input_tokens = self._totals(microbatches)
+        loss = as_loss(loss_fn)
+        global_tokens, input_tokens = global_token_counts(microbatches, self.dp_size, ps.get_data_parallel_group(),
+                                                          self.device)
         scale = 1.0 / max(global_tokens, 1.0)
         mbs = [{k: v.to(self.device) for k, v in mb.items()} for mb in microbatches]
         b, t = mbs[0]["input_ids"].shape
 
-        forward_context = self._forward_context(loss_fn)
+        forward_context = self._forward_context(loss)
 
         def loss_func(mb, logits):
             # bf16 logits under bf16: each loss upcasts where it needs to (megatron's CE one
             # vocabulary shard at a time), rather than one fp32 copy of [B, T, V / TP] up front.
             logits = model_logits(logits, b, self.thd)
-            loss_sum = self._loss_sum(loss_fn, mb, logits)
+            loss_sum = self._loss_sum(loss, mb, logits)
             return loss_sum * scale, scored_tokens(mb).to(torch.int), {"loss_sum": loss_sum.detach().to(torch.float64)}
 
         def forward_step(data_iterator, model):
@@ -528,12 +519,3 @@ def _load_strict(sharded_state: dict, path: str) -> dict:
         raise CheckpointModelMismatch(f"{path}: written for another model ({found}); nothing was loaded. Resume "
                                       "with the model it was written for, or start a new run_dir")
     return dist_checkpointing.load(sharded_state, path)
-
-
-def build_megatron_engine(model: nn.Module, dist_config: DistributedConfig, *,
-                          autocast_dtype: torch.dtype | None = None, recompute: dict | None = None,
-                          fp8: dict | None = None, weights=None, distill_teacher: nn.Module | None = None,
-                          distill_temperature: float = 1.0, distill_kind: str = "forward_kl") -> MegatronEngine:
-    return MegatronEngine(model, dist_config, autocast_dtype=autocast_dtype, recompute=recompute, fp8=fp8,
-                          weights=weights, distill_teacher=distill_teacher, distill_temperature=distill_temperature,
-                          distill_kind=distill_kind)
