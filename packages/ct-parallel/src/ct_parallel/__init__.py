@@ -15,6 +15,7 @@ from .distributed import (DistInfo, barrier, global_rank, init_distributed, is_d
                           megatron_can_run, shutdown_distributed, world_size)
 from .engine import IGNORE_INDEX, Engine, LossFn, Microbatch, StepResult, scored_tokens
 from .factory import build_engine
+from .parallelize import check_settings
 from .native import NativeEngine, build_native_engine
 from .precision import check_combination
 from .recompute import check_recompute_combination
@@ -22,7 +23,7 @@ from .recompute import check_recompute_combination
 __all__ = [
     "ActivationCheckpointConfig", "CompileConfig", "apply_activation_checkpointing", "apply_compile", "resolve_compile",
     "IGNORE_INDEX", "DistInfo", "DistributedConfig", "Engine", "LossFn", "Microbatch", "NativeEngine",
-    "StepResult", "barrier", "build_engine", "build_native_engine", "check_combination", "check_recompute_combination",
+    "StepResult", "barrier", "build_engine", "build_native_engine", "check_combination", "check_settings", "check_recompute_combination",
     "global_rank",
     "init_distributed",
     "is_distributed", "main_first", "megatron_can_run", "scored_tokens", "shutdown_distributed", "world_size",

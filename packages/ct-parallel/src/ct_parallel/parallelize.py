@@ -53,7 +53,7 @@ def parallelize(model: nn.Module, dist_config: DistributedConfig, *, precision: 
     """See the module docstring. ``weights``: required for a ``meta`` model (else its own values are
     used); ``device``: where it runs (default: the current CUDA device, else the CPU, or where a
     materialised model already is)."""
-    check_settings(model, dist_config, precision, activation_checkpointing, compile)
+    check_settings(dist_config, precision, activation_checkpointing, compile)
     if on_meta(model) and weights is None:
         raise ValueError("a model on the meta device needs a weight source (ct_model.init.SeededInit or "
                          "ct_model.hf.HFWeights) to be materialised from")
@@ -88,9 +88,11 @@ def parallelize(model: nn.Module, dist_config: DistributedConfig, *, precision: 
     return engine
 
 
-def check_settings(model: nn.Module, dist_config: DistributedConfig, precision: PrecisionConfig,
+def check_settings(dist_config: DistributedConfig, precision: PrecisionConfig,
                    ac: ActivationCheckpointConfig, compile_config: CompileConfig) -> None:
-    """Every refusal of a setting combination, before anything is built (ValueError naming the keys)."""
+    """Every refusal of a layout or a setting combination, before anything is built (ValueError
+    naming the keys). ct-train calls it first thing too (ct_stages.run.check_supported), so a
+    run is refused before any data or model work; build_engine calls it for every other caller."""
     unsupported = dist_config.engine_support_errors()
     if unsupported:
         raise ValueError(unsupported[0])

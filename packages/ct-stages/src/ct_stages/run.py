@@ -22,7 +22,7 @@ import torch
 
 import ct_model
 from ct_model import UserError
-from ct_parallel import (DistInfo, barrier, build_engine, check_combination, check_recompute_combination,
+from ct_parallel import (DistInfo, barrier, build_engine, check_settings,
                          init_distributed, is_distributed)
 from ct_parallel import main_first, megatron_can_run, shutdown_distributed
 from ct_precision import apply_tf32
@@ -99,9 +99,12 @@ def check_supported(run: RunConfig) -> None:
         raise UserError("optimizer.name=muon is not supported on distributed.engine=megatron; use the native "
                         "engine (distributed=single, ddp or fsdp2) or optimizer=adamw")
     check_process_count(run, int(os.environ.get("WORLD_SIZE", "1")))
-    unsupported = d.engine_support_errors()
-    if unsupported:  # before the CUDA check: the answer does not depend on the machine
-        raise UserError(unsupported[0])
+    try:  # before the CUDA check: the answer does not depend on the machine
+        # a layout this version cannot run, or a precision, checkpointing or compile x layout
+        # pair that cannot run: named, both keys, now
+        check_settings(d, run.precision, run.activation_checkpointing, run.compile)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if d.engine == "megatron" and not megatron_can_run():
         raise UserError("distributed.engine=megatron needs CUDA (megatron-core calls it unconditionally) and "
                         "this machine has none; on CPU use distributed=single, ddp or fsdp2 (the native engine)")
@@ -120,11 +123,6 @@ def check_supported(run: RunConfig) -> None:
             check_layout(d)
         except ValueError as err:
             raise UserError(str(err)) from None
-    try:  # a precision, checkpointing or compile x layout pair that cannot run: named, both keys, now
-        check_combination(run.precision, d)
-        check_recompute_combination(run.activation_checkpointing, run.compile, d)
-    except ValueError as err:
-        raise UserError(str(err)) from None
 
 
 def resolve_init_from(run: RunConfig) -> Path | None:
