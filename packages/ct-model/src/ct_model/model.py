@@ -10,10 +10,28 @@ from torch import nn
 
 from .batch import ModelOutput
 from .config import ModelConfig
-from .layers import DecoderBlock, KVCache, RMSNorm
+from .layers import Attention, KVCache, RMSNorm, SwiGLU
 from .attention import build_mask_info
-from .moe import reset_router_load
+from .mla import MLAttention
+from .moe import MoE, reset_router_load
 from .rope import rope_angles
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block. ``index`` (0-based) decides the MLP: DeepSeek-V3 keeps its first
+    ``moe_first_dense_layers`` blocks dense; attention is MLA when ``multi_latent_attention``.
+    Here beside the Decoder, above layers/mla/moe, so that none of those imports another back."""
+
+    def __init__(self, config: ModelConfig, index: int = 0):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attn = MLAttention(config) if config.multi_latent_attention else Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MoE(config) if config.is_moe_layer(index) else SwiGLU(config)
+
+    def forward(self, x, rope, mask, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
