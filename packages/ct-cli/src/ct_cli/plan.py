@@ -28,6 +28,7 @@ import os
 import sys
 from pathlib import Path
 
+from ct_model.dtypes import DTYPES
 from ct_model.errors import UserError
 
 from .common import EXIT_USER_ERROR, UserFacingError, config_dir
@@ -93,9 +94,6 @@ def world_size(args: argparse.Namespace, dist) -> int:
 
 # ------------------------------------------------------------------------------- the run's model
 
-# Bytes per element of a teacher's dtype (stage.distill.teacher_dtype, or its config.json's).
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-
 
 def phase_model(run):
     """The model the run trains, as ct-train resolves it (``ct_stages.run.phase_model_config``:
@@ -128,7 +126,7 @@ def teacher_extras(run, student, dp: int) -> dict[str, float]:
         raise UserFacingError(f"stage.distill.teacher_path={d.teacher_path}: no config.json there to size the "
                               "teacher (its weights and targets are on every GPU); point it at the teacher's "
                               "HF directory")
-    size = DTYPE_BYTES.get(str(dtype), 4)
+    size = DTYPES[str(dtype)].itemsize if str(dtype) in DTYPES else 4
     rows = run.trainer.global_batch_size // dp
     chunk = run.loss.chunk_tokens
     extras = {}

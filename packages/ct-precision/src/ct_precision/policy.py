@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ct_model.config import from_known_fields
+from ct_model.dtypes import dtypes
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = dtypes("float32", "bfloat16")
 NAMES = ("fp32", "bf16", "fp8")  # the presets (configs/precision/*.yaml); "auto" resolves to one of them
 AUTO = "auto"
 FP8_RECIPES = ("tensorwise", "rowwise", "mxfp8")

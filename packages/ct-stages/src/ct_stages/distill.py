@@ -18,10 +18,12 @@ from typing import Callable
 
 import torch
 
+from ct_model.dtypes import dtypes
+
 from .stages import DistillConfig
 
 log = logging.getLogger("ct_stages")
-_DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {None: None, **dtypes("fp32", "bf16", "fp16")}
 
 
 @dataclass(frozen=True)
