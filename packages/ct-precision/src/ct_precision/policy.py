@@ -126,14 +126,6 @@ class PrecisionConfig:
     def autocast_dtype(self) -> torch.dtype | None:
         return DTYPES[self.compute_dtype] if self.compute_dtype else None
 
-    @property
-    def torch_param_dtype(self) -> torch.dtype:
-        return DTYPES[self.param_dtype]
-
-    @property
-    def torch_reduce_dtype(self) -> torch.dtype:
-        return DTYPES[self.reduce_dtype]
-
     def keeps_high_precision(self, module: torch.nn.Module) -> bool:
         """The layer rules: True for a linear layer that must not be converted to FP8."""
         if not isinstance(module, torch.nn.Linear):
