@@ -1,5 +1,5 @@
-"""Without a GPU, the CPU stands in for one (ct_model.standin): the loader's batches are host
-memory, the model's tensors are on the "device", and any op that meets both fails as on CUDA.
+"""Without a GPU, the CPU stands in for one (standin, a ct-model test helper): the loader's batches
+are host memory, the model's tensors are on the "device", and any op that meets both fails as on CUDA.
 
 Every path that feeds a model is run this way: the native engines' training and evaluation steps,
 whole pretraining and KD phases through the trainer (with an online teacher), ct-eval's perplexity,
@@ -18,10 +18,11 @@ import torch
 from cli_support import TINY, train_losses
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "ct-parallel" / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "ct-model" / "tests"))  # standin
 
 import parallel_testlib as lib  # noqa: E402
 from ct_model import build_model  # noqa: E402
-from ct_model.standin import HostDeviceMismatch, StandInDevice, is_host, to_host  # noqa: E402
+from standin import HostDeviceMismatch, StandInDevice, is_host, to_host  # noqa: E402
 
 
 def _single_engine():

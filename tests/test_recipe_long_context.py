@@ -5,10 +5,15 @@ composed config, with only the model shrunk and the batch cut to one row so CPU 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
 from cli_support import SAMPLE_SCALE
+
+# tensor_probe: a ct-model test helper
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "ct-model" / "tests"))
 
 SEQ = 32_768
 VOCAB = 8192  # the embedded tokenizer's
@@ -29,7 +34,7 @@ def _recipe_config(run_dir, sample_dir, chunk_tokens):
 
 @pytest.mark.slow
 def test_reasoning_recipe_at_32k_tokens_allocates_no_t_by_t_and_no_full_logits(tmp_path, sample_dir):
-    from ct_model.tensor_probe import LargestTensor
+    from tensor_probe import LargestTensor
     from ct_stages.run import run_phase
 
     config = _recipe_config(tmp_path / "run", sample_dir, chunk_tokens=1024)

@@ -67,5 +67,7 @@ def test_sample_dir_required():
 def test_bad_config_keys(tmp_path):
     with pytest.raises(DataConfigError, match=r"unknown loader option\(s\) \['pack'\]"):
         load_data_config({"kind": "pretrain", "loader": {"pack": 1}, "sources": [{"name": "a", "path": "x"}]})
+    with pytest.raises(DataConfigError, match=r"loader option 'micro_batch_size' was removed.*trainer.micro_batch_size"):
+        load_data_config({"kind": "sft", "loader": {"micro_batch_size": 2}, "sources": [{"name": "a", "path": "x"}]})
     with pytest.raises(DataConfigError, match="field 'kind'"):
         load_data_config({"kind": "rl", "sources": []})

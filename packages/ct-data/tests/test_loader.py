@@ -137,11 +137,3 @@ def test_stop_policy_ends_the_data(tmp_path, tokenizer, packing):
         assert st["a"]["docs"] == 9 * epochs and st["b"]["docs"] == 4 * epochs
         with pytest.raises(StopIteration):
             next(loader)
-
-
-def test_micro_batches(srcs, tokenizer):
-    loader = build_pretrain_loader(srcs, tokenizer, 16, 8, seed=0, rank=1, world_size=2, micro_batch_size=2)
-    b = next(loader)
-    parts = loader.micro_batches(b)
-    assert len(parts) == 2 and all(p["input_ids"].shape == (2, 16) for p in parts)
-    assert torch.equal(torch.cat([p["labels"] for p in parts]), b["labels"])

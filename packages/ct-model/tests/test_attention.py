@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ct_model.tensor_probe import LargestTensor
+from tensor_probe import LargestTensor
 
 import ct_model
 from ct_model import presets

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from ct_model.tensor_probe import LargestTensor
+from tensor_probe import LargestTensor
 
 from ct_model import fused_ce
 from ct_model.batch import IGNORE_INDEX

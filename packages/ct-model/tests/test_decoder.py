@@ -31,7 +31,7 @@ def test_packed_documents_match_running_each_alone(style):
 
 def test_rope_styles_are_a_row_permutation_of_each_other():
     # Interleaved RoPE on weights W equals rotate-half RoPE on per-head row-permuted q/k weights.
-    from ct_model.hf import _interleaved_to_rotate_half, _permute_heads
+    from ct_model.hf_llama import _interleaved_to_rotate_half, _permute_heads
 
     inter = ct_model.build_model(tiny(rope_style="interleaved"), seed=3).eval()
     half = ct_model.build_model(tiny(rope_style="rotate_half"), seed=4).eval()

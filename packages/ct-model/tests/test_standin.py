@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ct_model.standin import HOST, HostDeviceMismatch, StandInDevice, is_host, to_host
+from standin import HOST, HostDeviceMismatch, StandInDevice, is_host, to_host
 
 
 def test_host_and_device_tensors_do_not_mix():

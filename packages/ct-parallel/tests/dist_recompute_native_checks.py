@@ -17,7 +17,7 @@ import parallel_testlib as lib
 from ct_model import build_model
 from ct_parallel import DistributedConfig, build_engine, init_distributed
 from ct_parallel import ActivationCheckpointConfig, CompileConfig
-from ct_parallel.checkpointing import is_checkpointed
+from ct_parallel.activation_checkpoint import is_checkpointed
 
 STEPS = 2
 # (strategy, mode, compile backend or None). aot_eager: dynamo + AOTAutograd without inductor's

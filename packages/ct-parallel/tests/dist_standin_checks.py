@@ -1,7 +1,7 @@
 """Run under torchrun (2 processes, gloo) through megatron_cpu_run.py: one training step and one
 evaluation of every engine with the batch in host memory and the model on the (stand-in) device
-(ct_model.standin): DDP, FSDP2, megatron TP2 and PP2. A microbatch tensor that never reaches the
-device fails the op that meets it, as it would on CUDA. The losses equal the single-process
+(standin, a ct-model test helper): DDP, FSDP2, megatron TP2 and PP2. A microbatch tensor that
+never reaches the device fails the op that meets it, as it would on CUDA. The losses equal the single-process
 reference, so the moves changed no number.
 
     torchrun --nproc-per-node 2 megatron_cpu_run.py dist_standin_checks.py OUT_JSON [layout ...]
@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
-import parallel_testlib as lib
-from ct_model import build_model
-from ct_model.standin import StandInDevice, to_host
-from ct_parallel import DistributedConfig, build_engine, init_distributed
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ct-model" / "tests"))
+
+import parallel_testlib as lib  # noqa: E402
+from ct_model import build_model  # noqa: E402
+from ct_parallel import DistributedConfig, build_engine, init_distributed  # noqa: E402
+from standin import StandInDevice, to_host  # noqa: E402
 
 LAYOUTS = {
     "ddp": dict(engine="native", strategy="ddp"),

@@ -17,7 +17,7 @@ import parallel_testlib as lib  # noqa: E402
 from ct_parallel import DistributedConfig, build_engine, check_recompute_combination  # noqa: E402
 from ct_parallel.recompute import megatron_recompute  # noqa: E402
 from ct_parallel import ActivationCheckpointConfig, CompileConfig  # noqa: E402
-from ct_parallel.checkpointing import is_checkpointed  # noqa: E402
+from ct_parallel.activation_checkpoint import is_checkpointed  # noqa: E402
 
 MEGATRON = DistributedConfig(engine="megatron")
 

@@ -15,10 +15,9 @@ def load(name: str) -> PrecisionConfig:
 
 def test_shipped_presets_say_what_each_engine_needs():
     fp32, bf16, fp8 = load("fp32"), load("bf16"), load("fp8")
-    assert (fp32.autocast_dtype, fp32.torch_param_dtype, fp32.torch_reduce_dtype) == (None, torch.float32, torch.float32)
-    assert (bf16.autocast_dtype, bf16.torch_param_dtype, bf16.torch_reduce_dtype) == (
-        torch.bfloat16, torch.bfloat16, torch.float32)
-    assert fp8.fp8 and fp8.fp8_recipe == "tensorwise" and fp8.torch_reduce_dtype == torch.float32
+    assert (fp32.autocast_dtype, fp32.param_dtype, fp32.reduce_dtype) == (None, "float32", "float32")
+    assert (bf16.autocast_dtype, bf16.param_dtype, bf16.reduce_dtype) == (torch.bfloat16, "bfloat16", "float32")
+    assert fp8.fp8 and fp8.fp8_recipe == "tensorwise" and fp8.reduce_dtype == "float32"
 
 
 @pytest.mark.parametrize("bad, field", [

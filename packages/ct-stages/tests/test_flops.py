@@ -71,9 +71,9 @@ def test_mla_and_moe_use_their_head_dims_and_active_experts():
     c = ct_model.presets.get("deepseek_v3_671b")
     flops = ModelFlops.of(c)
     assert flops.attention_per_pair == 6 * 61 * 128 * (192 + 128)  # qk 128 + rope 64, v 128
-    active = ct_model.model.matmul_parameters(c, active=True) + c.vocab_size * c.hidden_size
+    active = ct_model.param_count.matmul_parameters(c, active=True) + c.vocab_size * c.hidden_size
     assert flops.matmul_per_token == 6 * active
-    assert active < ct_model.model.matmul_parameters(c) / 10  # 8 of 256 routed experts
+    assert active < ct_model.param_count.matmul_parameters(c) / 10  # 8 of 256 routed experts
 
 
 def test_throughput_mfu_uses_the_steps_documents():

@@ -15,12 +15,13 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1] / "ct-model" / "tests"))  # tensor_probe, a ct-model test helper
 
 import loss_chunking_lib as lib  # noqa: E402
 from ct_model.batch import ModelOutput  # noqa: E402
-from ct_model.tensor_probe import LargestTensor  # noqa: E402
 from ct_parallel import build_native_engine  # noqa: E402
 from ct_stages import LossConfig  # noqa: E402
+from tensor_probe import LargestTensor  # noqa: E402
 
 TOL = 1e-6  # relative, fp32 (the bound)
 

@@ -1,4 +1,5 @@
-"""ct-pipeline: all five phases of the recipe in order, each from the previous one's export.
+"""ct-pipeline: the recipe's six phases in order (PHASES: pretraining 1 and 2, mid-training 1 and 2,
+general SFT, reasoning SFT), each from the previous one's export, plus a teacher phase by default.
 
     ct-pipeline                                  # the embedded CPU run under runs/pipeline
     ct-pipeline run_dir=runs/p2 trainer.seed=7   # overrides apply to every phase

@@ -28,6 +28,7 @@ import os
 import sys
 from pathlib import Path
 
+from ct_model.dtypes import DTYPES
 from ct_model.errors import UserError
 
 from .common import EXIT_USER_ERROR, UserFacingError, config_dir
@@ -93,24 +94,15 @@ def world_size(args: argparse.Namespace, dist) -> int:
 
 # ------------------------------------------------------------------------------- the run's model
 
-# Bytes per element of a teacher's dtype (stage.distill.teacher_dtype, or its config.json's).
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-
-
-def _hf_model_config(directory: Path):
-    import ct_model
-
-    return ct_model.hf.config_from_hf(json.loads((directory / "config.json").read_text()),
-                                      str(directory / "config.json"))[0]
-
 
 def phase_model(run):
-    """The model the run trains: init_from's config.json when that checkpoint exists, else the
-    model section (what ct-train builds fresh; a later phase's start is the same shape)."""
+    """The model the run trains, as ct-train resolves it (``ct_stages.run.phase_model_config``:
+    init_from's config.json, else the model section): a phase planned before the one it starts
+    from has run has no init_from yet, and is planned from the model section (the same shape)."""
+    from ct_stages.run import phase_model_config
+
     path = run.init_path
-    if path is not None and (path / "config.json").is_file():
-        return _hf_model_config(path)
-    return run.model.resolve()
+    return phase_model_config(run, path if path is not None and (path / "config.json").is_file() else None)
 
 
 def teacher_extras(run, student, dp: int) -> dict[str, float]:
@@ -128,13 +120,13 @@ def teacher_extras(run, student, dp: int) -> dict[str, float]:
         teacher, dtype, name = student, d.teacher_dtype or "fp32", "self-distillation"  # ct exports fp32
     elif (path / "config.json").is_file():
         meta = json.loads((path / "config.json").read_text())
-        teacher, name = _hf_model_config(path), path.name
+        teacher, name = ct_model.hf.read_hf_config(path)[0], path.name
         dtype = d.teacher_dtype or meta.get("torch_dtype") or (meta.get("text_config") or {}).get("torch_dtype") or "fp32"
     else:
         raise UserFacingError(f"stage.distill.teacher_path={d.teacher_path}: no config.json there to size the "
                               "teacher (its weights and targets are on every GPU); point it at the teacher's "
                               "HF directory")
-    size = DTYPE_BYTES.get(str(dtype), 4)
+    size = DTYPES[str(dtype)].itemsize if str(dtype) in DTYPES else 4
     rows = run.trainer.global_batch_size // dp
     chunk = run.loss.chunk_tokens
     extras = {}

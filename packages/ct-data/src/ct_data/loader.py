@@ -98,7 +98,6 @@ class PackedLoader:
         mix_jitter: float | None = None,
         prefetch: int = 4,
         read_batch: int = 256,
-        micro_batch_size: int | None = None,
         validate: bool = True,
         workers: int = 0,
         _rows: range | None = None,
@@ -117,12 +116,6 @@ class PackedLoader:
             raise DataConfigError(f"loader: batch_size {batch_size} (the global batch) is not divisible "
                                   f"by world_size {world_size}")
         self.local_batch_size = batch_size // world_size
-        if micro_batch_size is not None:
-            _check_int("micro_batch_size", micro_batch_size, 1)
-            if self.local_batch_size % micro_batch_size:
-                raise DataConfigError(f"loader: micro_batch_size {micro_batch_size} does not divide the "
-                                      f"per-rank batch {self.local_batch_size}")
-        self.micro_batch_size = micro_batch_size
         if on_exhausted not in ON_EXHAUSTED:
             raise DataConfigError(f"loader: on_exhausted must be one of {ON_EXHAUSTED}, got {on_exhausted!r}")
         if max_epochs is not None:
@@ -269,11 +262,6 @@ class PackedLoader:
         if self._thread is None:
             self._launch()
         return self._queue.get()
-
-    def micro_batches(self, batch: Batch, micro_batch_size: int | None = None) -> list[Batch]:
-        """Split a per-rank batch into micro-batches along the batch dimension."""
-        m = micro_batch_size or self.micro_batch_size or self.local_batch_size
-        return [{k: v[i:i + m] for k, v in batch.items()} for i in range(0, self.local_batch_size, m)]
 
     # ---------------------------------------------------------------- production
     def _start(self, state: dict | None) -> None:
@@ -516,7 +504,7 @@ def build_pretrain_loader(
     from one source, the public recipe). ``max_doc_tokens`` caps a document (BOS/EOS included;
     default ``seq_len``; None = no cap); longer ones are split into separate documents ("split") or
     cut ("truncate", counted). Other keyword arguments: see PackedLoader (on_exhausted, max_epochs,
-    mix_jitter, prefetch, read_batch, micro_batch_size, validate, workers).
+    mix_jitter, prefetch, read_batch, validate, workers).
     """
     if packing not in PRETRAIN_PACKING:
         raise DataConfigError(f"loader: packing must be one of {PRETRAIN_PACKING}, got {packing!r}")

@@ -23,11 +23,14 @@ from typing import Any
 from ct_data.config import DataConfigError, SourceConfig, normalize_sources
 
 KINDS = ("pretrain", "sft")
-_COMMON = {"on_exhausted", "max_epochs", "mix_jitter", "prefetch", "read_batch", "micro_batch_size", "validate",
-           "workers"}
+_COMMON = {"on_exhausted", "max_epochs", "mix_jitter", "prefetch", "read_batch", "validate", "workers"}
 LOADER_OPTIONS = {
     "pretrain": _COMMON | {"packing", "add_bos", "add_eos", "max_doc_tokens", "long_doc_policy"},
     "sft": _COMMON | {"packing", "loss_on", "truncation", "max_example_tokens", "lookahead"},
+}
+# Loader options that existed once: a config still setting one is told what replaced it.
+_REMOVED_LOADER_OPTIONS = {
+    "micro_batch_size": "the trainer splits each batch into micro-batches: set trainer.micro_batch_size",
 }
 _TOP_KEYS = {"name", "kind", "tokenizer", "loader", "sources", "notes", "left_out"}
 
@@ -79,6 +82,8 @@ def load_data_config(config: str | os.PathLike | Mapping[str, Any], *, sample_di
     if kind not in KINDS:
         raise DataConfigError(f"{where}: field 'kind' must be one of {KINDS}, got {kind!r}")
     loader = d.get("loader") or {}
+    for key in sorted(set(loader) & set(_REMOVED_LOADER_OPTIONS)):
+        raise DataConfigError(f"{where}: loader option {key!r} was removed; {_REMOVED_LOADER_OPTIONS[key]}")
     bad = sorted(set(loader) - LOADER_OPTIONS[kind])
     if bad:
         raise DataConfigError(f"{where}: unknown loader option(s) {bad} for kind {kind!r}; "

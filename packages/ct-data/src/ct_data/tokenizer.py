@@ -158,20 +158,6 @@ class Tokenizer:
         special = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
         (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
-    def hf_tokenizer(self):
-        """A ``transformers.PreTrainedTokenizerFast`` over the same backend (lazy import)."""
-        from transformers import PreTrainedTokenizerFast
-
-        hf = PreTrainedTokenizerFast(
-            tokenizer_object=self.backend,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-            pad_token=self.pad_token,
-            clean_up_tokenization_spaces=False,
-        )
-        hf.chat_template = self.chat_template
-        return hf
-
     def __repr__(self) -> str:
         return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
                 f"eos={self.eos_id}, eot={self.eot_id}, pad={self.pad_id})")

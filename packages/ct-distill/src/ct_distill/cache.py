@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import save_file
 
 from ct_model.batch import SEQUENCE_INDEX
+from ct_model.dtypes import dtypes
 
 from .cache_entries import PACKED_DTYPES, entry_layout, pack_entries
 # Errors, the hash and the reader are re-exported: ``ct_distill.cache`` is the module users import.
@@ -54,7 +55,7 @@ __all__ = ["CacheError", "CacheMismatchError", "IncompleteCacheError", "TeacherC
            "write_teacher_cache"]
 
 log = logging.getLogger("ct_distill")
-_LOGPROB_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_LOGPROB_DTYPES = dtypes("float16", "bfloat16", "float32")
 # A waiting process gives up when no part it waits for has gained a shard for this long: far above
 # the time one shard takes (~1M tokens at the default size), far below "hung forever".
 STALL_TIMEOUT_S = 1800.0

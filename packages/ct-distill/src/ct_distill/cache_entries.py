@@ -21,10 +21,12 @@ import sys
 
 import torch
 
+from ct_model.dtypes import dtypes
+
 WORD_BITS = 32
 MAGNITUDE_BITS = 15  # a 16-bit float without its sign
 MIN_LOGPROB_BITS = 12  # below this the rounding would cost more than a smaller k would
-PACKED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+PACKED_DTYPES = dtypes("float16", "bfloat16")
 
 
 def entry_layout(vocab_size: int) -> tuple[int, int]:

@@ -8,7 +8,8 @@ from . import hf, presets
 from .config import ConfigError, ModelConfig
 from .errors import UserError
 from .generation import generate
-from .model import Decoder, build_model, count_active_parameters, count_parameters, model_from_state
+from .model import Decoder, build_model, count_parameters, model_from_state
+from .param_count import count_active_parameters
 
 __all__ = [
     "ConfigError", "Decoder", "ModelConfig", "UserError", "build_model", "count_active_parameters",

@@ -7,3 +7,10 @@ with exit status 2 instead of a traceback. It lives in the lowest package so tha
 
 class UserError(ValueError):
     """Bad input from the user: a config value, a path, a file's contents. The message names it."""
+
+
+class HFFormatError(UserError):
+    """An HF checkpoint directory is missing something or describes an unsupported model.
+
+    Here rather than in hf.py so that the format modules (hf_llama, hf_deepseek) raise it without
+    importing hf.py, which imports them."""

@@ -1,15 +1,10 @@
-"""HF-format import and export (config.json + safetensors): Llama-4-text, Llama and DeepSeek-V3
-(``deepseek_v3``: MLA + MoE, mapped in hf_deepseek.py).
+"""HF-format import and export (config.json + safetensors): Llama-4-text, Llama (mapped in
+hf_llama.py) and DeepSeek-V3 (``deepseek_v3``: MLA + MoE, mapped in hf_deepseek.py).
 
 No dependency on ``transformers``: the files are written and read directly, and tests check that
 ``transformers.AutoModelForCausalLM`` loads what we write with identical logits (and vice versa).
-
-- ``llama4`` (``Llama4ForCausalLM`` / ``llama4_text``): the released MobileLLM-R1 format; RoPE is
-  interleaved and QK-norm is parameter-free after RoPE, exactly as in this package.
-- ``llama`` (``LlamaForCausalLM``): rotate-half RoPE, no QK-norm.
-
-Exporting a model to the other RoPE layout permutes the rows of q_proj/k_proj inside each head,
-which is exact (a relabelling of the rotated pairs).
+This module holds what every format shares (files, shards, checks); the format modules hold the
+names and layouts, and ``_FORMATS`` picks one by arch, so they never import this module.
 """
 
 from __future__ import annotations
@@ -17,90 +12,40 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from . import hf_deepseek, hf_llama
 from .config import ConfigError, ModelConfig
-from .errors import UserError
+from .errors import HFFormatError
 from .model import Decoder, build_model
 from .safetensors_shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, is_weights_file
 from .weights import load_into
 
-ARCHS = {
-    "llama4": ("Llama4ForCausalLM", "llama4_text", "feed_forward"),
-    "llama": ("LlamaForCausalLM", "llama", "mlp"),
-}
-_MODEL_TYPES = {"llama4_text": "llama4", "llama": "llama", "deepseek_v3": "deepseek_v3"}
-# DeepseekV3ForCausalLM: its mapping lives in hf_deepseek.py (imported lazily, it imports this).
+__all__ = [
+    "ALL_ARCHS", "HFFormatError", "HFWeights", "config_from_hf", "default_arch", "hf_config", "load_hf",
+    "read_hf_config", "run_directory_error", "save_hf", "token_ids", "write_hf",
+]
+
 DEEPSEEK = "deepseek_v3"
-ALL_ARCHS = sorted([*ARCHS, DEEPSEEK])
+# arch -> its format module: hf_config, converter, config_from_hf and plan_from_hf_names, each
+# taking the arch (hf_llama serves two).
+_FORMATS = {"llama4": hf_llama, "llama": hf_llama, DEEPSEEK: hf_deepseek}
+_MODEL_TYPES = {"llama4_text": "llama4", "llama": "llama", "deepseek_v3": DEEPSEEK}
+ALL_ARCHS = sorted(_FORMATS)
 log = logging.getLogger("ct_model")
-
-
-class HFFormatError(UserError):
-    """An HF checkpoint directory is missing something or describes an unsupported model."""
-
-
-def _interleaved_to_rotate_half(head_dim: int) -> torch.Tensor:
-    return torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
-
-
-def _permute_heads(weight: torch.Tensor, head_dim: int, order: torch.Tensor) -> torch.Tensor:
-    rows, cols = weight.shape
-    return weight.view(rows // head_dim, head_dim, cols)[:, order].reshape(rows, cols)
 
 
 # ----------------------------------------------------------------------------- export
 
 
 def hf_config(config: ModelConfig, arch: str, dtype: torch.dtype = torch.float32) -> dict:
-    """The config.json contents describing ``config`` in the ``arch`` layout."""
-    hf_arch, model_type, _ = ARCHS[arch]
-    depth = config.effective_depth
-    common = {
-        "architectures": [hf_arch],
-        "model_type": model_type,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": depth,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_query_groups,
-        "head_dim": config.kv_channels,
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.layernorm_epsilon,
-        "rope_theta": config.rotary_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rotary_base},
-        "tie_word_embeddings": config.share_embeddings_and_output_weights,
-        "initializer_range": config.init_method_std,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if arch == "llama":
-        if config.qk_layernorm:
-            raise ConfigError(
-                "qk_layernorm=True cannot be exported as arch='llama' (LlamaForCausalLM has no "
-                "QK-norm); export with arch='llama4'"
-            )
-        return {**common, "intermediate_size": config.ffn_hidden_size, "mlp_bias": False}
-    return {
-        **common,
-        "intermediate_size": config.ffn_hidden_size,
-        "intermediate_size_mlp": config.ffn_hidden_size,
-        "use_qk_norm": config.qk_layernorm,
-        "no_rope_layers": [1] * depth,
-        "moe_layers": [],
-        "num_local_experts": 1,
-        "num_experts_per_tok": 1,
-        # Full causal attention on every layer (no chunked-local attention, no temperature tuning).
-        "attention_chunk_size": None,
-        "attn_temperature_tuning": False,
-    }
+    """The config.json contents describing ``config`` in the ``arch`` layout (raises ConfigError
+    when that architecture cannot hold the model)."""
+    return _FORMATS[arch].hf_config(config, arch, dtype)
 
 
 def default_arch(config: ModelConfig) -> str:
@@ -156,9 +101,9 @@ def write_hf(items: Iterable[tuple[str, torch.Tensor]], config: ModelConfig, pat
     arch = arch or default_arch(config)
     if arch not in ALL_ARCHS:
         raise ConfigError(f"arch must be one of {ALL_ARCHS}, got {arch!r}")
-    convert = _converter(config, arch)
+    convert = _FORMATS[arch].converter(config, arch)
     # The config dict first: an architecture that cannot hold the model raises before any file.
-    hf_meta = _hf_meta(config, arch, torch.float32)
+    hf_meta = hf_config(config, arch)
     expected = {k: tuple(v.shape) for k, v in build_model(config, device="meta").state_dict().items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,26 +137,6 @@ def write_hf(items: Iterable[tuple[str, torch.Tensor]], config: ModelConfig, pat
     return out
 
 
-def _hf_meta(config: ModelConfig, arch: str, dtype: torch.dtype) -> dict:
-    if arch == DEEPSEEK:
-        from . import hf_deepseek
-
-        return hf_deepseek.hf_config(config, dtype)
-    if config.multi_latent_attention or config.is_moe:
-        raise ConfigError(f"an MLA/MoE model cannot be exported as arch={arch!r}; use 'deepseek_v3'")
-    return hf_config(config, arch, dtype)
-
-
-def _converter(config: ModelConfig, arch: str) -> Callable[[str, torch.Tensor], Iterator[tuple[str, torch.Tensor]]]:
-    """(our name, tensor) -> its HF file tensors, for ``arch``."""
-    if arch == DEEPSEEK:
-        from . import hf_deepseek
-
-        return partial(hf_deepseek.hf_items, c=config)
-    target_style = "interleaved" if arch == "llama4" else "rotate_half"
-    return partial(_llama_items, config=config, arch=arch, permute=config.rope_style != target_style)
-
-
 def _check_item(name: str, tensor: torch.Tensor, expected: dict, seen: set, out: Path) -> None:
     if name not in expected:
         raise HFFormatError(f"{out}: tensor {name!r} is not part of a model of this configuration")
@@ -232,31 +157,6 @@ def _remove_previous_export(out: Path) -> None:
             path.unlink()
 
 
-def _llama_items(name: str, value: torch.Tensor, config: ModelConfig, arch: str,
-                 permute: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """One of our tensors as Llama / Llama-4 file tensors: a layer-shared block's tensors twice
-    (exact, larger file); q/k rows permuted per head when the RoPE layouts differ."""
-    if name in ("embed_tokens.weight", "norm.weight"):
-        yield "model." + name, value
-        return
-    if name == "lm_head.weight":
-        yield name, value
-        return
-    parts = name.split(".", 2)
-    if parts[0] != "layers" or len(parts) < 3:
-        raise HFFormatError(f"tensor {name!r} has no {ARCHS[arch][0]} counterpart")
-    layer, rest = int(parts[1]), parts[2]
-    if permute and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
-        order = _interleaved_to_rotate_half(config.kv_channels)
-        if config.rope_style == "rotate_half":
-            order = torch.argsort(order)  # inverse: rotate-half rows back to interleaved
-        value = _permute_heads(value, config.kv_channels, order)
-    rest = rest.replace("mlp.", f"{ARCHS[arch][2]}.")
-    repeats = 2 if config.layer_sharing else 1
-    for r in range(repeats):
-        yield f"model.layers.{layer * repeats + r}.{rest}", value
-
-
 # ----------------------------------------------------------------------------- import
 
 
@@ -270,58 +170,7 @@ def config_from_hf(meta: dict, source: str = "config.json") -> tuple[ModelConfig
             f"{source}: model_type {model_type!r} is not supported; expected one of {sorted(_MODEL_TYPES)}"
         )
     arch = _MODEL_TYPES[model_type]
-    if arch == DEEPSEEK:
-        from . import hf_deepseek
-
-        return hf_deepseek.config_from_hf(meta, source), arch
-
-    def need(key):
-        if key not in meta:
-            raise HFFormatError(f"{source}: required field {key!r} is missing")
-        return meta[key]
-
-    rope = meta.get("rope_parameters") or meta.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise HFFormatError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
-    theta = rope.get("rope_theta", meta.get("rope_theta", 10_000.0))
-    if arch == "llama4":
-        _check_llama4_dense(meta, source)
-        ffn = meta.get("intermediate_size_mlp", meta.get("intermediate_size"))
-        qk_norm = bool(meta.get("use_qk_norm", True))
-    else:
-        ffn = need("intermediate_size")
-        qk_norm = False
-        if meta.get("attention_bias") or meta.get("mlp_bias"):
-            raise HFFormatError(f"{source}: biases in attention/MLP are not supported")
-    heads = need("num_attention_heads")
-    config = ModelConfig(
-        num_layers=need("num_hidden_layers"),
-        hidden_size=need("hidden_size"),
-        num_attention_heads=heads,
-        num_query_groups=meta.get("num_key_value_heads") or heads,
-        kv_channels=meta.get("head_dim") or need("hidden_size") // heads,
-        ffn_hidden_size=ffn,
-        vocab_size=need("vocab_size"),
-        max_position_embeddings=meta.get("max_position_embeddings", 2048),
-        rotary_base=float(theta),
-        rope_style="interleaved" if arch == "llama4" else "rotate_half",
-        layernorm_epsilon=meta.get("rms_norm_eps", 1e-5),
-        qk_layernorm=qk_norm,
-        share_embeddings_and_output_weights=bool(meta.get("tie_word_embeddings", False)),
-        init_method_std=meta.get("initializer_range", 0.02),
-        name=meta.get("_name_or_path", "hf"),
-    )
-    return config, arch
-
-
-def _check_llama4_dense(meta: dict, source: str) -> None:
-    layers = meta.get("num_hidden_layers", 0)
-    if meta.get("moe_layers"):
-        raise HFFormatError(f"{source}: MoE layers {meta['moe_layers']} are not supported (dense only)")
-    no_rope = meta.get("no_rope_layers") or [1] * layers
-    if not all(no_rope[:layers]):
-        raise HFFormatError(f"{source}: no_rope_layers has NoPE layers; every layer must use RoPE")
+    return _FORMATS[arch].config_from_hf(meta, source, arch), arch
 
 
 def run_directory_error(root: Path) -> HFFormatError | None:
@@ -366,33 +215,6 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model, weights.config
 
 
-@dataclass(frozen=True)
-class Rename:
-    """One of our tensors is one file tensor."""
-
-    key: str
-
-    def shape(self, shape_of) -> tuple[int, ...]:
-        return shape_of(self.key)
-
-    def rows(self, read, start: int, stop: int) -> torch.Tensor:
-        return read(self.key, start, stop)
-
-
-@dataclass(frozen=True)
-class StackExperts:
-    """A 3D expert tensor [E, ...]: expert j is its file tensors ``parts[j]`` joined along rows."""
-
-    parts: tuple[tuple[str, ...], ...]
-
-    def shape(self, shape_of) -> tuple[int, ...]:
-        first = [shape_of(k) for k in self.parts[0]]
-        return (len(self.parts), sum(s[0] for s in first), *first[0][1:])
-
-    def rows(self, read, start: int, stop: int) -> torch.Tensor:
-        return torch.stack([torch.cat([read(k, 0, None) for k in self.parts[j]]) for j in range(start, stop)])
-
-
 class HFWeights:
     """An HF model directory as a weight source (ct_model.weights): our state-dict names, read
     lazily from the safetensors files (one file or ``model.safetensors.index.json`` shards), a
@@ -402,7 +224,7 @@ class HFWeights:
         self.root = Path(path)
         self.config, self.arch = read_hf_config(self.root)
         self.files = _tensor_files(self.root)
-        self.plan = _plan_from_hf_names(list(self.files), self.config, self.arch, self.root)
+        self.plan = _FORMATS[self.arch].plan_from_hf_names(list(self.files), self.config, self.arch, self.root)
 
     def names(self) -> list[str]:
         return list(self.plan)
@@ -442,25 +264,3 @@ def _tensor_files(root: Path) -> dict[str, str]:
         with safe_open(str(root / name), framework="pt") as f:
             out.update({key: name for key in f.keys()})
     return out
-
-
-def _plan_from_hf_names(keys: list[str], config: ModelConfig, arch: str, root: Path) -> dict:
-    if arch == DEEPSEEK:
-        from . import hf_deepseek
-
-        return hf_deepseek.plan_from_hf_names(keys, config, root)
-    mlp_name = ARCHS[arch][2]
-    plan = {}
-    for key in keys:
-        # Multimodal Llama-4 checkpoints nest the text model under language_model.
-        name = key.removeprefix("language_model.")
-        if name == "lm_head.weight":
-            if not config.share_embeddings_and_output_weights:
-                plan[name] = Rename(key)
-            continue
-        if not name.startswith("model."):
-            raise HFFormatError(f"{root}: unexpected tensor {key!r}")
-        plan[name.removeprefix("model.").replace(f".{mlp_name}.", ".mlp.")] = Rename(key)
-    if not config.share_embeddings_and_output_weights and "lm_head.weight" not in plan:
-        raise HFFormatError(f"{root}: lm_head.weight missing and tie_word_embeddings is false")
-    return plan

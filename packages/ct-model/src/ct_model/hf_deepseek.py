@@ -1,6 +1,7 @@
 """HF ``DeepseekV3ForCausalLM`` (model_type ``deepseek_v3``): config and weight mapping.
 
-Used by ``ct_model.hf.load_hf`` / ``save_hf`` (arch ``deepseek_v3``). Attention, norms, dense
+One of the format modules that ``ct_model.hf`` picks by arch (``deepseek_v3``), with the same
+four functions as hf_llama (their ``arch`` argument is always ``deepseek_v3`` here). Attention, norms, dense
 MLPs, the router and the shared expert already carry transformers' names; the differences are
 - routed experts: ours are 3D tensors (``mlp.gate_up_proj`` [E, 2I, H], ``mlp.down_proj``
   [E, H, I]); files hold one matrix per expert (``mlp.experts.{j}.gate_proj.weight`` ..., the
@@ -18,12 +19,14 @@ dequantise first), softmax routing, un-normalised top-k weights. Multi-token-pre
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 
 from .config import ConfigError, ModelConfig
-from .hf import HFFormatError
+from .errors import HFFormatError
+from .hf_tensors import Rename, StackExperts
 
 ARCH = ("DeepseekV3ForCausalLM", "deepseek_v3")
 _EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -49,7 +52,7 @@ def _check_exportable(c: ModelConfig) -> None:
                           "(HF counts shared experts)")
 
 
-def hf_config(c: ModelConfig, dtype: torch.dtype) -> dict:
+def hf_config(c: ModelConfig, arch: str, dtype: torch.dtype) -> dict:
     _check_exportable(c)
     moe = c.is_moe
     groups = c.moe_router_num_groups
@@ -93,7 +96,7 @@ def hf_config(c: ModelConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def config_from_hf(meta: dict, source: str) -> ModelConfig:
+def config_from_hf(meta: dict, source: str, arch: str) -> ModelConfig:
     def need(key):
         if meta.get(key) is None:
             raise HFFormatError(f"{source}: required field {key!r} is missing")
@@ -152,7 +155,12 @@ def config_from_hf(meta: dict, source: str) -> ModelConfig:
 # ----------------------------------------------------------------------------- weights
 
 
-def hf_items(name: str, value: torch.Tensor, c: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def converter(config: ModelConfig, arch: str) -> Callable[[str, torch.Tensor], Iterator[tuple[str, torch.Tensor]]]:
+    """(our name, tensor) -> its HF file tensors."""
+    return partial(_items, c=config)
+
+
+def _items(name: str, value: torch.Tensor, c: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """One of our tensors -> its HF file tensor(s): a 3D expert tensor one matrix per expert
     (views into it: the writer copies what it keeps), the selection bias renamed."""
     parts = name.split(".")
@@ -180,16 +188,9 @@ def hf_items(name: str, value: torch.Tensor, c: ModelConfig) -> Iterator[tuple[s
     yield "model." + name, value
 
 
-def to_hf_names(state: dict, c: ModelConfig) -> dict:
-    """Our state dict -> HF file tensors (experts split per expert, the bias renamed)."""
-    return {k: v.contiguous().clone() for name, value in state.items() for k, v in hf_items(name, value, c)}
-
-
-def plan_from_hf_names(keys, c: ModelConfig, root) -> dict:
-    """HF file tensor names -> how each of our state-dict tensors is read (``hf.Rename`` or, for
-    per-expert matrices, ``hf.StackExperts`` into the 3D tensors)."""
-    from .hf import Rename, StackExperts
-
+def plan_from_hf_names(keys, c: ModelConfig, arch: str, root) -> dict:
+    """HF file tensor names -> how each of our state-dict tensors is read (``Rename`` or, for
+    per-expert matrices, ``StackExperts`` into the 3D tensors)."""
     plan, experts = {}, {}
     for key in keys:
         if key.endswith("weight_scale_inv"):

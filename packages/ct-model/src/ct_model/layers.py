@@ -1,4 +1,5 @@
-"""Decoder building blocks: RMSNorm, GQA attention with RoPE and QK-norm, SwiGLU MLP, block."""
+"""Decoder building blocks: RMSNorm, GQA attention with RoPE and QK-norm, SwiGLU MLP (the block that
+assembles them, with MLA and MoE, is model.DecoderBlock)."""
 
 from __future__ import annotations
 
@@ -81,23 +82,3 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderBlock(nn.Module):
-    """Pre-norm block. ``index`` (0-based) decides the MLP: DeepSeek-V3 keeps its first
-    ``moe_first_dense_layers`` blocks dense; attention is MLA when ``multi_latent_attention``."""
-
-    def __init__(self, config: ModelConfig, index: int = 0):
-        super().__init__()
-        # mla.py and moe.py build on this module's RMSNorm / SwiGLU / KVCache: imported here.
-        from .mla import MLAttention
-        from .moe import MoE
-
-        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
-        self.self_attn = MLAttention(config) if config.multi_latent_attention else Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
-        self.mlp = MoE(config) if config.is_moe_layer(index) else SwiGLU(config)
-
-    def forward(self, x, rope, mask, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))

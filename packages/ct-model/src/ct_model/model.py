@@ -10,10 +10,29 @@ from torch import nn
 
 from .batch import ModelOutput
 from .config import ModelConfig
-from .layers import DecoderBlock, KVCache, RMSNorm
+from .layers import Attention, KVCache, RMSNorm, SwiGLU
 from .attention import build_mask_info
-from .moe import reset_router_load
+from .mla import MLAttention
+from .moe import MoE, reset_router_load
+from .param_count import count_from_config
 from .rope import rope_angles
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block. ``index`` (0-based) decides the MLP: DeepSeek-V3 keeps its first
+    ``moe_first_dense_layers`` blocks dense; attention is MLA when ``multi_latent_attention``.
+    Here beside the Decoder, above layers/mla/moe, so that none of those imports another back."""
+
+    def __init__(self, config: ModelConfig, index: int = 0):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attn = MLAttention(config) if config.multi_latent_attention else Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MoE(config) if config.is_moe_layer(index) else SwiGLU(config)
+
+    def forward(self, x, rope, mask, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
@@ -124,7 +143,7 @@ def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device
 def count_parameters(model_or_config: nn.Module | ModelConfig) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     if isinstance(model_or_config, ModelConfig):
-        return _count_from_config(model_or_config)
+        return count_from_config(model_or_config)
     seen: set[int] = set()
     total = 0
     for p in model_or_config.parameters():  # parameters() already de-duplicates shared tensors
@@ -132,63 +151,3 @@ def count_parameters(model_or_config: nn.Module | ModelConfig) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
-
-
-def block_matmul_parameters(c: ModelConfig) -> int:
-    """Weights of one dense block's matrices (q, k, v, o and the SwiGLU MLP), norms excluded."""
-    if c.is_moe or c.multi_latent_attention:
-        raise ValueError("block_matmul_parameters is for uniform dense blocks; use "
-                         "matmul_parameters(config, active=True) for MoE/MLA models")
-    return _attention_matmul_parameters(c) + 3 * c.hidden_size * c.ffn_hidden_size
-
-
-def matmul_parameters(c: ModelConfig, active: bool = False) -> int:
-    """Matrix weights of all blocks (norms, embeddings excluded), one pass through each block.
-
-    ``active=True`` counts only what one token multiplies with: the top-k routed experts plus the
-    shared expert and router, which is what FLOPs per token must use for a MoE model.
-    """
-    return sum(_layer_matmul_parameters(c, i, active) for i in range(c.num_layers))
-
-
-def _attention_matmul_parameters(c: ModelConfig) -> int:
-    h = c.hidden_size
-    if not c.multi_latent_attention:
-        return h * c.kv_channels * (2 * c.num_attention_heads + 2 * c.num_query_groups)
-    heads, rope = c.num_attention_heads, c.qk_pos_emb_head_dim
-    q_out = heads * (c.qk_head_dim + rope)
-    q = h * q_out if c.q_lora_rank is None else c.q_lora_rank * (h + q_out)
-    kv = h * (c.kv_lora_rank + rope) + c.kv_lora_rank * heads * (c.qk_head_dim + c.v_head_dim)
-    return q + kv + heads * c.v_head_dim * h
-
-
-def _layer_matmul_parameters(c: ModelConfig, index: int, active: bool) -> int:
-    h = c.hidden_size
-    attention = _attention_matmul_parameters(c)
-    if not c.is_moe_layer(index):
-        return attention + 3 * h * c.ffn_hidden_size
-    experts = c.moe_router_topk if active else c.num_moe_experts
-    shared = c.moe_shared_expert_intermediate_size or 0
-    return attention + h * c.num_moe_experts + 3 * h * (experts * c.moe_ffn_hidden_size + shared)
-
-
-def _layer_norm_parameters(c: ModelConfig) -> int:
-    """Two pre-norms per block, plus MLA's norms on the q and kv latents."""
-    norms = 2 * c.hidden_size
-    if c.multi_latent_attention:
-        norms += c.kv_lora_rank + (c.q_lora_rank or 0)
-    return norms
-
-
-def _count_from_config(c: ModelConfig) -> int:
-    h = c.hidden_size
-    embeddings = c.vocab_size * h * (1 if c.share_embeddings_and_output_weights else 2)
-    return embeddings + matmul_parameters(c) + c.num_layers * _layer_norm_parameters(c) + h
-
-
-def count_active_parameters(c: ModelConfig) -> int:
-    """Parameters one token uses (top-k routed experts only); equals the total for dense models."""
-    h = c.hidden_size
-    embeddings = c.vocab_size * h * (1 if c.share_embeddings_and_output_weights else 2)
-    return (embeddings + matmul_parameters(c, active=True)
-            + c.num_layers * _layer_norm_parameters(c) + h)

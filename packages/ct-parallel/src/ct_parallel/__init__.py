@@ -8,7 +8,7 @@ weights=..., device=info.device, loss=...)`` (the parallelize step: parallelize.
 does not import megatron-core; only ``engine: megatron`` does.
 """
 
-from .checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing
+from .activation_checkpoint import ActivationCheckpointConfig, apply_activation_checkpointing
 from .compile import CompileConfig, apply_compile, resolve_compile
 from .config import DistributedConfig
 from .distributed import (DistInfo, barrier, global_rank, init_distributed, is_distributed, main_first,

@@ -10,7 +10,7 @@ from ct_model.weights import WeightSource
 from ct_precision import PrecisionConfig
 from torch import nn
 
-from .checkpointing import ActivationCheckpointConfig
+from .activation_checkpoint import ActivationCheckpointConfig
 from .compile import CompileConfig
 from .config import DistributedConfig
 from .engine import Engine

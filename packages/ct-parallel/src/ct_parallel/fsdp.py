@@ -11,13 +11,14 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from ct_model.dtypes import dtypes
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .native import NativeEngine
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = dtypes("float32", "bfloat16", "float16")
 
 
 class FSDP2Engine(NativeEngine):
@@ -44,11 +45,3 @@ def shard_fsdp2(model: nn.Module, device: torch.device, *, param_dtype: str | No
     # The root keeps embeddings + final norm; no point resharding what backward needs first.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return mesh
-
-
-def build_fsdp2_engine(model: nn.Module, *, param_dtype: str | None = None, reduce_dtype: str = "float32",
-                       reshard_after_forward: bool = True) -> FSDP2Engine:
-    """FSDP2 around an already materialised model (the parallelize step shards meta models itself)."""
-    mesh = shard_fsdp2(model, next(model.parameters()).device, param_dtype=param_dtype,
-                       reduce_dtype=reduce_dtype, reshard_after_forward=reshard_after_forward)
-    return FSDP2Engine(model, model, dp_group=mesh.get_group())

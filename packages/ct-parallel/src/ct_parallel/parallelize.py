@@ -23,13 +23,12 @@ nothing to materialise.
 from __future__ import annotations
 
 import torch
-from ct_model.init import SeededInit
 from ct_model.loss import Loss
 from ct_model.weights import WeightSource, load_into
 from ct_precision import PrecisionConfig
 from torch import nn
 
-from .checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing
+from .activation_checkpoint import ActivationCheckpointConfig, apply_activation_checkpointing
 from .compile import CompileConfig, apply_compile
 from .config import DistributedConfig
 from .engine import Engine
@@ -109,7 +108,3 @@ def materialize(model: nn.Module, weights: WeightSource | None, device: torch.de
     if weights is not None:
         load_into(model, weights)
 
-
-def fresh_weights(model: nn.Module, seed: int) -> SeededInit:
-    """The layout-independent initial values of ``model`` (ct_model.init) as a weight source."""
-    return SeededInit(model, seed)

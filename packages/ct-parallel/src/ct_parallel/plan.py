@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from ct_model.attention import DENSE_MASK_MAX_TOKENS
 from ct_model.config import ModelConfig
 from ct_model.errors import UserError
+from ct_model.param_count import block_parameters
 
 from .config import DistributedConfig
 
@@ -252,25 +253,11 @@ class LayerParams:
 
 
 def layer_params(c: ModelConfig, index: int) -> LayerParams:
-    h, a = c.hidden_size, c.num_attention_heads
-    norms = 2 * h
-    if c.multi_latent_attention:
-        rope = c.qk_pos_emb_head_dim
-        q_out = a * (c.qk_head_dim + rope)
-        down = h * (c.kv_lora_rank + rope) + (h * c.q_lora_rank if c.q_lora_rank else 0)
-        up = (c.q_lora_rank * q_out if c.q_lora_rank else h * q_out) + c.kv_lora_rank * a * (c.qk_head_dim + c.v_head_dim)
-        split, replicated = up + a * c.v_head_dim * h, down
-        norms += c.kv_lora_rank + (c.q_lora_rank or 0)
-    else:
-        split, replicated = h * c.kv_channels * (2 * a + 2 * c.num_query_groups), 0
-    experts = 0
-    if c.is_moe_layer(index):
-        replicated += h * c.num_moe_experts  # the router: megatron keeps it whole on every TP rank
-        split += 3 * h * (c.moe_shared_expert_intermediate_size or 0)
-        experts = c.num_moe_experts * 3 * h * c.moe_ffn_hidden_size
-    else:
-        split += 3 * h * c.ffn_hidden_size  # SwiGLU: gate, up, down
-    return LayerParams(tp_split=split, replicated=replicated + norms, experts=experts)
+    """ct-model's count of block ``index`` grouped by how megatron divides it: MLA's
+    down-projections, the router and the norms stay whole on every TP rank."""
+    b = block_parameters(c, index)
+    return LayerParams(tp_split=b.attention + b.mlp, replicated=b.attention_down + b.router + b.norms,
+                       experts=b.experts)
 
 
 def stage_layer_ranges(c: ModelConfig, lay: Layout) -> list[range]:
@@ -506,10 +493,6 @@ def chunk_peak_bytes(c: ModelConfig, lay: Layout, work: Workload) -> float:
     return peak
 
 
-def _norm_parameters(c: ModelConfig, index: int) -> int:
-    return 2 * c.hidden_size + ((c.kv_lora_rank + (c.q_lora_rank or 0)) if c.multi_latent_attention else 0)
-
-
 def autocast_weight_bytes(c: ModelConfig, lay: Layout, work: Workload, layers: range) -> float:
     """Single/DDP under bf16 autocast: every linear's weight is cast to bf16 once per forward
     (autocast caches the cast of a parameter for the forward) and the copy is what the linear
@@ -517,7 +500,7 @@ def autocast_weight_bytes(c: ModelConfig, lay: Layout, work: Workload, layers: r
     and the embedding lookup stay fp32)."""
     if native_dtypes(lay, work)[2] is False:
         return 0.0
-    linear = sum(sum(asdict(layer_params(c, i)).values()) - _norm_parameters(c, i) for i in layers)
+    linear = sum(block_parameters(c, i).matmul for i in layers)
     return 2 * (linear + c.vocab_size * c.hidden_size)
 
 

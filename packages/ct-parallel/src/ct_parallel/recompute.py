@@ -27,7 +27,7 @@ from typing import Any
 
 from ct_model import ModelConfig
 
-from .checkpointing import ActivationCheckpointConfig
+from .activation_checkpoint import ActivationCheckpointConfig
 from .compile import CompileConfig
 from .config import DistributedConfig
 from .precision import layout_name

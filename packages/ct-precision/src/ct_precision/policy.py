@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ct_model.config import from_known_fields
+from ct_model.dtypes import dtypes
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = dtypes("float32", "bfloat16")
 NAMES = ("fp32", "bf16", "fp8")  # the presets (configs/precision/*.yaml); "auto" resolves to one of them
 AUTO = "auto"
 FP8_RECIPES = ("tensorwise", "rowwise", "mxfp8")
@@ -124,14 +125,6 @@ class PrecisionConfig:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return DTYPES[self.compute_dtype] if self.compute_dtype else None
-
-    @property
-    def torch_param_dtype(self) -> torch.dtype:
-        return DTYPES[self.param_dtype]
-
-    @property
-    def torch_reduce_dtype(self) -> torch.dtype:
-        return DTYPES[self.reduce_dtype]
 
     def keeps_high_precision(self, module: torch.nn.Module) -> bool:
         """The layer rules: True for a linear layer that must not be converted to FP8."""

@@ -4,8 +4,13 @@ The cache is written by every process of the run: each runs the teacher over the
 loader yields (a row block of every global batch; the loader is layout-invariant, so the rows are
 those the training loader of any layout yields for the same global sequences) and writes its own
 part. The first process then waits, on files, for every part and writes the index; the others wait
-for the index. Training reads targets by global sequence index (the loader attaches it to every
-row), so the cache serves any world size: resume-safe by construction.
+for the index.
+
+The global sequence index (``step * B + j``) is derived once, by the ct_data loader, which attaches
+it to every row (``sequence_index``). The writer places the rows of its block by its own count
+(``RowBlock``) and only checks them against the loader's index; training reads the targets by the
+batch's index (``Stage.microbatches`` hands it to the reader, then drops it). So the cache serves
+any world size: resume-safe by construction.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from typing import Callable
 
 import torch
 
+from ct_model.dtypes import dtypes
+
 from .stages import DistillConfig
 
 log = logging.getLogger("ct_stages")
-_DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {None: None, **dtypes("fp32", "bf16", "fp16")}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from ct_model import ModelConfig
-from ct_model.model import matmul_parameters
+from ct_model.param_count import matmul_parameters
 
 log = logging.getLogger("ct_stages")
 

@@ -50,7 +50,7 @@ MODES = ("none", "full", "selective")
 #   is a higher-order op (higher_order::flex_attention).
 # - aten::max: FP8 tensorwise scaling's amax, one scalar per cast (torchtitan saves it too): the
 #   recompute then skips a full read of the activation to find its scale.
-# A name that no longer resolves fails tests/test_checkpointing.py rather than silently
+# A name that no longer resolves fails tests/test_activation_checkpoint.py rather than silently
 # recomputing a GEMM; at run time it is skipped (MISSING_SAVED_OPS) so an older torch still runs.
 SAVED_OP_NAMES = (
     "aten::mm", "aten::addmm", "aten::bmm",

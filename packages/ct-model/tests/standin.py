@@ -21,6 +21,9 @@ Rules, as CUDA applies them:
 It works where meta tensors and FakeTensorMode cannot: the numbers are real, so ``.item()``,
 gloo collectives, DDP, FSDP2 and the megatron CPU shim run a whole step under it. Only for the
 duration of a ``with StandInDevice():`` block; models built outside it are on the "device".
+
+A test helper (no package code uses it): ct-model's tests reach it through their conftest, other
+packages' tests put this directory on sys.path.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ct_model import build_model, generate, presets
 from ct_model.hf import load_hf, save_hf
 from ct_parallel import ActivationCheckpointConfig, apply_activation_checkpointing
-from ct_parallel.checkpointing import is_checkpointed
+from ct_parallel.activation_checkpoint import is_checkpointed
 
 
 def tiny(**overrides):
@@ -159,7 +159,7 @@ def test_every_saved_op_name_is_an_op_of_this_torch():
     GEMM or attention kernel in every backward). The reference is torch's own dispatcher registry."""
     from torch._ops import HigherOrderOperator
 
-    from ct_parallel.checkpointing import MISSING_SAVED_OPS, SAVED_OP_NAMES, SAVED_OPS, resolve_op
+    from ct_parallel.activation_checkpoint import MISSING_SAVED_OPS, SAVED_OP_NAMES, SAVED_OPS, resolve_op
 
     assert MISSING_SAVED_OPS == ()
     for name in SAVED_OP_NAMES:
@@ -181,7 +181,7 @@ def test_selective_policy_saves_gemms_and_attention_and_recomputes_the_rest():
     import torch.nn.attention.varlen  # noqa: F401  registers torch.ops.torch_attn
     from torch.utils.checkpoint import CheckpointPolicy
 
-    from ct_parallel.checkpointing import selective_policy
+    from ct_parallel.activation_checkpoint import selective_policy
 
     aten = torch.ops.aten
     saved = [aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_mm.default,
@@ -222,7 +222,7 @@ def test_selective_checkpoint_keeps_the_fp8_gemm_output():
     a recompute-everything policy reruns it. Gradients equal the uncheckpointed ones."""
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-    from ct_parallel.checkpointing import selective_policy
+    from ct_parallel.activation_checkpoint import selective_policy
 
     g = torch.Generator().manual_seed(0)
     x0, w0 = torch.randn(32, 16, generator=g), torch.randn(48, 16, generator=g)

@@ -1,5 +1,6 @@
 """A dispatch-level probe of tensor sizes: what memory claims ("no T x T tensor", "no B x T x vocab
-tensor") are tested and benchmarked with, independent of the allocator."""
+tensor") are tested with, independent of the allocator. A test helper: ct-model's tests reach it
+through their conftest, other packages' tests put this directory on sys.path."""
 
 from __future__ import annotations
 
