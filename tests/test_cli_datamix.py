@@ -90,13 +90,13 @@ def test_bad_input_exits_2_naming_it(tmp_path, sample_dir, export, case, capsys)
 
 
 @pytest.mark.slow
-def test_pipeline_datamix_reweights_midtrain_and_records_it(tmp_path, sample_dir, export):
+def test_recipe_datamix_reweights_midtrain_and_records_it(tmp_path, sample_dir, export):
     root = tmp_path / "pipe"
     shutil.copytree(export, root / "pretrain_phase2" / "hf")  # the model mid-training starts from
-    ct("pipeline", "--phases", "midtrain_phase1", "--datamix", "--datamix-samples", "4", "--skip-eval",
+    ct("recipe", "--phases", "midtrain_phase1", "--datamix", "--datamix-samples", "4", "--skip-eval",
        f"run_dir={root}", f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=2",
        f"stage.distill.teacher_path={root / 'pretrain_phase2' / 'hf'}")  # no embedded teacher to train
-    record = json.loads((root / "pipeline_summary.json").read_text())["datamix"]["midtrain_phase1"]
+    record = json.loads((root / "recipe_summary.json").read_text())["datamix"]["midtrain_phase1"]
     assert abs(sum(record["weights"].values()) - 1) < 1e-9 and set(record["weights"]) == {"prose", "code", "math"}
     # The phase trained on the re-weighted mixture (its saved config holds the new weights, in percent).
     used = json.loads((root / "midtrain_phase1" / "config.json").read_text())["data"]["sources"]

@@ -330,7 +330,7 @@ def test_nproc_per_node_with_distributed_single(capsys, monkeypatch, tmp_path):
     code, err = train(capsys, f"run_dir={tmp_path / 'run'}", "--nproc-per-node", "2", "distributed=single")
     assert code == 2 and "distributed.strategy=single" in err and "ddp" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
-    from ct_cli import pipeline as pipeline_cli
+    from ct_cli import recipe as pipeline_cli
 
     assert pipeline_cli.main(["--nproc-per-node", "2", f"run_dir={tmp_path / 'run'}"]) == 2
     assert "distributed.strategy=single" in capsys.readouterr().err and not (tmp_path / "run").exists()

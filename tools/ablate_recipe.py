@@ -1,13 +1,13 @@
-"""Does each part of the embedded recipe earn its place? Reruns parts of a finished ct-pipeline run.
+"""Does each part of the embedded recipe earn its place? Reruns parts of a finished ct-recipe run.
 
-    uv run python tools/ablate_recipe.py [--root runs/pipeline] [--only kd,sft] [--write docs/experiments.md]
+    uv run python tools/ablate_recipe.py [--root runs/recipe] [--only kd,sft] [--write docs/experiments.md]
 
-From the same checkpoints of a finished `ct-pipeline` run (RUN_DIR below), at the same steps:
+From the same checkpoints of a finished `ct-recipe` run (RUN_DIR below), at the same steps:
 
-(a) post-training, from midtrain_phase2/hf: general SFT then reasoning SFT (the pipeline's own
+(a) post-training, from midtrain_phase2/hf: general SFT then reasoning SFT (the recipe run's own
     exports) vs reasoning SFT alone for G+R steps vs one SFT on the general+reasoning mixture
     (weights G:R) for G+R steps; held-out greedy accuracy of each.
-(b) mid-training, from pretrain_phase2/hf: KD (the pipeline's midtrain_phase1 + midtrain_phase2)
+(b) mid-training, from pretrain_phase2/hf: KD (the recipe run's midtrain_phase1 + midtrain_phase2)
     vs plain continued pretraining (the same two phases with stage.kind=pretrain, same steps, data
     and tokens); held-out loss on the phase-1 mid-training mixture (documents no phase trained on)
     and held-out accuracy after the same general + reasoning SFT.
@@ -51,7 +51,7 @@ def steps(root: Path, phase: str) -> int:
 def accuracy(root: Path, models: dict[str, Path], problems: int) -> dict[str, dict]:
     from ct_stages.evaluate_models import evaluate_reasoning_dirs
 
-    # The pipeline's own sample settings: another scale would rebuild its sample directory.
+    # The recipe run's own sample settings: another scale would rebuild its sample directory.
     sample = json.loads((root / "posttrain_reasoning" / "config.json").read_text())["sample_data"]
     return evaluate_reasoning_dirs(models, root / "sample_data", sample["seed"], max_problems=problems,
                                    max_new_tokens=96, scale=sample["scale"])
@@ -107,7 +107,7 @@ def ablate_sft(root: Path, problems: int) -> list[str]:
                                                              "data=sample_sft_mixed",
                                                              f"data.sources.0.weight={g}", f"data.sources.1.weight={r}"])
     acc = accuracy(root, {"sequential": root / "posttrain_reasoning" / "hf", "alone": alone, "mixed": mixed}, problems)
-    rows = [("general SFT then reasoning SFT (the pipeline)", f"{g} + {r}", acc["sequential"]),
+    rows = [("general SFT then reasoning SFT (the recipe run)", f"{g} + {r}", acc["sequential"]),
             ("reasoning SFT alone", f"{g + r}", acc["alone"]),
             ("general + reasoning mixed in one SFT", f"{g + r}", acc["mixed"])]
     lines = ["| post-training from midtrain_phase2 | steps | held-out accuracy |", "|---|---|---|"]
@@ -159,7 +159,7 @@ def write_block(path: Path, text: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=Path, default=Path("runs/pipeline"), help="a finished ct-pipeline run_dir")
+    p.add_argument("--root", type=Path, default=Path("runs/recipe"), help="a finished ct-recipe run_dir")
     p.add_argument("--only", default="kd,sft", help="which ablations: kd, sft or both (comma-separated)")
     p.add_argument("--problems", type=int, default=200, help="held-out problems per accuracy")
     p.add_argument("--docs", type=int, default=40, help="held-out documents per mid-training source")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Throughput of the ct-data pipeline, in tokens per second per core, against what GPUs need.
+"""Throughput of the ct-data loading path, in tokens per second per core, against what GPUs need.
 
     .venv/bin/python tools/bench_data.py                          # everything, sample corpus, 8k BPE
     .venv/bin/python tools/bench_data.py --only shards,ranks --json out.json

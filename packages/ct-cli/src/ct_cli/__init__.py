@@ -1,2 +1,2 @@
-"""ct_cli: thin entry points (ct-train, ct-pipeline, ct-eval, ct-export, ct-datamix, ct-plan): arguments,
+"""ct_cli: thin entry points (ct-train, ct-recipe, ct-eval, ct-export, ct-datamix, ct-plan): arguments,
 Hydra composition and one-line user errors; the work itself is done by the packages below."""

@@ -138,14 +138,14 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-# ----------------------------------------------------------------------------- ct-pipeline --datamix
+# ----------------------------------------------------------------------------- ct-recipe --datamix
 PIPELINE_MAX_TOKENS = 256
 
 
 def reweight_phase(cfg: dict[str, Any], out_dir: Path, samples: int = 32, progress: bool = True) -> tuple[dict[str, Any], dict]:
     """One re-weighting round for a (mid-training) phase: its data mixture scored with the model it
     starts from (``init_from``) on the embedded probes. Returns (new data config, record for the
-    summary); cached in ``out_dir`` so a resumed pipeline reuses it."""
+    summary); cached in ``out_dir`` so a resumed recipe run reuses it."""
     import json
 
     import yaml
@@ -167,7 +167,7 @@ def reweight_phase(cfg: dict[str, Any], out_dir: Path, samples: int = 32, progre
     res = influence_weights(mixture, probes, [cfg["init_from"]], tokenizer, seed=int(cfg["trainer"]["seed"]),
                             progress=progress, samples_per_source=samples,
                             probe_samples=samples, max_tokens=PIPELINE_MAX_TOKENS)
-    data = reweighted_config(cfg["data"], res.weights, f"ct-pipeline --datamix: rho {res.rho}")
+    data = reweighted_config(cfg["data"], res.weights, f"ct-recipe --datamix: rho {res.rho}")
     write_yaml(data, data_path)
     write_report(res, data_path)
     record = {"rho": res.rho, "weights": res.weights, "raised_to_floor": res.raised_to_floor,

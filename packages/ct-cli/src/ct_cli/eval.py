@@ -1,6 +1,6 @@
 """ct-eval MODEL_DIR: held-out perplexity and reasoning accuracy of an HF model directory.
 
-    ct-eval runs/pipeline/posttrain_reasoning/hf                 # sample held-out problems
+    ct-eval runs/recipe/posttrain_reasoning/hf                 # sample held-out problems
     ct-eval MODEL --problems ../shared/data/gsm8k/test.jsonl --max-problems 100
     ct-eval MODEL --problems data.jsonl --question-field prompt --answer-field solution
 

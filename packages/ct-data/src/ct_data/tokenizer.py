@@ -48,7 +48,7 @@ def _token_str(value: Any) -> str | None:
 
 
 class Tokenizer:
-    """Tokenizer with the ids the data pipeline needs and the LLaMA-3 chat format."""
+    """Tokenizer with the ids the data path needs and the LLaMA-3 chat format."""
 
     def __init__(
         self,

@@ -151,7 +151,7 @@ def apply_tf32(precision: PrecisionConfig, device: torch.device) -> str | None:
     ``torch.get_float32_matmul_precision()``) raise "mix of the legacy and new APIs", and
     inductor's own bmm template still reads ``allow_tf32``; this call sets both views
     consistently. It is always set on CUDA ("highest" included): several phases of one process
-    (ct-pipeline) must not inherit the previous phase's mode. cuDNN convolutions already default
+    (ct-recipe) must not inherit the previous phase's mode. cuDNN convolutions already default
     to TF32 (``torch.backends.cudnn.conv.fp32_precision``); ct-model has none."""
     if device.type != "cuda":
         return None

@@ -105,7 +105,7 @@ class ReasoningEvalConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What ct-pipeline evaluates at the end (ct-eval takes the same as flags)."""
+    """What ct-recipe evaluates at the end (ct-eval takes the same as flags)."""
 
     reasoning: ReasoningEvalConfig = field(default_factory=ReasoningEvalConfig)
 

@@ -426,7 +426,7 @@ def check_vocab(tokenizer_size: int, model_size: int, warn: bool = True) -> None
 
 
 def finish(phase: Phase, state: LoopState) -> PhaseResult:
-    """HF export, loss curve and summary.json (what the next phase and ct-pipeline read)."""
+    """HF export, loss curve and summary.json (what the next phase and ct-recipe read)."""
     run, info = phase.run, phase.info
     run_dir, hf_dir = run.run_path, run.run_path / "hf"
     peak = phase.reporter.throughput.peak

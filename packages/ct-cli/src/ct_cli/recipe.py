@@ -1,11 +1,11 @@
-"""ct-pipeline: the recipe's six phases in order (PHASES: pretraining 1 and 2, mid-training 1 and 2,
+"""ct-recipe: the recipe's six phases in order (PHASES: pretraining 1 and 2, mid-training 1 and 2,
 general SFT, reasoning SFT), each from the previous one's export, plus a teacher phase by default.
 
-    ct-pipeline                                  # the embedded CPU run under runs/pipeline
-    ct-pipeline run_dir=runs/p2 trainer.seed=7   # overrides apply to every phase
-    ct-pipeline --phases pretrain_phase1,pretrain_phase2
+    ct-recipe                                  # the embedded CPU run under runs/recipe
+    ct-recipe run_dir=runs/p2 trainer.seed=7   # overrides apply to every phase
+    ct-recipe --phases pretrain_phase1,pretrain_phase2
 
-Mid-training distils from a teacher: by default the pipeline trains a stronger embedded one just
+Mid-training distils from a teacher: by default the recipe run trains a stronger embedded one just
 before mid-training (phase `teacher`: the student's pretrain_phase2 export trained further on the
 mid-training mixture, under RUN_DIR/teacher, reused when already there; --teacher-model gives it
 another shape, trained from scratch); `stage.distill.teacher_path=DIR` distils from any HF model
@@ -14,7 +14,7 @@ directory instead and trains none.
 Resumable as a whole: a finished phase (summary.json present) is skipped, an interrupted one
 resumes from its newest checkpoint. At the end the held-out reasoning accuracy after each part
 (pretraining, mid-training, general SFT, reasoning SFT) and each phase's wall time are printed
-and written to pipeline_summary.json.
+and written to recipe_summary.json.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ PHASES = ["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_pha
           "posttrain_general", "posttrain_reasoning"]
 log = logging.getLogger("ct_cli")
 # Empty: the student's own shape, continued from its pretrain_phase2 export. A teacher from scratch
-# (any other shape) pays for its whole pretraining inside the pipeline: an 8-layer one trained for
+# (any other shape) pays for its whole pretraining inside the recipe run: an 8-layer one trained for
 # 200 steps (10 minutes) was still worse than the student on held-out code (docs/experiments.md).
 DEFAULT_TEACHER = ""
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ct-pipeline", description=__doc__,
+    p = argparse.ArgumentParser(prog="ct-recipe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated phases (default: all, in order)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes per phase (through ct-train)")
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def split_root(overrides: list[str]) -> tuple[Path, list[str]]:
-    root, rest = Path("runs/pipeline"), []
+    root, rest = Path("runs/recipe"), []
     for item in overrides:
         if item.startswith("run_dir="):
             root = Path(item.split("=", 1)[1])
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         directory = config_dir(args.config_dir)
         root, overrides = split_root(args.overrides)
         phases = [p for p in args.phases.split(",") if p]
-        # One sample-data directory for all phases (unless given), under the pipeline's run_dir.
+        # One sample-data directory for all phases (unless given), under the recipe run's run_dir.
         if not any(o.startswith("sample_data.dir=") for o in overrides):
             overrides = [f"sample_data.dir={root / 'sample_data'}", *overrides]
         teacher = teacher_plan(root, phases, overrides, args.teacher_model)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for config in configs.values():
                 check_process_count(config, args.nproc_per_node)
-        timings = Timings(root / "pipeline_timings.json")
+        timings = Timings(root / "recipe_timings.json")
         results, datamix = {}, {}
         for phase in configs:
             if args.datamix and phase.startswith("midtrain"):
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         from ct_stages.metrics import strict_json
 
         text = strict_json(summary, indent=2)  # strict JSON: a NaN loss is null
-        (root / "pipeline_summary.json").write_text(text + "\n")
+        (root / "recipe_summary.json").write_text(text + "\n")
         print(text)
         print(summary_table(summary))
         return 0
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherPlan:
-    train: bool  # the pipeline trains (or reuses) its own teacher under root/teacher
+    train: bool  # the recipe run trains (or reuses) its own teacher under root/teacher
     path: Path | None = None  # what the mid-training phases distil from (None: the user's override)
     overrides: tuple[str, ...] = ()
 

@@ -1,4 +1,4 @@
-"""ct-pipeline across all phases on tiny settings, the midtrain teachers, ct-eval, multi-process runs."""
+"""ct-recipe across all phases on tiny settings, the midtrain teachers, ct-eval, multi-process runs."""
 
 from __future__ import annotations
 
@@ -15,52 +15,52 @@ PHASES = ["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_pha
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, sample_dir):
-    root = tmp_path_factory.mktemp("pipeline")
-    result = ct("pipeline", f"run_dir={root}", f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=3",
+def recipe_run(tmp_path_factory, sample_dir):
+    root = tmp_path_factory.mktemp("recipe")
+    result = ct("recipe", f"run_dir={root}", f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=3",
                 "seq_len=256", "eval.reasoning.max_problems=8", "eval.reasoning.max_new_tokens=24",
                 "--teacher-model", "num_layers=6,ffn_hidden_size=512")
     return root, result
 
 
 @pytest.fixture(scope="module")
-def pipeline_root(pipeline_run) -> Path:
-    return pipeline_run[0]
+def recipe_root(recipe_run) -> Path:
+    return recipe_run[0]
 
 
 @pytest.mark.slow
-def test_pipeline_chains_every_phase(pipeline_root):
-    summary = json.loads((pipeline_root / "pipeline_summary.json").read_text())
+def test_recipe_chains_every_phase(recipe_root):
+    summary = json.loads((recipe_root / "recipe_summary.json").read_text())
     # The teacher trains just before mid-training (the default one starts from pretrain_phase2).
     assert list(summary["phases"]) == [*PHASES[:2], "teacher", *PHASES[2:]]
     for previous, phase in zip(PHASES, PHASES[1:]):
-        config = json.loads((pipeline_root / phase / "config.json").read_text())
-        assert Path(config["init_from"]).resolve() == (pipeline_root / previous / "hf").resolve()
-        assert (pipeline_root / phase / "hf" / "model.safetensors").is_file()
+        config = json.loads((recipe_root / phase / "config.json").read_text())
+        assert Path(config["init_from"]).resolve() == (recipe_root / previous / "hf").resolve()
+        assert (recipe_root / phase / "hf" / "model.safetensors").is_file()
     # posttrain_reasoning scales RoPE theta by 8 over the model it starts from.
-    base = json.loads((pipeline_root / "posttrain_general" / "hf" / "config.json").read_text())
-    final = json.loads((pipeline_root / "posttrain_reasoning" / "hf" / "config.json").read_text())
+    base = json.loads((recipe_root / "posttrain_general" / "hf" / "config.json").read_text())
+    final = json.loads((recipe_root / "posttrain_reasoning" / "hf" / "config.json").read_text())
     assert final["rope_theta"] == 8 * base["rope_theta"]
 
 
 @pytest.mark.slow
-def test_midtrain_distils_from_the_larger_embedded_teacher(pipeline_root):
-    teacher = json.loads((pipeline_root / "teacher" / "hf" / "config.json").read_text())
-    student = json.loads((pipeline_root / "pretrain_phase2" / "hf" / "config.json").read_text())
+def test_midtrain_distils_from_the_larger_embedded_teacher(recipe_root):
+    teacher = json.loads((recipe_root / "teacher" / "hf" / "config.json").read_text())
+    student = json.loads((recipe_root / "pretrain_phase2" / "hf" / "config.json").read_text())
     # --teacher-model's fields over the student's shape, the rest (width, vocabulary) shared.
     assert (teacher["num_hidden_layers"], student["num_hidden_layers"]) == (6, 4)
     assert teacher["vocab_size"] == student["vocab_size"] and teacher["hidden_size"] == student["hidden_size"]
     # Another shape cannot start from the student's weights: pretrained from scratch.
-    assert json.loads((pipeline_root / "teacher" / "config.json").read_text())["init_from"] is None
+    assert json.loads((recipe_root / "teacher" / "config.json").read_text())["init_from"] is None
     for phase in ("midtrain_phase1", "midtrain_phase2"):
-        config = json.loads((pipeline_root / phase / "config.json").read_text())
-        assert Path(config["stage"]["distill"]["teacher_path"]) == pipeline_root / "teacher" / "hf"
+        config = json.loads((recipe_root / phase / "config.json").read_text())
+        assert Path(config["stage"]["distill"]["teacher_path"]) == recipe_root / "teacher" / "hf"
 
 
 @pytest.mark.slow
-def test_pipeline_reports_accuracy_and_wall_time_per_phase(pipeline_run):
-    root, result = pipeline_run
-    summary = json.loads((root / "pipeline_summary.json").read_text())
+def test_recipe_reports_accuracy_and_wall_time_per_phase(recipe_run):
+    root, result = recipe_run
+    summary = json.loads((root / "recipe_summary.json").read_text())
     accuracy = summary["reasoning_accuracy"]
     assert list(accuracy) == ["pretrain", "midtrain", "general_sft", "reasoning_sft"]
     for part, phase in zip(accuracy, ["pretrain_phase2", "midtrain_phase2", "posttrain_general", "posttrain_reasoning"]):
@@ -76,23 +76,23 @@ def test_pipeline_reports_accuracy_and_wall_time_per_phase(pipeline_run):
 
 
 @pytest.mark.slow
-def test_pipeline_resumes_as_a_whole_and_reuses_the_teacher(pipeline_root, sample_dir):
+def test_recipe_resumes_as_a_whole_and_reuses_the_teacher(recipe_root, sample_dir):
     done = ["teacher", *PHASES]
-    before = {p: (pipeline_root / p / "hf" / "model.safetensors").stat().st_mtime_ns for p in done}
-    walls = json.loads((pipeline_root / "pipeline_timings.json").read_text())
-    result = ct("pipeline", f"run_dir={pipeline_root}", f"sample_data.dir={sample_dir}", *TINY,
+    before = {p: (recipe_root / p / "hf" / "model.safetensors").stat().st_mtime_ns for p in done}
+    walls = json.loads((recipe_root / "recipe_timings.json").read_text())
+    result = ct("recipe", f"run_dir={recipe_root}", f"sample_data.dir={sample_dir}", *TINY,
                 "trainer.max_steps=3", "seq_len=256", "--skip-eval", "--teacher-model", "num_layers=6,ffn_hidden_size=512")
     assert "teacher: already done" in result.stderr and "=== teacher ===" not in result.stderr
-    assert before == {p: (pipeline_root / p / "hf" / "model.safetensors").stat().st_mtime_ns for p in done}
+    assert before == {p: (recipe_root / p / "hf" / "model.safetensors").stat().st_mtime_ns for p in done}
     # The skipped phases keep the wall times measured when they ran.
-    summary = json.loads((pipeline_root / "pipeline_summary.json").read_text())
+    summary = json.loads((recipe_root / "recipe_summary.json").read_text())
     assert {p: r["wall_s"] for p, r in summary["phases"].items()} == {p: walls[p] for p in done}
 
 
 def test_default_teacher_continues_the_student_on_the_midtraining_mixture(tmp_path):
     """Composition only: the default teacher is the student's pretrain_phase2 export trained further."""
     from ct_cli.common import config_dir, run_config
-    from ct_cli.pipeline import DEFAULT_TEACHER, phase_order, phase_overrides, teacher_plan
+    from ct_cli.recipe import DEFAULT_TEACHER, phase_order, phase_overrides, teacher_plan
 
     overrides = [f"sample_data.dir={tmp_path / 'sample_data'}"]
     plan = teacher_plan(tmp_path, PHASES, overrides, DEFAULT_TEACHER)
@@ -108,23 +108,23 @@ def test_default_teacher_continues_the_student_on_the_midtraining_mixture(tmp_pa
     assert phase_order(PHASES, user) == PHASES
 
 
-def test_pipeline_refuses_a_teacher_without_its_start_export(tmp_path):
-    result = ct("pipeline", f"run_dir={tmp_path}", "--phases", "midtrain_phase1", check=False)
+def test_recipe_refuses_a_teacher_without_its_start_export(tmp_path):
+    result = ct("recipe", f"run_dir={tmp_path}", "--phases", "midtrain_phase1", check=False)
     assert result.returncode == 2
     assert "teacher: init_from=" in result.stderr and "pretrain_phase2" in result.stderr
     assert not (tmp_path / "teacher").exists() and not (tmp_path / "midtrain_phase1").exists()
 
 
-def test_pipeline_refuses_a_missing_teacher_before_training(tmp_path):
-    result = ct("pipeline", f"run_dir={tmp_path}", f"stage.distill.teacher_path={tmp_path / 'nope'}", check=False)
+def test_recipe_refuses_a_missing_teacher_before_training(tmp_path):
+    result = ct("recipe", f"run_dir={tmp_path}", f"stage.distill.teacher_path={tmp_path / 'nope'}", check=False)
     assert result.returncode == 2
     assert f"stage.distill.teacher_path={tmp_path / 'nope'}" in result.stderr and "midtrain_phase1" in result.stderr
     assert not (tmp_path / "pretrain_phase1").exists() and not (tmp_path / "teacher").exists()
 
 
 @pytest.mark.slow
-def test_cached_teacher_gives_the_online_teacher_losses(pipeline_root, sample_dir, tmp_path):
-    common = ["--phase", "midtrain_phase1", f"init_from={pipeline_root / 'pretrain_phase2' / 'hf'}",
+def test_cached_teacher_gives_the_online_teacher_losses(recipe_root, sample_dir, tmp_path):
+    common = ["--phase", "midtrain_phase1", f"init_from={recipe_root / 'pretrain_phase2' / 'hf'}",
               f"sample_data.dir={sample_dir}", *TINY, "trainer.max_steps=4", "seq_len=128", "stage.distill.top_k=16",
               "stage.distill.temperature=2.0"]
     ct("train", *common, f"run_dir={tmp_path / 'online'}", "stage.distill.teacher=online")
@@ -137,8 +137,8 @@ def test_cached_teacher_gives_the_online_teacher_losses(pipeline_root, sample_di
 
 
 @pytest.mark.slow
-def test_ct_eval_on_the_sample_split_and_on_gsm8k(pipeline_root, sample_dir):
-    model = pipeline_root / "posttrain_reasoning" / "hf"
+def test_ct_eval_on_the_sample_split_and_on_gsm8k(recipe_root, sample_dir):
+    model = recipe_root / "posttrain_reasoning" / "hf"
     out = json.loads(ct("eval", str(model), "--sample-dir", str(sample_dir), "--sample-scale", "0.1",
                         "--max-problems", "6", "--max-new-tokens", "16", "--json").stdout)
     assert out["problems"] == 6 and 0 <= out["accuracy"] <= 1 and out["perplexity"] > 1
