@@ -15,7 +15,6 @@ from ct_model import moe as ct_moe
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,

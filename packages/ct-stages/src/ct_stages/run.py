@@ -215,7 +215,8 @@ def build_objective(run: RunConfig, model_config, info: DistInfo, loader_factory
     if run.stage.kind != "midtrain":
         return Objective(build_loss(run.stage, run.loss))
     if d.backend == "modelopt":  # the teacher runs inside the engine's model, not over the batches
-        return Objective(build_loss(run.stage, run.loss, engine_teacher=_modelopt_teacher(d, model_config, info.device)))
+        teacher = _modelopt_teacher(d, model_config, info.device)
+        return Objective(build_loss(run.stage, run.loss, engine_teacher=teacher))
     from .distill import build_teacher_annotator, cache_share
 
     t = run.trainer
