@@ -1,17 +1,23 @@
-"""AdamW vs Muon, linear decay vs WSD: monitor loss against steps and against seconds, CPU.
+"""AdamW vs Muon, linear decay vs WSD: held-out loss against steps and against seconds, CPU.
 
-    uv run python tools/bench_optimizers.py [--steps 60] [--lrs 4e-3,1e-2] [--seeds 0]
+    uv run python tools/bench_optimizers.py [--steps 60] [--lrs 4e-3,1e-2] [--seeds 0] [--extra-seeds 1]
                                             [--out runs/bench_optimizers] [--write docs/experiments.md]
 
 Every run: pretrain_phase1 on the embedded sample data, mobilellm_tiny, the same tokens in the same
 order (trainer.seed), fp32, one process. The four arms (AdamW + linear, the recipe; AdamW + WSD;
-Muon + linear; Muon + WSD, 1-sqrt decay over the last 20%) each run at every LR of --lrs (for
-Muon: optimizer.lr and optimizer.muon_lr both, match_rms_adamw scaling); each arm's best LR (lowest
-final monitor loss, mean over seeds) is reported. The loss is ct-train's fixed monitor set
-(trainer.eval_every: trainer.eval_batches batches drawn once from the mixture with another seed),
-not a held-out split. Table: steps and seconds to reach the recipe's final monitor loss, as ratios
-of the recipe's. Seconds are steps x the run's median step_time_s (training steps only, not evals;
-the median, because other jobs on a shared CPU stall single steps): compare only within one invocation.
+Muon + linear; Muon + WSD, 1-sqrt decay over the last 20%) each run at every LR of --lrs (the WSD
+arms: of --wsd-lrs, where 'best' takes the same optimizer's best linear LR) and every seed of --seeds (for Muon: optimizer.lr and optimizer.muon_lr both, match_rms_adamw scaling); each
+arm's best LR (lowest final held-out loss, mean over those seeds) is then also run with the seeds
+of --extra-seeds, and the curves reported are that LR's mean over all seeds.
+
+Held-out split: the embedded sample data is built once, then its prose, code and math documents
+are split by position (the last --heldout-fraction of each file, the files being shuffled when
+built): training sees only the first part (its own sample directory, the tokenizer trained on it),
+and the loss every --eval-every steps is on --eval-batches batches packed from the held-out
+documents alone (ct-train's monitor evaluator, pointed at the held-out mixture: documents no run
+trains on). Table: steps and seconds to reach the recipe's final held-out loss, as ratios of the
+recipe's. Seconds are steps x the run's median step_time_s (training steps only, not evals; the
+median, because other jobs on a shared CPU stall single steps): compare only within one invocation.
 """
 
 from __future__ import annotations
@@ -26,17 +32,73 @@ from pathlib import Path
 from ct_cli.common import config_dir, run_config
 
 BEGIN, END = "<!-- bench_optimizers:begin -->", "<!-- bench_optimizers:end -->"
-ARMS = {
+ARMS = {  # the linear arms first: the WSD arms can take their best LR (--wsd-lrs best)
     "adamw+linear": ["optimizer=adamw", "schedule.name=linear"],
-    "adamw+wsd": ["optimizer=adamw", "schedule.name=wsd", "schedule.decay_ratio=0.2", "schedule.decay_shape=1-sqrt"],
     "muon+linear": ["optimizer=muon", "schedule.name=linear"],
+    "adamw+wsd": ["optimizer=adamw", "schedule.name=wsd", "schedule.decay_ratio=0.2", "schedule.decay_shape=1-sqrt"],
     "muon+wsd": ["optimizer=muon", "schedule.name=wsd", "schedule.decay_ratio=0.2", "schedule.decay_shape=1-sqrt"],
 }
 log = logging.getLogger("bench_optimizers")
 
 
+SPLIT = ("prose", "code", "math")  # the pretraining sources (ct_data.sample.FILES keys)
+
+
+def split_sample(out: Path, fraction: float) -> tuple[Path, Path]:
+    """The embedded sample data built under ``out/sample_data``, split by document into
+    ``out/sample_train`` and ``out/sample_heldout`` (sample-data directories, each with a manifest
+    of its own files, so ct-train takes the train one as built and trains its tokenizer there)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from ct_data import sample
+
+    full, parts = out / "sample_data", {"train": out / "sample_train", "heldout": out / "sample_heldout"}
+    sample.build(full)
+    manifest = json.loads((full / "manifest.json").read_text())
+    hashes = {name: dict(manifest["files"]) for name in parts}
+    for key in SPLIT:
+        rel = sample.FILES[key]
+        if rel.endswith(".parquet"):
+            table = pq.read_table(full / rel)
+            cut = table.num_rows - max(1, round(table.num_rows * fraction))
+            halves = {"train": table.slice(0, cut), "heldout": table.slice(cut)}
+        else:
+            lines = (full / rel).read_text().splitlines(keepends=True)
+            cut = len(lines) - max(1, round(len(lines) * fraction))
+            halves = {"train": lines[:cut], "heldout": lines[cut:]}
+        for name, d in parts.items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            if rel.endswith(".parquet"):
+                pq.write_table(halves[name], d / rel, compression="zstd")
+            else:
+                (d / rel).write_text("".join(halves[name]))
+            hashes[name][rel] = hashlib.sha256((d / rel).read_bytes()).hexdigest()
+    for name, d in parts.items():  # the files not split (SFT, math eval) are copied unchanged
+        for rel in set(sample.FILES.values()) - {sample.FILES[k] for k in SPLIT}:
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_bytes((full / rel).read_bytes())
+        (d / "manifest.json").write_text(json.dumps({**manifest, "files": hashes[name]}, indent=2, sort_keys=True))
+    return parts["train"], parts["heldout"]
+
+
+def heldout_evaluator(heldout: Path):
+    """ct-train's monitor evaluator (trainer.eval_every, eval_batches batches drawn once with
+    another seed), given the held-out documents' mixture instead of the training one."""
+    import ct_data
+    import ct_stages.run as phase
+
+    original = phase.fixed_batch_evaluator
+
+    def evaluator(engine, mixture, tokenizer, run, info):
+        return original(engine, ct_data.load_data_config(run.data, sample_dir=heldout), tokenizer, run, info)
+
+    phase.fixed_batch_evaluator = evaluator
+
+
 def run(out: Path, arm: str, lr: float, seed: int, args) -> dict:
-    """One training run (reused when its summary exists); its monitor curve and step times."""
+    """One training run (reused when its summary exists); its held-out curve and step times."""
     from ct_stages.run import run_phase
 
     run_dir = out / f"{arm}_lr{lr:g}_seed{seed}"
@@ -44,10 +106,10 @@ def run(out: Path, arm: str, lr: float, seed: int, args) -> dict:
     if not (run_dir / "summary.json").is_file():
         log.info("=== %s lr=%g seed=%d ===", arm, lr, seed)
         run_phase(run_config("pretrain_phase1", [
-            f"run_dir={run_dir}", f"sample_data.dir={out / 'sample_data'}", "logging.progress=false",
+            f"run_dir={run_dir}", f"sample_data.dir={out / 'sample_train'}", "logging.progress=false",
             "precision=fp32", f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.batch}",
             f"trainer.micro_batch_size={args.batch}", f"seq_len={args.seq_len}", f"trainer.seed={seed}",
-            f"trainer.eval_every={args.eval_every}", "trainer.eval_batches=4", f"trainer.checkpoint_every={args.steps}",
+            f"trainer.eval_every={args.eval_every}", f"trainer.eval_batches={args.eval_batches}", f"trainer.checkpoint_every={args.steps}",
             "schedule.warmup_steps=10", f"optimizer.lr={lr}", *muon_lr, *ARMS[arm]], config_dir(None)))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval_loss"] for r in records if r.get("event") == "eval"}
@@ -85,7 +147,7 @@ def table(best: dict[str, tuple[float, dict]], sweep: dict) -> str:
     base_steps = first_reaching(recipe, target)
     base_time = elapsed(recipe, base_steps)
     base_step_time = step_time(recipe)
-    lines = [f"Target: the recipe's (AdamW + linear) final monitor loss, {target:.4f}.", "",
+    lines = [f"Target: the recipe's (AdamW + linear) final held-out loss, {target:.4f}.", "",
              "| arm | best LR | final loss | steps to target | x recipe | s to target | x recipe | s/step x recipe | LR sweep: final loss |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arm, (lr, curve) in best.items():
@@ -114,7 +176,7 @@ def plot(best: dict, path: Path) -> None:
     by_step.set_xlabel("step")
     by_time.set_xlabel("seconds (training steps, CPU)")
     for ax in (by_step, by_time):
-        ax.set_ylabel("monitor loss")
+        ax.set_ylabel("held-out loss")
         ax.grid(alpha=0.3)
     by_step.legend()
     fig.tight_layout()
@@ -134,22 +196,38 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--heldout-fraction", type=float, default=0.1)
     parser.add_argument("--lrs", default="4e-3,1e-2")
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--wsd-lrs", default="", help="the WSD arms' sweep; 'best': the linear arm's best LR "
+                        "for the same optimizer (default: --lrs)")
+    parser.add_argument("--seeds", default="0", help="the LR sweep's seeds")
+    parser.add_argument("--arms", default=",".join(ARMS), help="a subset of " + ", ".join(ARMS))
+    parser.add_argument("--extra-seeds", default="", help="more seeds, run at each arm's best LR only")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_optimizers"))
     parser.add_argument("--png", type=Path, default=Path("docs/bench_optimizers.png"))
     parser.add_argument("--write", type=Path, help="replace the bench_optimizers block in this markdown file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     lrs, seeds = [float(x) for x in args.lrs.split(",")], [int(x) for x in args.seeds.split(",")]
+    extra = [int(x) for x in args.extra_seeds.split(",") if x]
+    split_sample(args.out, args.heldout_fraction)
+    heldout_evaluator(args.out / "sample_heldout")
     best, sweep = {}, {}
-    for arm in ARMS:
-        curves = {lr: mean_curve([run(args.out, arm, lr, seed, args) for seed in seeds]) for lr in lrs}
-        finals = {lr: c["eval"][max(c["eval"])] for lr, c in curves.items()}
+    for arm in args.arms.split(","):  # the sweep first, every arm, so a stopped invocation has a whole comparison
+        swept = lrs
+        if arm.endswith("wsd") and args.wsd_lrs:
+            swept = ([best[arm.replace("wsd", "linear")][0]] if args.wsd_lrs == "best"
+                     else [float(x) for x in args.wsd_lrs.split(",")])
+        runs = {lr: [run(args.out, arm, lr, seed, args) for seed in seeds] for lr in swept}
+        finals = {lr: (c := mean_curve(r))["eval"][max(c["eval"])] for lr, r in runs.items()}
         sweep[arm] = sorted(finals.items())
         lr = min(finals, key=finals.get)
-        best[arm] = (lr, curves[lr])
-    text = table(best, sweep)
+        best[arm] = (lr, runs[lr])
+    for arm, (lr, runs) in best.items():
+        best[arm] = (lr, mean_curve(runs + [run(args.out, arm, lr, seed, args) for seed in extra]))
+    text = (f"Held-out loss, mean over seeds {','.join(map(str, seeds + extra))} at each arm's best LR "
+            f"(the sweep on seeds {args.seeds}); {args.steps} steps.\n\n" + table(best, sweep))
     print(text)
     plot(best, args.png)
     if args.write:
