@@ -55,6 +55,8 @@ def split_sample(out: Path, fraction: float) -> tuple[Path, Path]:
     from ct_data import sample
 
     full, parts = out / "sample_data", {"train": out / "sample_train", "heldout": out / "sample_heldout"}
+    if all(_split_done(d) for d in parts.values()):  # never rewrite files a running invocation reads
+        return parts["train"], parts["heldout"]
     sample.build(full)
     manifest = json.loads((full / "manifest.json").read_text())
     hashes = {name: dict(manifest["files"]) for name in parts}
@@ -81,6 +83,17 @@ def split_sample(out: Path, fraction: float) -> tuple[Path, Path]:
             (d / rel).write_bytes((full / rel).read_bytes())
         (d / "manifest.json").write_text(json.dumps({**manifest, "files": hashes[name]}, indent=2, sort_keys=True))
     return parts["train"], parts["heldout"]
+
+
+def _split_done(d: Path) -> bool:
+    import hashlib
+
+    try:
+        files = json.loads((d / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((d / rel).is_file() and hashlib.sha256((d / rel).read_bytes()).hexdigest() == digest
+               for rel, digest in files.items())
 
 
 def heldout_evaluator(heldout: Path):
@@ -115,6 +128,60 @@ def run(out: Path, arm: str, lr: float, seed: int, args) -> dict:
     evals = {r["step"]: r["eval_loss"] for r in records if r.get("event") == "eval"}
     times = {r["step"]: r["step_time_s"] for r in records if r.get("event") == "train"}
     return {"eval": evals, "times": times}
+
+
+def step_time_ratio(args) -> dict[str, float]:
+    """Median seconds of a training step (forward + backward, then the optimizer step) with AdamW
+    and with Muon, the two timed in alternating steps in one process on the same batch, so a load
+    that comes and goes on a shared CPU falls on both alike (the runs above run one after another
+    and meet different loads). The model and optimizers as ct-train builds them for these runs."""
+    import time
+
+    import torch
+
+    import ct_model
+    from ct_stages.optim import build_optimizer
+
+    run = run_config("pretrain_phase1", ["precision=fp32", "optimizer=muon"], config_dir(None))
+    config = run.model.resolve()
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    arms = {}
+    for name in ("adamw", "muon"):
+        torch.manual_seed(0)
+        model = ct_model.build_model(config)
+        optimizer_config = type(run.optimizer)(**{**vars(run.optimizer), "name": name})
+        arms[name] = (model, build_optimizer(model.named_parameters(), optimizer_config), [], [])
+    for _ in range(args.timing_rounds):
+        for model, optimizer, steps, opt_steps in arms.values():
+            start = time.perf_counter()
+            logits = model(ids[:, :-1])
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+            middle = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            end = time.perf_counter()
+            steps.append(end - start)
+            opt_steps.append(end - middle)
+    med = {name: (statistics.median(a[2]), statistics.median(a[3])) for name, a in arms.items()}
+    return {"adamw_step_s": med["adamw"][0], "muon_step_s": med["muon"][0],
+            "adamw_optimizer_s": med["adamw"][1], "muon_optimizer_s": med["muon"][1],
+            "ratio": med["muon"][0] / med["adamw"][0]}
+
+
+def cached_step_time_ratio(args) -> dict[str, float]:
+    """step_time_ratio, kept in --out (as the runs are) for these rounds, batch and length."""
+    path = args.out / f"step_time_{args.timing_rounds}x{args.batch}x{args.seq_len}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(step_time_ratio(args), indent=2))
+    return json.loads(path.read_text())
+
+
+def timing_text(t: dict[str, float], args) -> str:
+    return (f"Time per step, alternating AdamW and Muon steps in one process ({args.timing_rounds} rounds, "
+            f"{args.batch} x {args.seq_len} tokens, medians): AdamW {t['adamw_step_s']:.3f} s "
+            f"(optimizer step {t['adamw_optimizer_s']:.3f} s), Muon {t['muon_step_s']:.3f} s (optimizer step "
+            f"{t['muon_optimizer_s']:.3f} s): **Muon / AdamW = {t['ratio']:.2f}x**.")
 
 
 def mean_curve(runs: list[dict]) -> dict:
@@ -204,11 +271,17 @@ def main() -> int:
     parser.add_argument("--seeds", default="0", help="the LR sweep's seeds")
     parser.add_argument("--arms", default=",".join(ARMS), help="a subset of " + ", ".join(ARMS))
     parser.add_argument("--extra-seeds", default="", help="more seeds, run at each arm's best LR only")
+    parser.add_argument("--timing-rounds", type=int, default=20, help="alternating AdamW / Muon steps timed "
+                        "in one process (0: none)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_optimizers"))
     parser.add_argument("--png", type=Path, default=Path("docs/bench_optimizers.png"))
     parser.add_argument("--write", type=Path, help="replace the bench_optimizers block in this markdown file")
+    parser.add_argument("--timing-only", action="store_true", help="only the alternating step timing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.timing_only:
+        print(timing_text(cached_step_time_ratio(args), args))
+        return 0
     lrs, seeds = [float(x) for x in args.lrs.split(",")], [int(x) for x in args.seeds.split(",")]
     extra = [int(x) for x in args.extra_seeds.split(",") if x]
     split_sample(args.out, args.heldout_fraction)
@@ -228,6 +301,8 @@ def main() -> int:
         best[arm] = (lr, mean_curve(runs + [run(args.out, arm, lr, seed, args) for seed in extra]))
     text = (f"Held-out loss, mean over seeds {','.join(map(str, seeds + extra))} at each arm's best LR "
             f"(the sweep on seeds {args.seeds}); {args.steps} steps.\n\n" + table(best, sweep))
+    if args.timing_rounds:
+        text += "\n\n" + timing_text(cached_step_time_ratio(args), args)
     print(text)
     plot(best, args.png)
     if args.write:

@@ -20,8 +20,9 @@ whole matrix, so the matrices are spread over the ranks. They are taken in param
 same on every rank) in rounds of ``world_size``; in a round the i-th matrix belongs to rank i,
 which receives every rank's rows of its update (``gather``), orthogonalises it, and sends each rank
 its rows of the result back (``scatter``). Each matrix is orthogonalised once, by one rank, and a
-rank holds at most one full matrix per round (as the distributed Muon designs -- Essential AI's,
-torchtitan's, Dion's -- do, written here with plain c10d collectives so gloo runs it on CPU). The
+rank holds at most one full matrix per round (plain c10d collectives on the mesh's process group,
+so gloo runs it on CPU; NCCL has gather and scatter too). Round robin, not size-balanced: a
+round lasts as long as its largest matrix, and consecutive parameters of a block differ little. The
 arithmetic is the single-process one on the same full matrix, so results are bit-identical to
 gathering everywhere. Other layouts (a 2-D mesh, another placement) fall back to ``full_tensor``
 on every rank. DDP and single processes see plain tensors: every rank repeats every NS (DDP's
