@@ -111,14 +111,16 @@ def _padded(local: torch.Tensor, rows: int) -> torch.Tensor:
 def _spread_ns(items: list[tuple]) -> list[tuple]:
     """``(p, group, update)`` row-sharded DTensors -> ``(p, group, o)`` with ``o`` this rank's
     rows of the orthogonalised update, each matrix orthogonalised by one rank (module docstring).
-    All items share one mesh (FSDP2's data-parallel mesh); every rank passes them in one order."""
-    if not items:
-        return []
-    mesh = items[0][2].device_mesh
-    pg, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    Every rank passes them in one order; each mesh's matrices are spread over that mesh (ct's
+    FSDP2 has one, the data-parallel mesh)."""
+    by_mesh: dict = {}
+    for item in items:
+        by_mesh.setdefault(item[2].device_mesh, []).append(item)
     out = []
-    for start in range(0, len(items), world):
-        out += _spread_round(items[start:start + world], pg, world, rank)
+    for mesh, group in by_mesh.items():
+        pg, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+        for start in range(0, len(group), world):
+            out += _spread_round(group[start:start + world], pg, world, rank)
     return out
 
 
