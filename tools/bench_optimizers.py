@@ -1,23 +1,31 @@
 """AdamW vs Muon, linear decay vs WSD: held-out loss against steps and against seconds, CPU.
 
     uv run python tools/bench_optimizers.py [--steps 60] [--lrs 4e-3,1e-2] [--seeds 0] [--extra-seeds 1]
-                                            [--out runs/bench_optimizers] [--write docs/experiments.md]
+                                            [--timing-rounds 20] [--out runs/bench_optimizers]
+                                            [--write docs/experiments.md]
 
 Every run: pretrain_phase1 on the embedded sample data, mobilellm_tiny, the same tokens in the same
 order (trainer.seed), fp32, one process. The four arms (AdamW + linear, the recipe; AdamW + WSD;
 Muon + linear; Muon + WSD, 1-sqrt decay over the last 20%) each run at every LR of --lrs (the WSD
-arms: of --wsd-lrs, where 'best' takes the same optimizer's best linear LR) and every seed of --seeds (for Muon: optimizer.lr and optimizer.muon_lr both, match_rms_adamw scaling); each
-arm's best LR (lowest final held-out loss, mean over those seeds) is then also run with the seeds
-of --extra-seeds, and the curves reported are that LR's mean over all seeds.
+arms: of --wsd-lrs, where 'best' takes the same optimizer's best linear LR) and every seed of
+--seeds (for Muon: optimizer.lr and optimizer.muon_lr both, match_rms_adamw scaling); each arm's
+best LR (lowest final held-out loss, mean over those seeds) is then also run with the seeds of
+--extra-seeds, and the curves reported are that LR's mean over all seeds. Finished runs are kept
+in --out and reused, so invocations over one --out may run arms side by side (--arms);
+--partial reports unfinished runs as far as they got, marked.
 
 Held-out split: the embedded sample data is built once, then its prose, code and math documents
-are split by position (the last --heldout-fraction of each file, the files being shuffled when
-built): training sees only the first part (its own sample directory, the tokenizer trained on it),
-and the loss every --eval-every steps is on --eval-batches batches packed from the held-out
-documents alone (ct-train's monitor evaluator, pointed at the held-out mixture: documents no run
-trains on). Table: steps and seconds to reach the recipe's final held-out loss, as ratios of the
-recipe's. Seconds are steps x the run's median step_time_s (training steps only, not evals; the
-median, because other jobs on a shared CPU stall single steps): compare only within one invocation.
+are split by position (the last --heldout-fraction of each file; prose and code are in a seeded
+random order, math rows are distinct generated problems): training sees only the first part (its
+own sample directory, the tokenizer trained on it), and the loss every --eval-every steps is on
+--eval-batches batches packed from the held-out documents alone (ct-train's monitor evaluator,
+pointed at the held-out mixture: documents no run trains on).
+
+Table: steps to reach the recipe's final held-out loss (the first evaluated step from which the
+loss stays at or below it), as ratios of the recipe's, and time per step: AdamW and Muon steps
+timed alternately in one process (--timing-rounds, medians), so the load of a shared CPU falls on
+both alike; time to target = the steps ratio x the time-per-step ratio. The runs' own step times
+are not used: runs one after another (or side by side) meet different loads.
 """
 
 from __future__ import annotations
@@ -116,7 +124,9 @@ def run(out: Path, arm: str, lr: float, seed: int, args) -> dict:
 
     run_dir = out / f"{arm}_lr{lr:g}_seed{seed}"
     muon_lr = [f"optimizer.muon_lr={lr}"] if arm.startswith("muon") else []
-    if not (run_dir / "summary.json").is_file():
+    if args.partial and not (run_dir / "summary.json").is_file():
+        log.info("%s: not finished, its held-out curve so far", run_dir)
+    elif not (run_dir / "summary.json").is_file():
         log.info("=== %s lr=%g seed=%d ===", arm, lr, seed)
         run_phase(run_config("pretrain_phase1", [
             f"run_dir={run_dir}", f"sample_data.dir={out / 'sample_train'}", "logging.progress=false",
@@ -197,10 +207,6 @@ def step_time(curve: dict) -> float:
     return statistics.median(curve["times"].values())
 
 
-def elapsed(curve: dict, step: int) -> float:
-    return step * step_time(curve)
-
-
 def first_reaching(curve: dict, target: float) -> int | None:
     """The first monitored step from which the loss stays <= target (short noisy curves dip early
     and rise again: a first touch would credit an arm with a lucky batch)."""
@@ -208,28 +214,37 @@ def first_reaching(curve: dict, target: float) -> int | None:
     return next((s for s in steps if all(curve["eval"][t] <= target for t in steps if t >= s)), None)
 
 
-def table(best: dict[str, tuple[float, dict]], sweep: dict) -> str:
+def table(best: dict[str, tuple[float, dict]], sweep: dict, muon_step: float | None = None) -> str:
+    """``muon_step``: Muon's time per step / AdamW's from the alternating timing; when given it
+    prices the steps (time to target = steps x that ratio), else each run's median step time
+    (which meets whatever load its run met)."""
     recipe = best["adamw+linear"][1]
-    target = recipe["eval"][max(recipe["eval"])]
+    last = max(recipe["eval"])
+    target = recipe["eval"][last]
     base_steps = first_reaching(recipe, target)
-    base_time = elapsed(recipe, base_steps)
-    base_step_time = step_time(recipe)
+    timed = "alternating timing" if muon_step else "runs' median step"
     lines = [f"Target: the recipe's (AdamW + linear) final held-out loss, {target:.4f}.", "",
-             "| arm | best LR | final loss | steps to target | x recipe | s to target | x recipe | s/step x recipe | LR sweep: final loss |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| arm | best LR | final loss | steps to target | x recipe | s/step x recipe ({timed}) | "
+             "time to target x recipe | LR sweep: final loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for arm, (lr, curve) in best.items():
         final = curve["eval"][max(curve["eval"])]
+        cell = f"{final:.4f}" if max(curve["eval"]) == last else f"{final:.4f} (step {max(curve['eval'])}, unfinished)"
         steps = first_reaching(curve, target)
-        seconds = elapsed(curve, steps) if steps else None
-        per_step = step_time(curve) / base_step_time
+        if muon_step:
+            per_step = muon_step if arm.startswith("muon") else 1.0
+        else:
+            per_step = step_time(curve) / step_time(recipe)
+        ratio = steps / base_steps if steps else None
         swept = ", ".join(f"{x:g}: {loss:.4f}" for x, loss in sweep[arm])
-        lines.append(f"| {arm} | {lr:g} | {final:.4f} | {steps or 'not reached'} | "
-                     f"{f'{steps / base_steps:.2f}' if steps else '-'} | {f'{seconds:.1f}' if seconds else '-'} | "
-                     f"{f'{seconds / base_time:.2f}' if seconds else '-'} | {per_step:.2f} | {swept} |")
+        lines.append(f"| {arm} | {lr:g} | {cell} | {steps or 'not reached'} | {f'{ratio:.2f}' if ratio else '-'} | "
+                     f"{per_step:.2f} | {f'{ratio * per_step:.2f}' if ratio else '-'} | {swept} |")
     return "\n".join(lines)
 
 
-def plot(best: dict, path: Path) -> None:
+def plot(best: dict, path: Path, timing: dict | None = None) -> None:
+    """Held-out loss against steps, and against seconds: steps x the alternating timing's step
+    time for the arm's optimizer when given, else x the run's median step time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,9 +254,10 @@ def plot(best: dict, path: Path) -> None:
     for arm, (lr, curve) in best.items():
         steps = sorted(curve["eval"])
         by_step.plot(steps, [curve["eval"][s] for s in steps], label=f"{arm} (lr {lr:g})")
-        by_time.plot([elapsed(curve, s) for s in steps], [curve["eval"][s] for s in steps], label=arm)
+        per_step = timing[f"{arm.split('+')[0]}_step_s"] if timing else step_time(curve)
+        by_time.plot([s * per_step for s in steps], [curve["eval"][s] for s in steps], label=arm)
     by_step.set_xlabel("step")
-    by_time.set_xlabel("seconds (training steps, CPU)")
+    by_time.set_xlabel("seconds (steps x time per step, CPU" + (", alternating timing)" if timing else ")"))
     for ax in (by_step, by_time):
         ax.set_ylabel("held-out loss")
         ax.grid(alpha=0.3)
@@ -277,6 +293,8 @@ def main() -> int:
     parser.add_argument("--png", type=Path, default=Path("docs/bench_optimizers.png"))
     parser.add_argument("--write", type=Path, help="replace the bench_optimizers block in this markdown file")
     parser.add_argument("--timing-only", action="store_true", help="only the alternating step timing")
+    parser.add_argument("--partial", action="store_true", help="report unfinished runs as far as they got "
+                        "(marked in the table) instead of running them")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.timing_only:
@@ -299,12 +317,14 @@ def main() -> int:
         best[arm] = (lr, runs[lr])
     for arm, (lr, runs) in best.items():
         best[arm] = (lr, mean_curve(runs + [run(args.out, arm, lr, seed, args) for seed in extra]))
+    timing = cached_step_time_ratio(args) if args.timing_rounds else None
     text = (f"Held-out loss, mean over seeds {','.join(map(str, seeds + extra))} at each arm's best LR "
-            f"(the sweep on seeds {args.seeds}); {args.steps} steps.\n\n" + table(best, sweep))
-    if args.timing_rounds:
-        text += "\n\n" + timing_text(cached_step_time_ratio(args), args)
+            f"(the sweep on seeds {args.seeds}); {args.steps} steps.\n\n"
+            + table(best, sweep, timing["ratio"] if timing else None))
+    if timing:
+        text += "\n\n" + timing_text(timing, args)
     print(text)
-    plot(best, args.png)
+    plot(best, args.png, timing)
     if args.write:
         write_block(args.write, text)
     return 0
