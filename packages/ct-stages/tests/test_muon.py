@@ -150,3 +150,35 @@ def test_cuda_muon_runs_newton_schulz_in_bf16_close_to_the_reference():
                             lr=0.05, wd=0.0, mu=0.95, split=1)
     delta, want = (param.detach().cpu().double() - w.double()), ref - w.double()
     assert (delta - want).norm() / want.norm() < 2e-2
+
+
+
+@pytest.mark.dist
+def test_row_sharded_matrices_are_spread_over_ranks_and_match_one_process(tmp_path):
+    """FSDP2's layout on 2 gloo ranks: each matrix is orthogonalised once, by its owner (round
+    robin: rank 0 the 1st and 3rd, rank 1 the 2nd), and the parameters are bit-identical to one
+    process stepping the full tensors (the same NS on the same gathered matrix)."""
+    import sys
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).parent))  # spawned processes import the worker by name
+    from muon_spread_worker import SPREAD, spread_problem, spread_worker
+
+    out = tmp_path / "spread.pt"
+    mp.spawn(spread_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2)
+    got = torch.load(out)
+    params, grads = spread_problem()
+    single = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = MuonWithAdamW([{"params": [p], "muon": True, "split": split, "weight_decay": 0.1}
+                         for p, (_, split) in zip(single, SPREAD)], lr=0.05)
+    for step_grads in grads:
+        for p, g in zip(single, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    for want, have, before in zip(single, got["params"], params):
+        assert not torch.equal(want.detach(), before)
+        assert torch.equal(have, want.detach())
+    shapes = [shape for shape, _ in SPREAD]
+    assert got["calls"] == [[shapes[0], shapes[2]] * 3, [shapes[1]] * 3]

@@ -164,7 +164,7 @@ def workload(run, dist, world: int, args: argparse.Namespace, strict: bool):
                     recompute_every_n_blocks=run.activation_checkpointing.every_n_blocks,
                     num_microbatches=args.num_microbatches or max(1, t.global_batch_size // (dp * t.micro_batch_size)),
                     loss_chunk_tokens=run.loss.chunk_tokens if dist.engine == "native" else 0,
-                    device=args.device)
+                    device=args.device, optimizer=run.optimizer.name)
 
 
 def plan_inputs(args: argparse.Namespace, directory: Path):

@@ -91,6 +91,8 @@ class Workload:
     loss_chunk_tokens: int = 0
     # Where ct-train would run it: attention kernels, megatron's spec and the optimizer kernel follow.
     device: str = "cuda"
+    # optimizer.name: "muon" keeps one momentum buffer for the blocks' matrices (muon_state_saving).
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         # Named as ct-train and ct-plan's command line name them.
@@ -566,6 +568,28 @@ def native_gradient_bytes(c: ModelConfig, lay: Layout, work: Workload, params: f
     return step + bucket, bucket + (step if accumulating else 0.0)
 
 
+def muon_parameters(c: ModelConfig, index: int) -> int:
+    """Elements of block ``index`` that optimizer=muon steps with Muon (ct_stages.optim's
+    is_muon_matrix): every weight matrix, experts included; not the norms (vectors) nor the router
+    (AdamW). Megatron refuses muon, so this is the native engines' whole, unsplit block."""
+    h = c.hidden_size
+    norms = 2 * h + (c.kv_lora_rank + (c.q_lora_rank or 0) if c.multi_latent_attention else 0)
+    router = h * c.num_moe_experts if c.is_moe_layer(index) else 0
+    return sum(asdict(layer_params(c, index)).values()) - norms - router
+
+
+def muon_state_saving(c: ModelConfig, lay: Layout, work: Workload, layers: range) -> float:
+    """Optimizer bytes optimizer=muon saves per GPU against AdamW's two fp32 moments: Muon keeps
+    one fp32 momentum buffer per matrix element (4 bytes, not 8); the embeddings, output layer,
+    norms and routers keep AdamW's two. FSDP2 shards it as the rest of the state (/ DP). The step's
+    working memory (one gathered matrix and its Newton-Schulz temporaries per rank at a time) is
+    not counted: a few copies of one block matrix."""
+    if work.optimizer != "muon":
+        return 0.0
+    matrices = sum(muon_parameters(c, i) for i in layers)
+    return 4 * matrices / (lay.dp if lay.zero == 3 else 1)
+
+
 def native_step_working_bytes(c: ModelConfig, lay: Layout, work: Workload) -> float:
     """The optimizer step's own memory: on CUDA ct-train's AdamW is the fused kernel (nothing);
     on CPU torch's per-tensor AdamW keeps two fp32 temporaries of one parameter at a time
@@ -653,6 +677,7 @@ def stage_memory(c: ModelConfig, lay: Layout, work: Workload, stage: int, layers
     if lay.engine == "native":
         grads_b, grads_forward = native_gradient_bytes(c, lay, work, params)
         step_working = native_step_working_bytes(c, lay, work)
+        opt_b -= muon_state_saving(c, lay, work, layers)
     else:
         grads_b = params * BYTES_PER_PARAM[work.precision][1]
     by_mode = {m: stage_activation_bytes(c, lay, work, stage, layers, m) for m in RECOMPUTE_MODES}
@@ -717,6 +742,9 @@ def plan(c: ModelConfig, d: DistributedConfig, world_size: int, work: Workload, 
     _positive(gpus_per_node, "gpus_per_node")
     lay = Layout.from_distributed(d, world_size, work.device)
     check_divides(c, lay, work)
+    if work.optimizer == "muon" and lay.engine != "native":  # as ct-train refuses it
+        raise PlanError("optimizer.name=muon: the megatron engine has no Muon here; use distributed=single, "
+                        "ddp or fsdp2")
     extras = dict(extras or {})
     stages = [stage_memory(c, lay, work, s, r, sum(extras.values())) for s, r in enumerate(stage_layer_ranges(c, lay))]
     return Plan(model=c.name, total_parameters=count_parameters(c), active_parameters=count_active_parameters(c),
