@@ -572,10 +572,8 @@ def muon_parameters(c: ModelConfig, index: int) -> int:
     """Elements of block ``index`` that optimizer=muon steps with Muon (ct_stages.optim's
     is_muon_matrix): every weight matrix, experts included; not the norms (vectors) nor the router
     (AdamW). Megatron refuses muon, so this is the native engines' whole, unsplit block."""
-    h = c.hidden_size
-    norms = 2 * h + (c.kv_lora_rank + (c.q_lora_rank or 0) if c.multi_latent_attention else 0)
-    router = h * c.num_moe_experts if c.is_moe_layer(index) else 0
-    return sum(asdict(layer_params(c, index)).values()) - norms - router
+    block = block_parameters(c, index)
+    return block.matmul - block.router
 
 
 def muon_state_saving(c: ModelConfig, lay: Layout, work: Workload, layers: range) -> float:
