@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from cli_support import TINY, events
 from ct_cli import export as export_cli

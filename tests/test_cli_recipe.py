@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_support import ROOT, TINY, ct, events, train_losses
+from cli_support import ROOT, TINY, ct, train_losses
 
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 PHASES = ["pretrain_phase1", "pretrain_phase2", "midtrain_phase1", "midtrain_phase2", "posttrain_general",

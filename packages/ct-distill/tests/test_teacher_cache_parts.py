@@ -14,7 +14,7 @@ import torch
 
 import ct_model
 from ct_distill import (CacheError, CacheMismatchError, IncompleteCacheError, OnlineTeacher, TeacherCacheReader,
-                        TopK, finalize_teacher_cache, DistillationLoss, wait_for_teacher_cache,
+                        finalize_teacher_cache, DistillationLoss, wait_for_teacher_cache,
                         write_teacher_cache)
 from ct_distill.cache_entries import entry_layout, pack_entries, unpack_entries
 

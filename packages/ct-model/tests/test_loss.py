@@ -57,7 +57,7 @@ def test_a_plain_function_is_a_logits_only_loss():
 
     def fn(microbatch, logits):
         seen.append(tuple(logits.shape))
-        return _reference(microbatch, out) * 0 + logits.sum()
+        return logits.sum()
 
     loss = as_loss(fn)
     assert isinstance(loss, FunctionLoss) and loss.supports(LossInput.LOGITS)

@@ -10,7 +10,6 @@ import json
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 
 import parallel_testlib as lib

@@ -6,8 +6,6 @@ from ct_stages.metrics import flops_per_token
 
 
 def test_flops_per_token_uses_active_parameters():
-    from ct_stages.metrics import flops_per_token
-
     c = presets.get("deepseek_v3_671b")
     active_matmul = ct_model.param_count.matmul_parameters(c, active=True) + c.vocab_size * c.hidden_size
     attention = 6 * 61 * 128 * (192 + 128) * 4096

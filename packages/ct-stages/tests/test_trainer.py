@@ -1,7 +1,6 @@
 """The loop against independent references: a hand-written training loop, and batch-split invariance."""
 
 import json
-import math
 
 import pytest
 import torch
